@@ -1,0 +1,111 @@
+"""The one exception hierarchy of mirrorfs.
+
+Every error a user can meet is a ``MirrorfsError`` whose message says what was wrong and what to
+do about it. Errors are translated only at the edges: the FUSE layer turns them into
+``FUSEError(errno)``, the QMP server into ``{"error": {"class", "desc"}}``, the CLI into one line on
+stderr and an exit code. Anything else that escapes is a bug and is allowed to crash.
+
+::
+
+    MirrorfsError
+    ├── UsageError              bad input: malformed value, unknown image (CLI exit 2, EINVAL)
+    ├── StateError              valid command the current state forbids (CLI exit 1, EBUSY)
+    ├── MountError              mount / unmount could not be done (CLI exit 2)
+    ├── BitmapFormatError       a bitmap file that is truncated, corrupt or mismatched
+    ├── TargetError             the target failed an operation
+    │   ├── TargetRetryableError    connection lost, timeout: reconnect and go on
+    │   ├── TargetNoSpaceError      ENOSPC from the target (io-status "nospace")
+    │   └── TargetFatalError        wrong size, read-only, refused: do not write to it
+    ├── ProtocolError           a wire protocol (QMP, NBD) was broken
+    │   ├── LocalProtocolError      ... by us
+    │   └── RemoteProtocolError     ... by the peer
+    └── ControlError            a control command failed; carries a QMP error class
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class MirrorfsError(Exception):
+    """Base of every error mirrorfs reports to a user."""
+
+    #: CLI exit code when this error ends a command.
+    exit_code: int = 2
+    #: errno when this error answers a FUSE request (e.g. a write to ``.mirrorfs/control``).
+    errno: int = _errno.EIO
+    #: QMP error class when this error answers a QMP command.
+    qmp_class: str = "GenericError"
+
+
+class UsageError(MirrorfsError):
+    """The input is malformed: a bad value, an unknown image, an unreadable file."""
+
+    exit_code = 2
+    errno = _errno.EINVAL
+
+
+class StateError(MirrorfsError):
+    """The command is valid but the current state forbids it (e.g. complete before ready)."""
+
+    exit_code = 1
+    errno = _errno.EBUSY
+
+
+class MountError(MirrorfsError):
+    """A mount or unmount could not be done."""
+
+    exit_code = 2
+
+
+class BitmapFormatError(MirrorfsError):
+    """A bitmap file is truncated, corrupt, of an unknown version or does not match its image."""
+
+    exit_code = 2
+    errno = _errno.EINVAL
+
+
+class TargetError(MirrorfsError):
+    """A target failed an operation. Carries the errno of the failure where there is one."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class TargetRetryableError(TargetError):
+    """The target went away (reset, EOF, timeout); the same request may succeed after reconnecting."""
+
+
+class TargetNoSpaceError(TargetError):
+    """The target is out of space (ENOSPC)."""
+
+    errno = _errno.ENOSPC
+
+
+class TargetFatalError(TargetError):
+    """The target cannot be used at all (read-only, wrong size, wrong export)."""
+
+
+class ProtocolError(MirrorfsError):
+    """A wire protocol was broken; the connection must be closed."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol forbids in the current state."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids."""
+
+
+class ControlError(MirrorfsError):
+    """A control command failed. ``qmp_class`` is the QMP error class to report."""
+
+    def __init__(self, message: str, *, qmp_class: str = "GenericError", exit_code: int = 1,
+                 errno: int = _errno.EBUSY) -> None:
+        super().__init__(message)
+        self.qmp_class = qmp_class
+        self.exit_code = exit_code
+        self.errno = errno

@@ -1,0 +1,1 @@
+"""mirrorfs.nbd"""

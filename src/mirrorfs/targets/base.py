@@ -1,0 +1,62 @@
+"""The one interface every mirror target implements (local file, NBD export).
+
+A target is a byte-addressable device of a fixed size. The job engine is its only user. All
+methods are async and may be called concurrently from several tasks; an implementation that
+needs ordering (one socket) serialises internally.
+
+Errors: every failure is a ``TargetError``:
+- ``TargetRetryableError``: the connection dropped or timed out; nothing is known about requests
+  in flight. The engine marks their ranges dirty, and calls ``connect()`` again later.
+- ``TargetNoSpaceError``: ENOSPC.
+- ``TargetFatalError``: the target cannot be used (read-only, wrong size, other export).
+- plain ``TargetError`` with ``errno``: an I/O error for that request; the connection is fine.
+"""
+
+from __future__ import annotations
+
+import abc
+
+
+class Target(abc.ABC):
+    """A mirror destination."""
+
+    #: human-readable name for status output and events (path or URI; never credentials)
+    description: str
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """True between a successful ``connect()`` and a loss of the connection or ``close()``."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Size in bytes, known after the first ``connect()``."""
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open (or reopen) the target. Checks the size against what it was before, if known.
+
+        Raises:
+            TargetError: cannot be reached / opened (retryable) or must not be used (fatal).
+        """
+
+    @abc.abstractmethod
+    async def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (short only at end of device)."""
+
+    @abc.abstractmethod
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset``."""
+
+    @abc.abstractmethod
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zero, deallocating them where possible."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the target. Idempotent."""
