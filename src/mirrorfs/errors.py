@@ -109,3 +109,24 @@ class ControlError(MirrorfsError):
         self.qmp_class = qmp_class
         self.exit_code = exit_code
         self.errno = errno
+
+
+class QMPCommandError(ControlError):
+    """A QMP server answered a command with an error (seen by the CLI's client).
+
+    The message is the server's ``desc``; ``DeviceNotFound`` and ``CommandNotFound`` name
+    something that does not exist (bad input, exit 2), every other class is a refusal (exit 1).
+    """
+
+    def __init__(self, qmp_class: str, desc: str) -> None:
+        bad_input = qmp_class in ("DeviceNotFound", "CommandNotFound")
+        super().__init__(desc, qmp_class=qmp_class, exit_code=2 if bad_input else 1,
+                         errno=_errno.EINVAL if bad_input else _errno.EBUSY)
+        self.desc = desc
+
+
+class QMPConnectError(ControlError):
+    """The CLI could not reach a mount's QMP socket (no mount there, or it stopped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, qmp_class="GenericError", exit_code=2, errno=_errno.ENOTCONN)
