@@ -1,0 +1,269 @@
+"""Codec of the persistent bitmap file format (``docs/bitmap-format.md``): pure, no I/O.
+
+The file is a 4096-byte header block followed by the bits. The header is one little-endian
+``struct`` (:data:`HEADER_STRUCT`), zero padded to ``bits_offset``; the bits are
+``ceil(clusters / 64) * 8`` bytes where bit ``i`` of byte ``j`` is cluster ``8j + i``.
+
+Everything that decides whether a file may be trusted lives here, so that ``open`` and
+``inspect`` refuse exactly the same files: :func:`decode_header` checks magic, version, checksum
+and the consistency of every field; :func:`check_file_size` the length of the file;
+:func:`check_tail_bits` that the bits past the last cluster are zero. Every refusal is a
+:class:`BitmapFormatError` naming the field and saying what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ..errors import BitmapFormatError, UsageError
+from ..units import format_size
+
+MAGIC = b"MFSBITMP"
+VERSION = 1
+#: where the bits start: one page, so they can be mapped (and msync'ed) on their own pages.
+BITS_OFFSET = 4096
+#: bytes of each identity field (UTF-8, NUL padded; at most IDENTITY_SIZE - 1 bytes of text).
+IDENTITY_SIZE = 1024
+
+FLAG_CLEAN = 1 << 0  # the file was closed cleanly
+FLAG_PIVOTED = 1 << 1  # the job ended by pivot: the target is the live image
+KNOWN_FLAGS = FLAG_CLEAN | FLAG_PIVOTED
+
+# magic, version, header_size, flags, granularity_bits, image_size, cluster_count, generation,
+# bits_offset, bits_length, checksum, reserved, source_id, target_id
+HEADER_STRUCT = struct.Struct(f"<8sIIII QQQ QQ II {IDENTITY_SIZE}s{IDENTITY_SIZE}s")
+HEADER_SIZE = HEADER_STRUCT.size  # 2120
+CHECKSUM_OFFSET = 64
+assert HEADER_SIZE <= BITS_OFFSET
+
+_MIN_GRAN_BITS, _MAX_GRAN_BITS = 12, 26
+
+
+def _clusters(image_size: int, granularity: int) -> int:
+    return (image_size + granularity - 1) // granularity
+
+
+def bits_length_for(clusters: int) -> int:
+    """Bytes of the bit area for ``clusters`` clusters: whole 64-bit words."""
+    return ((clusters + 63) // 64) * 8
+
+
+@dataclass(frozen=True)
+class BitmapHeader:
+    """The decoded header of a bitmap file.
+
+    Attributes:
+        image_size: bytes of the image the bitmap describes.
+        granularity: bytes per cluster (power of two, 4 KiB..64 MiB).
+        source_id: identity of the source (the engine writes the source image's absolute path).
+        target_id: identity of the target (absolute path of a local target, or its NBD URI).
+        flags: FLAG_CLEAN | FLAG_PIVOTED.
+        generation: bumped every time the file is opened for use.
+        version: format version (1).
+        bits_offset: where the bits start.
+    """
+
+    image_size: int
+    granularity: int
+    source_id: str = ""
+    target_id: str = ""
+    flags: int = 0
+    generation: int = 0
+    version: int = VERSION
+    bits_offset: int = BITS_OFFSET
+
+    @property
+    def clusters(self) -> int:
+        return _clusters(self.image_size, self.granularity)
+
+    @property
+    def words(self) -> int:
+        return (self.clusters + 63) // 64
+
+    @property
+    def bits_length(self) -> int:
+        return bits_length_for(self.clusters)
+
+    @property
+    def file_size(self) -> int:
+        return self.bits_offset + self.bits_length
+
+    @property
+    def clean(self) -> bool:
+        return bool(self.flags & FLAG_CLEAN)
+
+    @property
+    def pivoted(self) -> bool:
+        return bool(self.flags & FLAG_PIVOTED)
+
+    def replace(self, **changes: object) -> "BitmapHeader":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _encode_identity(text: str, what: str) -> bytes:
+    raw = text.encode("utf-8")
+    if b"\0" in raw:
+        raise UsageError(f"{what} identity {text!r} contains a NUL character")
+    if len(raw) >= IDENTITY_SIZE:
+        raise UsageError(f"{what} identity is {len(raw)} bytes long; at most {IDENTITY_SIZE - 1} "
+                         f"bytes fit in a bitmap file: use a shorter path")
+    return raw
+
+
+def encode_header(header: BitmapHeader) -> bytes:
+    """The header block: ``bits_offset`` bytes (struct, checksum filled in, zero padding).
+
+    Raises:
+        UsageError: a field cannot be represented (bad granularity, identity too long).
+    """
+    g = header.granularity
+    if g <= 0 or g & (g - 1) or not _MIN_GRAN_BITS <= g.bit_length() - 1 <= _MAX_GRAN_BITS:
+        raise UsageError(f"invalid granularity {g}: must be a power of two from 4K to 64M")
+    if header.image_size < 0:
+        raise UsageError(f"invalid image size {header.image_size}")
+    if header.flags & ~KNOWN_FLAGS:
+        raise UsageError(f"unknown flag bits {header.flags:#x}")
+    fields = (MAGIC, header.version, HEADER_SIZE, header.flags, g.bit_length() - 1,
+              header.image_size, header.clusters, header.generation, header.bits_offset,
+              header.bits_length, 0, 0,
+              _encode_identity(header.source_id, "source"),
+              _encode_identity(header.target_id, "target"))
+    raw = bytearray(HEADER_STRUCT.pack(*fields))
+    struct.pack_into("<I", raw, CHECKSUM_OFFSET, zlib.crc32(raw))
+    return bytes(raw) + bytes(header.bits_offset - HEADER_SIZE)
+
+
+def _decode_identity(raw: bytes, what: str, name: str) -> str:
+    text, _, pad = raw.partition(b"\0")
+    if pad.strip(b"\0"):
+        raise BitmapFormatError(f"bitmap {name}: the {what} identity field has bytes after its NUL "
+                                f"terminator: the header is corrupt; start a new job with --sync full")
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BitmapFormatError(f"bitmap {name}: the {what} identity is not valid UTF-8: the header "
+                                f"is corrupt; start a new job with --sync full") from None
+
+
+def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
+    """Decode and validate a header.
+
+    Args:
+        data: the first bytes of the file (at least HEADER_SIZE, more is ignored).
+        name: how to name the file in error messages (its path).
+
+    Raises:
+        BitmapFormatError: too short, wrong magic, unknown version, bad checksum, inconsistent
+            fields; the message names the field and what to do.
+    """
+    if len(data) < 8 and MAGIC.startswith(bytes(data)):
+        raise BitmapFormatError(f"bitmap {name} is truncated ({len(data)} bytes, the header alone is "
+                                f"{HEADER_SIZE}): the file is damaged; start a new job with --sync full")
+    if data[:8] != MAGIC:
+        raise BitmapFormatError(f"{name} is not a mirrorfs bitmap file (magic {bytes(data[:8])!r}, "
+                                f"expected {MAGIC!r}): pass the --bitmap file the job was started with")
+    if len(data) < 12:
+        raise BitmapFormatError(f"bitmap {name} is truncated ({len(data)} bytes, the header alone is "
+                                f"{HEADER_SIZE}): the file is damaged; start a new job with --sync full")
+    version = struct.unpack_from("<I", data, 8)[0]
+    if version != VERSION:
+        raise BitmapFormatError(f"bitmap {name} has format version {version}; this mirrorfs reads "
+                                f"version {VERSION}: use the mirrorfs release that wrote it")
+    if len(data) < HEADER_SIZE:
+        raise BitmapFormatError(f"bitmap {name} is truncated ({len(data)} bytes, the header alone is "
+                                f"{HEADER_SIZE}): the file is damaged; start a new job with --sync full")
+    (_, _, header_size, flags, gbits, image_size, clusters, generation, bits_offset, bits_length,
+     checksum, reserved, src, tgt) = HEADER_STRUCT.unpack_from(data)
+    raw = bytearray(data[:HEADER_SIZE])
+    struct.pack_into("<I", raw, CHECKSUM_OFFSET, 0)
+    computed = zlib.crc32(raw)
+    if checksum != computed:
+        raise BitmapFormatError(f"bitmap {name}: header checksum mismatch (stored {checksum:#010x}, "
+                                f"computed {computed:#010x}): the header is corrupt and cannot be "
+                                f"trusted; start a new job with --sync full")
+
+    def bad(field: str, why: str) -> BitmapFormatError:
+        return BitmapFormatError(f"bitmap {name}: invalid header field {field}: {why}; the file is "
+                                 f"corrupt or not written by mirrorfs; start a new job with --sync full")
+
+    if header_size != HEADER_SIZE:
+        raise bad("header_size", f"{header_size}, expected {HEADER_SIZE} for version {VERSION}")
+    if flags & ~KNOWN_FLAGS:
+        raise bad("flags", f"unknown bits {flags & ~KNOWN_FLAGS:#x}")
+    if not _MIN_GRAN_BITS <= gbits <= _MAX_GRAN_BITS:
+        raise bad("granularity_bits", f"{gbits}, expected {_MIN_GRAN_BITS}..{_MAX_GRAN_BITS}")
+    granularity = 1 << gbits
+    if clusters != _clusters(image_size, granularity):
+        raise bad("cluster_count", f"{clusters}, but an image of {image_size} bytes at granularity "
+                                   f"{granularity} has {_clusters(image_size, granularity)}")
+    if bits_offset % 4096 or bits_offset < HEADER_SIZE:
+        raise bad("bits_offset", f"{bits_offset}, expected a multiple of 4096 of at least {HEADER_SIZE}")
+    if bits_length != bits_length_for(clusters):
+        raise bad("bits_length", f"{bits_length}, expected {bits_length_for(clusters)} for {clusters} "
+                                 f"clusters")
+    if reserved:
+        raise bad("reserved", f"{reserved:#x}, expected 0")
+    return BitmapHeader(image_size=image_size, granularity=granularity,
+                        source_id=_decode_identity(src, "source", name),
+                        target_id=_decode_identity(tgt, "target", name),
+                        flags=flags, generation=generation, version=version, bits_offset=bits_offset)
+
+
+def check_file_size(header: BitmapHeader, file_size: int, *, name: str = "file") -> None:
+    """Refuse a file that is shorter or longer than its header says.
+
+    Raises:
+        BitmapFormatError: the size differs.
+    """
+    if file_size != header.file_size:
+        kind = "truncated" if file_size < header.file_size else "longer than its header says"
+        raise BitmapFormatError(
+            f"bitmap {name} is {kind}: {file_size} bytes, expected {header.file_size} for an image of "
+            f"{header.image_size} bytes ({format_size(header.image_size)}) at granularity "
+            f"{format_size(header.granularity)}: the file is damaged; start a new job with --sync full")
+
+
+def check_tail_bits(header: BitmapHeader, last_word: int, *, name: str = "file") -> None:
+    """Refuse set bits past the last cluster (they cannot be written by mirrorfs).
+
+    Args:
+        header: the decoded header.
+        last_word: the value of the last 64-bit word of the bits (0 when there are none).
+
+    Raises:
+        BitmapFormatError: a tail bit is set.
+    """
+    rem = header.clusters & 63
+    if rem and last_word >> rem:
+        raise BitmapFormatError(f"bitmap {name}: bits past the last cluster ({header.clusters}) are "
+                                f"set: the file is corrupt; start a new job with --sync full")
+
+
+def check_match(header: BitmapHeader, *, size: int, granularity: int | None = None,
+                source_id: str | None = None, target_id: str | None = None,
+                name: str = "file") -> None:
+    """Refuse a bitmap that belongs to another image, granularity, source or target.
+
+    Raises:
+        BitmapFormatError: a field differs; the message says which and what to do.
+    """
+    if header.image_size != size:
+        raise BitmapFormatError(
+            f"bitmap {name} is for an image of {header.image_size} bytes, but the image has {size} "
+            f"bytes: use the bitmap made for this image, or start a new job with --sync full")
+    if granularity is not None and header.granularity != granularity:
+        raise BitmapFormatError(
+            f"bitmap {name} has granularity {header.granularity}, but {granularity} was asked for: "
+            f"omit --granularity to use the bitmap's, or start a new job with --sync full")
+    if source_id is not None and header.source_id != source_id:
+        raise BitmapFormatError(
+            f"bitmap {name} was made for source {header.source_id!r}, not {source_id!r}: use the "
+            f"bitmap of this image's job, or start a new job with --sync full")
+    if target_id is not None and header.target_id != target_id:
+        raise BitmapFormatError(
+            f"bitmap {name} was made for target {header.target_id!r}, not {target_id!r}: mirror to "
+            f"the target the bitmap belongs to, or start a new job with --sync full")

@@ -1,0 +1,482 @@
+"""The persistent dirty bitmap: a :class:`DirtyBitmap` whose set bits are also in a file.
+
+Role: the job's whole remaining work, kept so that it survives the mirrorfs process (SIGKILL) and,
+after a flush, a power loss. File format: ``docs/bitmap-format.md`` (codec in ``format.py``).
+
+Two arrays of words:
+    * ``_words``: the in-memory bitmap, authoritative for every query and for the copy task;
+    * ``_file``: a view of the file's bits through a ``MAP_SHARED`` mmap.
+
+Invariant (the durability rule, as Linux md's write-intent bitmap): ``_words ⊆ _file`` at every
+instant. ``mark`` stores new bits into the mmap before it returns, and a store into a shared
+mapping is in the kernel's page cache at once, so a SIGKILL right after ``mark`` returns loses
+nothing. ``clear`` clears only ``_words``; the file's bits follow lazily through the clear commit
+protocol, and only for clusters whose data the target has flushed:
+
+    token = bitmap.begin_clear_commit()     # snapshot of the clusters cleared so far
+    target.flush()                          # the data those clears stand for is now durable
+    bitmap.finish_clear_commit(token)       # file bit := memory bit for those clusters
+    bitmap.flush()                          # msync: the file survives a power loss too
+
+A cluster cleared again after ``begin_clear_commit`` (its newest copy is not covered by that
+target flush) is skipped and left for the next commit; a cluster re-marked since keeps its bit
+because the memory bit is set again.
+
+Threading: every method except :meth:`flush` and :meth:`statistics` belongs to one thread (the
+engine's trio thread). ``flush`` may be called from worker threads concurrently: callers whose
+changes another caller's msync already covered return without a second msync (group commit).
+
+Header updates (open: not clean + generation bump; close: clean/pivoted flags) rewrite the whole
+file as temp file → fsync → rename → fsync of the directory, so a crash never leaves a torn header.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..errors import BitmapFormatError, UsageError
+from . import format as fmt
+from .memory import (DEFAULT_GRANULARITY, DirtyBitmap, _clear_range, _popcount, _set_range,
+                     _WORD_DTYPE, check_granularity, words_for)
+
+log = logging.getLogger(__name__)
+
+#: refuse to read absurd files whole: 64 MiB of bits is 2^29 clusters, 2 PiB at 4 KiB.
+_MAX_FILE_SIZE = fmt.BITS_OFFSET + (64 << 20)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, chunks: list[bytes | memoryview]) -> None:
+    """Replace ``path`` by a file holding ``chunks``: temp file, fsync, rename, fsync directory.
+
+    An existing file's permission bits are kept. On any failure the temp file is removed and
+    ``path`` is untouched.
+
+    Raises:
+        OSError: the write, fsync or rename failed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            os.fchmod(fd, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while len(view):
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(path)
+
+
+def read_bitmap_file(path: str) -> tuple[fmt.BitmapHeader, bytes]:
+    """Read and validate a whole bitmap file (header, size, tail bits); no match checks.
+
+    Returns:
+        the header and the file's bytes.
+
+    Raises:
+        BitmapFormatError: unreadable, truncated, corrupt.
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BitmapFormatError(f"cannot read bitmap {path}: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, fmt.BITS_OFFSET, 0)
+        header = fmt.decode_header(head, name=path)
+        if size > _MAX_FILE_SIZE:
+            fmt.check_file_size(header, size, name=path)
+        data = bytearray()
+        while len(data) < size:
+            chunk = os.pread(fd, min(size - len(data), 16 << 20), len(data))
+            if not chunk:
+                break
+            data += chunk
+    except IsADirectoryError:
+        raise BitmapFormatError(f"cannot read bitmap {path}: it is a directory") from None
+    except OSError as exc:
+        if exc.errno == errno.EISDIR:
+            raise BitmapFormatError(f"cannot read bitmap {path}: it is a directory") from None
+        raise BitmapFormatError(f"cannot read bitmap {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    fmt.check_file_size(header, len(data), name=path)
+    if header.words:
+        last = int(np.frombuffer(data, _WORD_DTYPE, count=1,
+                                 offset=header.bits_offset + 8 * (header.words - 1))[0])
+        fmt.check_tail_bits(header, last, name=path)
+    return header, bytes(data)
+
+
+class ClearToken:
+    """What :meth:`PersistentBitmap.begin_clear_commit` hands out: the clusters cleared before it."""
+
+    __slots__ = ("_owner", "_mask")
+
+    def __init__(self, owner: "PersistentBitmap", mask: np.ndarray | None) -> None:
+        self._owner = owner
+        self._mask = mask
+
+    def __len__(self) -> int:
+        """Number of clusters the token covers."""
+        return 0 if self._mask is None else _popcount(self._mask)
+
+
+class PersistentBitmap(DirtyBitmap):
+    """A dirty bitmap whose set bits are in a file before ``mark`` returns.
+
+    Build one with :meth:`create` or :meth:`open`, never directly. The query API is
+    :class:`DirtyBitmap`'s and answers from memory.
+
+    Attributes:
+        path: the bitmap file.
+        header: the header as last written.
+        was_clean: whether the file had been closed cleanly before this open.
+    """
+
+    path: str
+    header: fmt.BitmapHeader
+    was_clean: bool
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("use PersistentBitmap.create() or PersistentBitmap.open()")
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int, granularity: int = DEFAULT_GRANULARITY, *,
+               source_id: str, target_id: str, fill: bool) -> "PersistentBitmap":
+        """Write a new bitmap file atomically (replacing any file at ``path``) and open it.
+
+        Args:
+            path: where the file goes.
+            size: image size in bytes.
+            granularity: bytes per cluster.
+            source_id: identity of the source (the engine: the source image's absolute path).
+            target_id: identity of the target (its absolute path or NBD URI).
+            fill: set every bit (a full job's whole remaining work); else all clear.
+
+        Raises:
+            UsageError: bad granularity, size or identity, or the file cannot be written.
+        """
+        path = os.fspath(path)
+        check_granularity(granularity)
+        if size < 0:
+            raise UsageError(f"invalid image size {size}: must not be negative")
+        # Written straight in the "in use" state (not clean, generation 1) that open() would
+        # leave it in: a crash right after create() then reads as an interrupted job.
+        header = fmt.BitmapHeader(image_size=size, granularity=granularity, source_id=source_id,
+                                  target_id=target_id, flags=0, generation=1)
+        head = fmt.encode_header(header)
+        bits = np.zeros(header.words, dtype=_WORD_DTYPE)
+        if fill:
+            _set_range(bits, 0, header.clusters)
+        try:
+            atomic_write(path, [head, bits.data])
+        except OSError as exc:
+            raise UsageError(f"cannot create bitmap {path}: {exc.strerror}") from None
+        return cls._attach(path, header, was_clean=True)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, size: int, granularity: int | None = None,
+             source_id: str | None = None, target_id: str | None = None) -> "PersistentBitmap":
+        """Open an existing bitmap file for use by a job.
+
+        Marks the file not clean and bumps its generation (atomically) before returning.
+
+        Args:
+            path: the bitmap file.
+            size: the image's size; must equal the file's.
+            granularity: if given, must equal the file's.
+            source_id: if given, must equal the file's source identity.
+            target_id: if given, must equal the file's target identity.
+
+        Raises:
+            BitmapFormatError: unreadable, truncated, corrupt, mismatched, or recording a pivot
+                (its job is over: the target became the live image).
+        """
+        path = os.fspath(path)
+        header, data = read_bitmap_file(path)
+        fmt.check_match(header, size=size, granularity=granularity, source_id=source_id,
+                        target_id=target_id, name=path)
+        if header.pivoted:
+            raise BitmapFormatError(
+                f"bitmap {path} records that its job ended by pivot: the target is the live image and "
+                f"the source is older; start a new job (--sync full) with a new bitmap")
+        if not header.clean:
+            log.info("bitmap %s was not shut down cleanly (generation %d): its set bits are still "
+                     "trustworthy (they over-approximate)", path, header.generation)
+        new = header.replace(flags=0, generation=header.generation + 1)
+        try:
+            atomic_write(path, [fmt.encode_header(new), memoryview(data)[header.bits_offset:]])
+        except OSError as exc:
+            raise BitmapFormatError(f"cannot update bitmap {path}: {exc.strerror}") from None
+        return cls._attach(path, new, was_clean=header.clean)
+
+    @classmethod
+    def _attach(cls, path: str, header: fmt.BitmapHeader, *, was_clean: bool) -> "PersistentBitmap":
+        self = cls.__new__(cls)
+        self.path = path
+        self.header = header
+        self.was_clean = was_clean
+        self.size = header.image_size
+        self.granularity = header.granularity
+        self._shift = header.granularity.bit_length() - 1
+        self.clusters = header.clusters
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != header.file_size:  # replaced under us
+                raise BitmapFormatError(f"bitmap {path} changed while being opened: is another job "
+                                        f"using it?")
+            self._mm = mmap.mmap(fd, header.file_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)  # mmap keeps its own descriptor
+        self._file = np.frombuffer(self._mm, dtype=_WORD_DTYPE, count=header.words,
+                                   offset=header.bits_offset)
+        self._words = self._file.copy()
+        self._count = _popcount(self._words)
+        self._pending = np.zeros(header.words, dtype=_WORD_DTYPE)
+        self._pending_any = False
+        self._flush_lock = threading.Lock()
+        self._mod_seq = 0  # bumped whenever the mapped bits change
+        self._synced_seq = 0  # the _mod_seq the last msync covered
+        self._closed = False
+        self._stats = {"marks": 0, "file_bits_set": 0, "file_bits_cleared": 0, "commits": 0,
+                       "flushes": 0, "flushes_skipped": 0, "flushes_shared": 0}
+        return self
+
+    # -- marking: memory and file -----------------------------------------------------------------
+    def mark(self, offset: int, length: int) -> int:
+        """Mark every cluster the byte range touches, in memory and in the file, before returning.
+
+        Only 0→1 transitions touch the file: a range already set in memory is set in the file too
+        (``_words ⊆ _file``), so it costs one word test.
+
+        Returns:
+            the number of clusters that were clean (in memory) before.
+
+        Raises:
+            UsageError: the range is outside the image.
+        """
+        first, end = self._touched(offset, length)
+        self._stats["marks"] += 1
+        n = _set_range(self._words, first, end)
+        if n:
+            self._count += n
+            written = _set_range(self._file, first, end)
+            if written:
+                self._mod_seq += 1
+                self._stats["file_bits_set"] += written
+        return n
+
+    def mark_cluster_range(self, first: int, end: int) -> int:
+        """Mark clusters [first, end) in memory and in the file."""
+        n = super().mark_cluster_range(first, end)
+        if n:
+            self._file_set(first, end)
+        return n
+
+    def _file_set(self, first: int, end: int) -> None:
+        written = _set_range(self._file, first, end)
+        if written:
+            self._mod_seq += 1
+            self._stats["file_bits_set"] += written
+
+    def mark_clusters(self, indices: np.ndarray) -> None:
+        """Mark the given cluster indices in memory and in the file."""
+        super().mark_clusters(indices)
+        self._file_or(self._words)
+
+    def _file_or(self, words: np.ndarray) -> None:
+        missing = words & ~self._file
+        changed = np.flatnonzero(missing)
+        if len(changed):
+            self._file[changed] |= missing[changed]
+            self._mod_seq += 1
+            self._stats["file_bits_set"] += _popcount(missing[changed])
+
+    def set_all(self) -> None:
+        """Mark every cluster dirty, in memory and in the file."""
+        super().set_all()
+        self._file_set(0, self.clusters)
+
+    def merge(self, other: DirtyBitmap) -> None:
+        """OR ``other`` into this bitmap, in memory and in the file.
+
+        Raises:
+            UsageError: sizes or granularities differ.
+        """
+        super().merge(other)
+        self._file_or(other._words)
+
+    # -- clearing: memory now, file lazily --------------------------------------------------------
+    def clear(self, offset: int, length: int) -> None:
+        """Clear the clusters wholly inside the range in memory; the file follows at the next
+        clear commit (see the module docstring).
+
+        Raises:
+            UsageError: the range is outside the image.
+        """
+        first, end = self._inside(offset, length)
+        if end > first:
+            self._count -= _clear_range(self._words, first, end)
+            _set_range(self._pending, first, end)
+            self._pending_any = True
+
+    def clear_all(self) -> None:
+        """Clear every cluster in memory; the file follows at the next clear commit."""
+        super().clear_all()
+        _set_range(self._pending, 0, self.clusters)
+        self._pending_any = True
+
+    def begin_clear_commit(self) -> ClearToken:
+        """Snapshot and reset the clusters cleared since the last commit.
+
+        Call it BEFORE flushing the target, then :meth:`finish_clear_commit` after the flush
+        returned. Tokens must be finished in the order they were begun (a dropped token is
+        harmless: its clusters simply stay set in the file).
+        """
+        if not self._pending_any:
+            return ClearToken(self, None)
+        token = ClearToken(self, self._pending)
+        self._pending = np.zeros(len(self._words), dtype=_WORD_DTYPE)
+        self._pending_any = False
+        return token
+
+    def finish_clear_commit(self, token: ClearToken) -> None:
+        """Clear in the file the token's clusters that were not cleared again since.
+
+        For those clusters the file bit becomes the memory bit, so a cluster re-marked since
+        ``begin_clear_commit`` stays set. Call it AFTER the target flush returned; then
+        :meth:`flush` makes it durable.
+
+        Raises:
+            UsageError: the token belongs to another bitmap.
+        """
+        if token._owner is not self:
+            raise UsageError("clear token from another bitmap")
+        mask = token._mask
+        token._mask = None  # finishing twice is a no-op
+        if mask is None:
+            return
+        self._stats["commits"] += 1
+        idx = np.flatnonzero(mask)
+        if not len(idx):
+            return
+        m = mask[idx] & ~self._pending[idx]
+        old = self._file[idx]
+        new = (old & ~m) | (self._words[idx] & m)
+        changed = np.flatnonzero(new != old)
+        if len(changed):
+            self._file[idx[changed]] = new[changed]
+            self._mod_seq += 1
+            self._stats["file_bits_cleared"] += _popcount(old[changed] & ~new[changed])
+
+    # -- durability -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """msync the bits so they survive a power loss (free when nothing changed).
+
+        Thread-safe: concurrent callers share one msync; a caller returns once an msync that
+        started after its last change has completed.
+        """
+        target = self._mod_seq
+        if self._synced_seq >= target or self._closed:
+            self._stats["flushes_skipped"] += 1
+            return
+        with self._flush_lock:
+            if self._synced_seq >= target:
+                self._stats["flushes_shared"] += 1
+                return
+            seq = self._mod_seq
+            self._mm.flush()
+            self._synced_seq = seq
+            self._stats["flushes"] += 1
+
+    def close(self, *, clean: bool = True, pivoted: bool = False) -> None:
+        """msync, then rewrite the header with the clean (and pivoted) flag, fsync'ed.
+
+        Commits no pending clear: the engine commits after its own target flush. Idempotent.
+        With ``clean=False`` and ``pivoted=False`` the header stays "not clean".
+
+        Args:
+            clean: the job stopped in order (every write so far is recorded).
+            pivoted: the job ended by pivot: the target is the live image and holds every write.
+        """
+        if self._closed:
+            return
+        with self._flush_lock:
+            self._mm.flush()
+            self._synced_seq = self._mod_seq
+            flags = (fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
+            if flags:
+                header = self.header.replace(flags=flags)
+                bits = self._mm[self.header.bits_offset:self.header.file_size]
+                try:
+                    atomic_write(self.path, [fmt.encode_header(header), bits])
+                except OSError as exc:
+                    raise BitmapFormatError(f"cannot update bitmap {self.path}: {exc.strerror}; it "
+                                            f"stays marked not clean (its bits are still valid)") from None
+                self.header = header
+            self._closed = True
+            # queries keep working on the in-memory words; the file view goes away
+            self._file = self._file.copy()
+            self._file.flags.writeable = False
+            self._mm.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "PersistentBitmap":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(clean=exc_type is None)
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters and state, for status output and the benchmark."""
+        return {
+            "path": self.path,
+            "size": self.size,
+            "granularity": self.granularity,
+            "clusters": self.clusters,
+            "dirty_clusters": self._count,
+            "dirty_bytes": self.dirty_bytes(),
+            "file_dirty_clusters": _popcount(self._file),
+            "pending_clear_clusters": _popcount(self._pending) if self._pending_any else 0,
+            "generation": self.header.generation,
+            "was_clean": self.was_clean,
+            "closed": self._closed,
+            "unsynced_changes": self._synced_seq < self._mod_seq,
+            **self._stats,
+        }
