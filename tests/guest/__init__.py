@@ -1,0 +1,25 @@
+"""The mirrorfs test guest: a Debian kernel plus a busybox-static initramfs that an unmodified
+``qemu-system-x86_64`` boots in seconds, and the self-checking record format its writer uses.
+
+- :mod:`tests.guest.build` fetches the kernel and builds (and caches) the initramfs.
+- :mod:`tests.guest.vm` runs a guest on a disk image (``GuestVM``, ``run_guest``).
+- :mod:`tests.guest.records` reads the records back on the host.
+
+The guest's disk exerciser is ``guestrec.c`` (modes ``writer``, ``verify``, ``write-marker``);
+its ``/init`` is ``init.sh``.
+
+The exceptions live here rather than in ``mirrorfs.errors`` because they belong to the test
+harness, not to the product: a guest that cannot be built or booted is an environment problem
+(``GuestError``), a disk whose records do not check out is a test failure (``RecordError``,
+an ``AssertionError`` so pytest reports it as one).
+"""
+
+from __future__ import annotations
+
+
+class GuestError(RuntimeError):
+    """The guest could not be built, booted, or did not do what it was asked in time."""
+
+
+class RecordError(AssertionError):
+    """A disk's records are not an unbroken, intact run."""
