@@ -1,0 +1,81 @@
+"""Per-file state shared by all opens of one image: the seam between FUSE and the mirror engine.
+
+One ``ImageNode`` exists per inode of a regular file under the mount; every ``open()`` of that file
+adds an ``OpenHandle`` to ``node.handles``. The FUSE operations route I/O like this::
+
+    read   -> node.job.read(handle, off, size)      if node.job else fileio.pread(handle.fd, ...)
+    write  -> node.job.write(handle, off, data)     if node.job else fileio.pwrite(handle.fd, ...)
+    flush/fsync -> node.job.fsync(handle, datasync) if node.job else fileio.fsync(handle.fd, ...)
+    truncate / unlink / rename of the node -> node.job.check_modify(op) first (raises EBUSY)
+
+Invariants:
+- Each open has its OWN descriptor with its own access mode (QEMU keeps a read-only handle open
+  while it opens the image again read-write; sharing one descriptor breaks its writes with EBADF).
+- ``OpenHandle.fd`` never carries O_DIRECT: Python buffers are not aligned. O_DIRECT opens get
+  ``direct_io`` in FUSE instead, so the kernel does not cache them.
+- New opens use ``node.backing_path``; the engine changes it (and may swap ``handle.fd`` of open
+  handles) when it pivots the image to its target. ``getattr`` stats ``backing_path``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Flags the kernel passes to open() that must not be stored on (or passed to) the source fd.
+#: O_CREAT/O_EXCL/O_TRUNC act once at open time; O_DIRECT would make unaligned Python buffers fail
+#: with EINVAL (the FUSE ``direct_io`` flag keeps the page cache out instead).
+STRIPPED_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+
+
+@dataclass(eq=False)
+class ImageNode:
+    """One regular file under the mount, shared by all of its opens.
+
+    Attributes:
+        inode: the FUSE inode number (stable while mounted).
+        relpath: path relative to the source directory, e.g. ``"vm.raw"`` or ``"d/x.qcow2"``;
+            empty once the file was unlinked.
+        backing_path: absolute path new opens use: the source file, or the target after a pivot.
+        handles: ``fh -> OpenHandle`` for every open of this node.
+        job: set by the mirror engine while a job (or a pivot forwarder) owns this node's I/O;
+            ``None`` means plain passthrough.
+    """
+
+    inode: int
+    relpath: str
+    backing_path: str
+    handles: dict[int, "OpenHandle"] = field(default_factory=dict)
+    job: Any | None = None
+
+    @property
+    def unlinked(self) -> bool:
+        """True once the file's name was removed (open handles keep working)."""
+        return self.relpath == ""
+
+
+@dataclass(eq=False)
+class OpenHandle:
+    """One ``open()`` of an ``ImageNode``.
+
+    Attributes:
+        fh: the FUSE file handle number.
+        node: the file this handle belongs to.
+        flags: the open flags minus O_CREAT/O_EXCL/O_TRUNC/O_DIRECT (access mode, O_APPEND,
+            O_SYNC, ... as the opener asked).
+        fd: the descriptor of the backing file, opened with this handle's own access mode; the
+            engine may swap it (pivot).
+        direct: the opener asked for O_DIRECT (served with FUSE ``direct_io``).
+    """
+
+    fh: int
+    node: ImageNode
+    flags: int
+    fd: int
+    direct: bool = False
+
+    @property
+    def writable(self) -> bool:
+        """True if the handle was opened for writing."""
+        return (self.flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)

@@ -1,0 +1,643 @@
+"""pyfuse3 ``Operations`` for mirrorfs: a thin passthrough of the source directory.
+
+Role: translate FUSE requests into calls on the source directory (or on an ``ImageNode``'s job,
+see ``node.py``) and nothing more. Everything that decides anything lives below (mirror engine)
+or beside (``control_dir``).
+
+Invariants:
+- Inode numbers are stable while mounted: the table maps source-relative paths to inodes and
+  entries are dropped only when the path is removed (unlink, rmdir, replaced by rename), never on
+  FUSE ``forget``; renames move the entry (and every entry below a renamed directory).
+- Every handler raises only ``FUSEError``: ``OSError`` becomes its errno, ``MirrorfsError`` its
+  ``errno`` attribute, and anything else is a bug that is logged with its traceback and answered
+  with EIO, because any other exception would end ``pyfuse3.main()`` and leave a dead mount.
+- Each open gets its own source descriptor with its own access mode and never O_DIRECT.
+- Writes are never cached by the kernel (no writeback cache): each one reaches a handler, so the
+  mirror engine sees every write before it returns to the writer.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import time
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from .. import fileio
+from ..errors import MirrorfsError, UsageError
+from .control_dir import CONTROL_DIR_INODE, CONTROL_DIR_NAME, FIRST_DYNAMIC_INODE, ControlDir, VirtualFile
+from .node import STRIPPED_OPEN_FLAGS, ImageNode, OpenHandle
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE: int = pyfuse3.ROOT_INODE
+_CONTROL_NAME_B = CONTROL_DIR_NAME.encode()
+#: How long the kernel may cache names and attributes. Short, because the mirror engine can change
+#: what backs a file (pivot) and sizes must come from the backing file.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _guard(func: F) -> F:
+    """Make a request handler raise nothing but ``FUSEError`` (see the module invariants)."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await func(*args, **kwargs)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            log.debug("%s: %s", func.__name__, exc)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except MirrorfsError as exc:
+            log.info("%s refused: %s", func.__name__, exc)
+            raise FUSEError(exc.errno) from None
+        except Exception:
+            # A bug. Answer the request with EIO and keep serving everything else.
+            log.exception("BUG in FUSE handler %s; request answered with EIO", func.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _VirtualHandle:
+    """An open of a ``.mirrorfs/`` file: the content snapshot taken at open time."""
+
+    __slots__ = ("vfile", "content", "ctx", "flags")
+
+    def __init__(self, vfile: VirtualFile, content: bytes, ctx: pyfuse3.RequestContext, flags: int):
+        self.vfile = vfile
+        self.content = content
+        self.ctx = ctx
+        self.flags = flags
+
+
+class Operations(pyfuse3.Operations):
+    """Passthrough of ``source_dir`` plus the virtual ``.mirrorfs/`` directory.
+
+    Args:
+        source_dir: the directory whose files the mount exposes.
+
+    Attributes:
+        control_dir: registry of ``.mirrorfs/`` files (``register(name, VirtualFile)``).
+        source_dir: absolute path of the source directory.
+    """
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, source_dir: str) -> None:
+        super().__init__()
+        self.source_dir = os.path.abspath(source_dir)
+        self.control_dir = ControlDir()
+        self._started_ns = time.time_ns()
+        self._owner_uid = os.getuid()
+        self._owner_gid = os.getgid()
+        self._is_root = os.geteuid() == 0
+        # The inode table: see the module invariant "stable inode numbers".
+        self._path_of: dict[int, str] = {ROOT_INODE: ""}
+        self._inode_of: dict[str, int] = {"": ROOT_INODE}
+        self._inode_counter = itertools.count(FIRST_DYNAMIC_INODE)
+        self._nodes: dict[int, ImageNode] = {}
+        # File handles of all kinds share one counter so a number identifies one kind of handle.
+        self._fh_counter = itertools.count(1)
+        self._handles: dict[int, OpenHandle] = {}
+        self._vhandles: dict[int, _VirtualHandle] = {}
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+
+    # ------------------------------------------------------------------ the seam (public API)
+
+    def node_for_relpath(self, relpath: str) -> ImageNode:
+        """The ``ImageNode`` of the regular file at ``relpath``, created if never looked up.
+
+        Args:
+            relpath: path relative to the source directory (``"vm.raw"``, ``"d/x.qcow2"``);
+                a leading ``/`` is ignored.
+
+        Raises:
+            UsageError: no regular file by that name exists in the source directory.
+        """
+        rel = os.path.normpath(relpath.lstrip("/")) if relpath.strip("/") else ""
+        if not rel or rel == "." or rel.startswith("..") or rel.split("/")[0] == CONTROL_DIR_NAME:
+            raise UsageError(f"invalid image name {relpath!r}: give a file path relative to the mount")
+        inode = self._inode_of.get(rel)
+        if inode is not None and inode in self._nodes:
+            return self._nodes[inode]
+        try:
+            st = os.stat(self._abspath(rel))
+        except OSError as exc:
+            raise UsageError(f"no such image {relpath!r} in the mount ({exc.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{relpath!r} is not a regular file")
+        return self._node_for(self._inode_for(rel), rel)
+
+    def nodes(self) -> Iterator[ImageNode]:
+        """Every ``ImageNode`` currently known (looked up or open)."""
+        return iter(list(self._nodes.values()))
+
+    def handle(self, fh: int) -> OpenHandle:
+        """The ``OpenHandle`` for a FUSE file handle.
+
+        Raises:
+            KeyError: no such open handle.
+        """
+        return self._handles[fh]
+
+    # ------------------------------------------------------------------ inode table helpers
+
+    def _abspath(self, relpath: str) -> str:
+        return os.path.join(self.source_dir, relpath) if relpath else self.source_dir
+
+    def _inode_for(self, relpath: str) -> int:
+        inode = self._inode_of.get(relpath)
+        if inode is None:
+            inode = next(self._inode_counter)
+            self._inode_of[relpath] = inode
+            self._path_of[inode] = relpath
+        return inode
+
+    def _node_for(self, inode: int, relpath: str) -> ImageNode:
+        node = self._nodes.get(inode)
+        if node is None:
+            node = ImageNode(inode=inode, relpath=relpath, backing_path=self._abspath(relpath))
+            self._nodes[inode] = node
+        return node
+
+    def _relpath(self, inode: int) -> str:
+        try:
+            return self._path_of[inode]
+        except KeyError:
+            raise FUSEError(errno.ENOENT) from None
+
+    def _child(self, parent_inode: int, name: bytes) -> str:
+        """Source-relative path of ``name`` in directory ``parent_inode``."""
+        if parent_inode == CONTROL_DIR_INODE:
+            raise FUSEError(errno.EPERM)
+        parent = self._relpath(parent_inode)
+        fname = os.fsdecode(name)
+        if "/" in fname or fname in ("", ".", ".."):
+            raise FUSEError(errno.EINVAL)
+        return f"{parent}/{fname}" if parent else fname
+
+    def _forget_path(self, relpath: str) -> None:
+        """Drop the table entry of a removed path (and of everything below it)."""
+        prefix = relpath + "/"
+        for rel in [r for r in self._inode_of if r == relpath or r.startswith(prefix)]:
+            inode = self._inode_of.pop(rel)
+            self._path_of.pop(inode, None)
+            node = self._nodes.get(inode)
+            if node is not None:
+                node.relpath = ""
+                if not node.handles:
+                    del self._nodes[inode]
+
+    def _check_modify(self, relpath: str, op: str, *, subtree: bool = False) -> None:
+        """Ask the job of every node at (or, for directories, below) ``relpath`` to allow ``op``."""
+        inode = self._inode_of.get(relpath)
+        node = self._nodes.get(inode) if inode is not None else None
+        if node is not None and node.job is not None:
+            node.job.check_modify(op)
+        if subtree:
+            prefix = relpath + "/"
+            for node in list(self._nodes.values()):
+                if node.job is not None and node.relpath.startswith(prefix):
+                    node.job.check_modify(op)
+
+    def _check_not_control(self, parent_inode: int, name: bytes) -> None:
+        if parent_inode == CONTROL_DIR_INODE or (parent_inode == ROOT_INODE and name == _CONTROL_NAME_B):
+            raise FUSEError(errno.EPERM)
+
+    # ------------------------------------------------------------------ attributes
+
+    def _attr(self, inode: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        entry.generation = 0
+        entry.entry_timeout = ENTRY_TIMEOUT
+        entry.attr_timeout = ATTR_TIMEOUT
+        entry.st_mode = st.st_mode
+        entry.st_nlink = st.st_nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    def _virtual_attr(self, inode: int, mode: int, size: int, nlink: int = 1) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        # Never cached: the content (and so the size) changes all the time.
+        entry.entry_timeout = 0
+        entry.attr_timeout = 0
+        entry.st_mode = mode
+        entry.st_nlink = nlink
+        entry.st_uid = self._owner_uid
+        entry.st_gid = self._owner_gid
+        entry.st_size = size
+        entry.st_blksize = 4096
+        entry.st_blocks = (size + 511) // 512
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self._started_ns
+        return entry
+
+    def _stat_inode(self, inode: int) -> os.stat_result:
+        """stat of what backs ``inode``: the node's backing file, else the source path."""
+        node = self._nodes.get(inode)
+        if node is not None:
+            if node.unlinked:
+                for handle in node.handles.values():
+                    return os.fstat(handle.fd)
+                raise FUSEError(errno.ENOENT)
+            return os.stat(node.backing_path)
+        return os.lstat(self._abspath(self._relpath(inode)))
+
+    def _getattr_sync(self, inode: int) -> pyfuse3.EntryAttributes:
+        if inode == CONTROL_DIR_INODE:
+            return self._virtual_attr(inode, stat.S_IFDIR | 0o755, 0, nlink=2)
+        found = self.control_dir.lookup_inode(inode)
+        if found is not None:
+            _, vfile = found
+            return self._virtual_attr(inode, vfile.mode, len(vfile.read()))
+        if self.control_dir.is_reserved(inode):
+            raise FUSEError(errno.ENOENT)
+        return self._attr(inode, self._stat_inode(inode))
+
+    def _lookup_sync(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INODE and name == _CONTROL_NAME_B:
+            return self._getattr_sync(CONTROL_DIR_INODE)
+        if parent_inode == CONTROL_DIR_INODE:
+            inode = self.control_dir.inode_of(os.fsdecode(name))
+            if inode is None:
+                raise FUSEError(errno.ENOENT)
+            return self._getattr_sync(inode)
+        relpath = self._child(parent_inode, name)
+        st = os.lstat(self._abspath(relpath))
+        inode = self._inode_for(relpath)
+        if stat.S_ISREG(st.st_mode):
+            node = self._node_for(inode, relpath)
+            if node.backing_path != self._abspath(relpath):
+                st = os.stat(node.backing_path)
+        return self._attr(inode, st)
+
+    # ------------------------------------------------------------------ metadata handlers
+
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._lookup_sync(parent_inode, name)
+
+    @_guard
+    async def forget(self, inode_list: Any) -> None:
+        # Entries are kept while their path exists (stable inode numbers); nothing to do.
+        return None
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return self._getattr_sync(inode)
+
+    @_guard
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.control_dir.is_reserved(inode):
+            # `echo cmd > .mirrorfs/control` truncates first: accept and ignore it.
+            if fields.update_size and not (fields.update_mode or fields.update_uid or fields.update_gid):
+                return self._getattr_sync(inode)
+            raise FUSEError(errno.EPERM)
+        node = self._nodes.get(inode)
+        # An unlinked file can only be reached through a descriptor.
+        fd: int | None = None
+        if node is not None and node.unlinked:
+            if not node.handles:
+                raise FUSEError(errno.ENOENT)
+            fd = next(iter(node.handles.values())).fd
+            path = ""
+        elif node is not None:
+            path = node.backing_path
+        else:
+            path = self._abspath(self._relpath(inode))
+
+        if fields.update_size:
+            if node is not None and node.job is not None:
+                node.job.check_modify("truncate")
+            if fd is not None:
+                os.ftruncate(fd, attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+        if fields.update_mode:
+            if fd is not None:
+                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+            else:
+                # The kernel resolves symlinks before chmod, so path is never a symlink here.
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if fd is not None:
+                os.fchown(fd, uid, gid)
+            else:
+                os.chown(path, uid, gid, follow_symlinks=False)
+        if fields.update_atime or fields.update_mtime:
+            cur = os.fstat(fd) if fd is not None else os.lstat(path)
+            atime = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
+            if fd is not None:
+                os.utime(fd, ns=(atime, mtime))
+            else:
+                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        return self._getattr_sync(inode)
+
+    @_guard
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.control_dir.is_reserved(inode):
+            raise FUSEError(errno.EINVAL)
+        return os.fsencode(os.readlink(self._abspath(self._relpath(inode))))
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_not_control(parent_inode, name)
+        relpath = self._child(parent_inode, name)
+        path = self._abspath(relpath)
+        os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask)
+        self._chown_to_caller(path, ctx)
+        return self._attr(self._inode_for(relpath), os.lstat(path))
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_not_control(parent_inode, name)
+        relpath = self._child(parent_inode, name)
+        os.rmdir(self._abspath(relpath))
+        self._forget_path(relpath)
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_not_control(parent_inode, name)
+        relpath = self._child(parent_inode, name)
+        self._check_modify(relpath, "unlink")
+        os.unlink(self._abspath(relpath))
+        self._forget_path(relpath)
+
+    @_guard
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._check_not_control(parent_inode_old, name_old)
+        self._check_not_control(parent_inode_new, name_new)
+        old = self._child(parent_inode_old, name_old)
+        new = self._child(parent_inode_new, name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FUSEError(errno.EINVAL)
+        old_path, new_path = self._abspath(old), self._abspath(new)
+        if flags & pyfuse3.RENAME_NOREPLACE and os.path.lexists(new_path):
+            raise FUSEError(errno.EEXIST)
+        # Both sides: the file moved away and the one it replaces.
+        self._check_modify(old, "rename", subtree=True)
+        self._check_modify(new, "rename", subtree=True)
+        os.rename(old_path, new_path)
+        if old == new:
+            return
+        self._forget_path(new)
+        prefix = old + "/"
+        for rel in [r for r in self._inode_of if r == old or r.startswith(prefix)]:
+            moved = new + rel[len(old):]
+            inode = self._inode_of.pop(rel)
+            self._inode_of[moved] = inode
+            self._path_of[inode] = moved
+            node = self._nodes.get(inode)
+            if node is not None:
+                if node.backing_path == self._abspath(rel):
+                    node.backing_path = self._abspath(moved)
+                node.relpath = moved
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.source_dir)
+        data = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                     "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, attr, getattr(sv, attr))
+        return data
+
+    @_guard
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Permission checks are the kernel's (default_permissions); only existence is ours.
+        self._getattr_sync(inode)
+        return True
+
+    # ------------------------------------------------------------------ directories
+
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode == CONTROL_DIR_INODE:
+            entries = [(n.encode(), self.control_dir.inode_of(n) or 0) for n in self.control_dir.names()]
+        else:
+            relpath = self._relpath(inode)
+            entries = []
+            if inode == ROOT_INODE:
+                entries.append((_CONTROL_NAME_B, CONTROL_DIR_INODE))
+            with os.scandir(self._abspath(relpath)) as it:
+                for de in it:
+                    if inode == ROOT_INODE and de.name == CONTROL_DIR_NAME:
+                        continue  # the source's own .mirrorfs never shows through
+                    rel = f"{relpath}/{de.name}" if relpath else de.name
+                    entries.append((os.fsencode(de.name), self._inode_for(rel)))
+        fh = next(self._fh_counter)
+        self._dirs[fh] = entries
+        return fh
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise FUSEError(errno.EBADF)
+        for index in range(start_id, len(entries)):
+            name, inode = entries[index]
+            try:
+                attr = self._getattr_sync(inode)
+            except (OSError, FUSEError):
+                continue  # removed since opendir
+            # readdirplus: the kernel caches these as lookups, so they must be complete.
+            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+                break
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # ------------------------------------------------------------------ files
+
+    def _open_source(self, node: ImageNode, flags: int, *, create_mode: int | None = None) -> OpenHandle:
+        """Open the node's backing file with this open's own access mode (see node.py)."""
+        fd_flags = (flags & ~STRIPPED_OPEN_FLAGS & ~os.O_APPEND & ~os.O_NOCTTY) | os.O_CLOEXEC
+        if flags & os.O_TRUNC:
+            if node.job is not None:
+                node.job.check_modify("truncate")
+            fd_flags |= os.O_TRUNC
+        # O_APPEND is left to the kernel, which passes the end-of-file offset with each write.
+        fd = os.open(node.backing_path, fd_flags)
+        fh = next(self._fh_counter)
+        handle = OpenHandle(fh=fh, node=node, flags=flags & ~STRIPPED_OPEN_FLAGS, fd=fd,
+                            direct=bool(flags & _O_DIRECT))
+        node.handles[fh] = handle
+        self._handles[fh] = handle
+        return handle
+
+    def _chown_to_caller(self, path: str, ctx: pyfuse3.RequestContext) -> None:
+        # As root the daemon creates files for the caller, as the kernel would for a local fs.
+        if self._is_root and (ctx.uid, ctx.gid) != (0, 0):
+            os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode == CONTROL_DIR_INODE:
+            raise FUSEError(errno.EISDIR)
+        found = self.control_dir.lookup_inode(inode)
+        if found is not None:
+            return self._open_virtual(found[1], flags, ctx)
+        if self.control_dir.is_reserved(inode):
+            raise FUSEError(errno.ENOENT)
+        node = self._nodes.get(inode)
+        if node is None:
+            relpath = self._relpath(inode)
+            if not stat.S_ISREG(os.lstat(self._abspath(relpath)).st_mode):
+                raise FUSEError(errno.EACCES)
+            node = self._node_for(inode, relpath)
+        handle = self._open_source(node, flags)
+        return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct, keep_cache=False)
+
+    def _open_virtual(self, vfile: VirtualFile, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if (flags & os.O_ACCMODE) != os.O_RDONLY:
+            if not vfile.writable:
+                raise FUSEError(errno.EACCES)
+            if vfile.owner_only_write and ctx.uid not in (0, self._owner_uid):
+                raise FUSEError(errno.EACCES)
+        content = vfile.read() if (flags & os.O_ACCMODE) != os.O_WRONLY else b""
+        fh = next(self._fh_counter)
+        self._vhandles[fh] = _VirtualHandle(vfile, content, ctx, flags)
+        # direct_io: reads are not clipped to the size getattr reported before open.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
+
+    @_guard
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent_inode == ROOT_INODE and name == _CONTROL_NAME_B:
+            raise FUSEError(errno.EEXIST)
+        if parent_inode == CONTROL_DIR_INODE:
+            raise FUSEError(errno.EACCES)
+        relpath = self._child(parent_inode, name)
+        path = self._abspath(relpath)
+        existed = os.path.lexists(path)
+        if existed and flags & os.O_EXCL:
+            raise FUSEError(errno.EEXIST)
+        if not existed:
+            if relpath in self._inode_of:
+                self._forget_path(relpath)  # a stale entry: the file was removed behind our back
+            # Create it here (O_EXCL: never clobber a racing creator), then open it like any open.
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+                         stat.S_IMODE(mode) & ~ctx.umask)
+            os.close(fd)
+            self._chown_to_caller(path, ctx)
+        node = self._node_for(self._inode_for(relpath), relpath)
+        handle = self._open_source(node, flags & ~(os.O_CREAT | os.O_EXCL))
+        try:
+            attr = self._attr(node.inode, os.fstat(handle.fd))
+        except BaseException:
+            self._close_handle(handle.fh)
+            raise
+        return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct, keep_cache=False), attr
+
+    def _get_handle(self, fh: int) -> OpenHandle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        return handle
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        vh = self._vhandles.get(fh)
+        if vh is not None:
+            return vh.content[off:off + size]
+        handle = self._get_handle(fh)
+        job = handle.node.job
+        if job is not None:
+            return await job.read(handle, off, size)
+        return await fileio.pread(handle.fd, size, off)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        vh = self._vhandles.get(fh)
+        if vh is not None:
+            if (vh.flags & os.O_ACCMODE) == os.O_RDONLY:
+                raise FUSEError(errno.EBADF)
+            await vh.vfile.write(bytes(buf), vh.ctx)
+            return len(buf)
+        handle = self._get_handle(fh)
+        job = handle.node.job
+        if job is not None:
+            return await job.write(handle, off, buf)
+        return await fileio.pwrite(handle.fd, buf, off)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        # close(2) of a writable handle: make what it wrote durable on the source (QEMU and the
+        # bitmap invariant rely on it); read-only handles have nothing to flush.
+        handle = self._handles.get(fh)
+        if handle is None or not handle.writable:
+            return
+        job = handle.node.job
+        if job is not None:
+            await job.fsync(handle, False)
+        else:
+            await fileio.fsync(handle.fd, False)
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh in self._vhandles:
+            return
+        handle = self._get_handle(fh)
+        job = handle.node.job
+        if job is not None:
+            await job.fsync(handle, bool(datasync))
+        else:
+            await fileio.fsync(handle.fd, bool(datasync))
+
+    def _close_handle(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        node = handle.node
+        node.handles.pop(fh, None)
+        try:
+            os.close(handle.fd)
+        except OSError as exc:
+            log.info("close of %s failed: %s", node.backing_path, exc)
+        if node.unlinked and not node.handles and node.job is None:
+            self._nodes.pop(node.inode, None)
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        if self._vhandles.pop(fh, None) is not None:
+            return
+        self._close_handle(fh)
+
+    def close_all(self) -> None:
+        """Close every source descriptor (at unmount, after the FUSE session ended)."""
+        for fh in list(self._handles):
+            self._close_handle(fh)
+        self._vhandles.clear()
+        self._dirs.clear()
