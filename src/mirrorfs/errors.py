@@ -9,7 +9,10 @@ stderr and an exit code. Anything else that escapes is a bug and is allowed to c
 
     MirrorfsError
     ├── UsageError              bad input: malformed value, unknown image (CLI exit 2, EINVAL)
+    │   ├── ImageNotFoundError      no such image in the mount (QMP DeviceNotFound)
+    │   └── JobNotFoundError        no job with that id (QMP DeviceNotActive)
     ├── StateError              valid command the current state forbids (CLI exit 1, EBUSY)
+    ├── AccessDeniedError       the caller may not do this (EACCES)
     ├── MountError              mount / unmount could not be done (CLI exit 2)
     ├── BitmapFormatError       a bitmap file that is truncated, corrupt or mismatched
     ├── TargetError             the target failed an operation
@@ -45,11 +48,30 @@ class UsageError(MirrorfsError):
     errno = _errno.EINVAL
 
 
+class ImageNotFoundError(UsageError):
+    """The named image does not exist in the mount (or is not a regular file)."""
+
+    qmp_class = "DeviceNotFound"
+
+
+class JobNotFoundError(UsageError):
+    """No mirror job has the given id."""
+
+    qmp_class = "DeviceNotActive"
+
+
 class StateError(MirrorfsError):
     """The command is valid but the current state forbids it (e.g. complete before ready)."""
 
     exit_code = 1
     errno = _errno.EBUSY
+
+
+class AccessDeniedError(MirrorfsError):
+    """The caller is not allowed to do this (another user writing ``.mirrorfs/control``)."""
+
+    exit_code = 2
+    errno = _errno.EACCES
 
 
 class MountError(MirrorfsError):

@@ -1,0 +1,135 @@
+"""The ``MOUNTPOINT/.mirrorfs/control`` file: one command per line, for people at a shell.
+
+``parse_command`` (pure) turns a line into the QMP command it stands for, so the control file and
+QMP share one dispatcher and one set of rules. ``ControlFile`` runs the lines written to the file
+and keeps the recent outcomes that reading the file returns.
+
+Grammar (SPEC): ``mirror IMAGE TARGET [key=value ...]``, ``complete IMAGE... [pivot=false]``,
+``cancel IMAGE... [force=true]``, ``pause IMAGE``, ``resume IMAGE``, ``set-speed IMAGE RATE``.
+Words are split like a shell does (``shlex``), so paths with spaces can be quoted.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import shlex
+from typing import Any, Protocol
+
+from ..errors import MirrorfsError, UsageError
+
+MIRROR_KEYS = {"sync", "granularity", "bitmap", "speed", "buf-size", "create", "copy-mode",
+               "on-target-error", "job-id"}
+MAX_LINE = 64 * 1024
+HISTORY = 50
+
+
+class Executor(Protocol):
+    async def execute(self, name: str, arguments: dict) -> Any: ...
+
+
+def _bool(key: str, value: str) -> bool:
+    if value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if value.lower() in ("false", "no", "off", "0"):
+        return False
+    raise UsageError(f"{key}={value!r}: expected true or false")
+
+
+def _split_options(words: list[str], allowed: set[str], command: str) -> tuple[list[str], dict[str, str]]:
+    positional, options = [], {}
+    for word in words:
+        if "=" in word:
+            key, _, value = word.partition("=")
+            if key not in allowed:
+                known = ", ".join(sorted(allowed)) or "none"
+                raise UsageError(f"{command}: unknown option {key!r} (options: {known})")
+            options[key] = value
+        else:
+            positional.append(word)
+    return positional, options
+
+
+def parse_command(line: str) -> tuple[str, dict]:
+    """Translate one control line into ``(qmp_command, arguments)``.
+
+    Raises:
+        UsageError: an unknown command, a wrong number of words, an unknown or malformed option.
+    """
+    if len(line) > MAX_LINE:
+        raise UsageError(f"command line longer than {MAX_LINE} bytes")
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse {line.strip()!r}: {exc}") from None
+    if not words:
+        raise UsageError("empty command")
+    command, rest = words[0], words[1:]
+    if command == "mirror":
+        positional, options = _split_options(rest, MIRROR_KEYS, command)
+        if len(positional) != 2:
+            raise UsageError("usage: mirror IMAGE TARGET [key=value ...]")
+        args: dict[str, Any] = {"device": positional[0], "target": positional[1]}
+        for key, value in options.items():
+            args[key] = _bool(key, value) if key == "create" else value
+        return "drive-mirror", args
+    if command in ("complete", "cancel"):
+        flag, default = ("pivot", True) if command == "complete" else ("force", False)
+        positional, options = _split_options(rest, {flag}, command)
+        if not positional:
+            raise UsageError(f"usage: {command} IMAGE... [{flag}={'false' if default else 'true'}]")
+        value = _bool(flag, options[flag]) if flag in options else default
+        qmp = "block-job-complete" if command == "complete" else "block-job-cancel"
+        if len(positional) == 1:
+            return qmp, {"device": positional[0], flag: value}
+        return "transaction", {"actions": [{"type": qmp, "data": {"device": image, flag: value}}
+                                           for image in positional]}
+    if command in ("pause", "resume"):
+        if len(rest) != 1:
+            raise UsageError(f"usage: {command} IMAGE")
+        return f"block-job-{command}", {"device": rest[0]}
+    if command == "set-speed":
+        if len(rest) != 2:
+            raise UsageError("usage: set-speed IMAGE RATE")
+        return "block-job-set-speed", {"device": rest[0], "speed": rest[1]}
+    raise UsageError(f"unknown command {command!r} (mirror, complete, cancel, pause, resume, set-speed)")
+
+
+class ControlFile:
+    """Runs control lines and remembers their outcomes for readers of the file."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._history: collections.deque[str] = collections.deque(maxlen=HISTORY)
+
+    async def run_lines(self, data: bytes) -> None:
+        """Run every line of one write(); stop at the first failure and raise it.
+
+        Raises:
+            MirrorfsError: the failing line's error (EINVAL malformed / unknown, EBUSY refused).
+        """
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._record("<binary data>", "error: commands must be UTF-8 text")
+            raise UsageError("commands must be UTF-8 text") from None
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                name, args = parse_command(line)
+                await self._executor.execute(name, args)
+            except MirrorfsError as exc:
+                self._record(line, f"error: {exc}")
+                raise
+            self._record(line, "ok")
+
+    def _record(self, line: str, outcome: str) -> None:
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        shown = line.strip()
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        self._history.append(f"{stamp} {shown} -> {outcome}")
+
+    def render(self) -> bytes:
+        return "".join(f"{entry}\n" for entry in self._history).encode()

@@ -1,0 +1,82 @@
+"""Tracking of the operations in flight on one image, to serialise guest writes with the copy.
+
+The race this prevents (see ``docs/write-copy-race.md``): the copy task reads cluster C from the
+source, a guest write changes C on the source and duplicates it to the target, then the copy's
+older bytes land on the target. If either side then cleared C's bit, the bitmap would call a
+stale cluster clean.
+
+The rule: every operation that may write the target (a guest write with its duplicate, a copy of a
+range) registers its cluster range for its whole lifetime, from before it touches the source until
+its target write has completed. When two registered operations overlap in clusters, both are
+marked *conflicted*. A conflicted operation never clears bits: its clusters stay dirty and the copy
+task copies them again later, when nothing overlaps. Bits are set before the source write, so
+"stays dirty" is always safe; only clearing needs proof, and an operation that ran alone has it:
+nothing else touched its clusters between its source access and its target write.
+
+This is cheap: the registry holds at most a few dozen operations (bounded by buf-size and the
+FUSE request concurrency), so a linear scan per registration costs less than a dict of clusters.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class Operation:
+    """One registered operation over clusters [first, last] (inclusive)."""
+
+    __slots__ = ("first", "last", "conflicted", "is_copy")
+
+    def __init__(self, first: int, last: int, is_copy: bool) -> None:
+        self.first = first
+        self.last = last
+        self.conflicted = False
+        self.is_copy = is_copy
+
+
+class InflightOps:
+    """The registry of operations in flight on one image."""
+
+    def __init__(self, granularity: int) -> None:
+        self._shift = granularity.bit_length() - 1
+        self._ops: list[Operation] = []
+        self._idle = trio.Event()
+        self._idle.set()
+        self.copy_bytes = 0
+
+    def register(self, offset: int, length: int, *, is_copy: bool = False) -> Operation:
+        """Register an operation covering [offset, offset+length) and mark conflicts."""
+        first = offset >> self._shift
+        last = (offset + max(length, 1) - 1) >> self._shift
+        op = Operation(first, last, is_copy)
+        for other in self._ops:
+            if other.first <= last and first <= other.last:
+                other.conflicted = True
+                op.conflicted = True
+        self._ops.append(op)
+        if is_copy:
+            self.copy_bytes += length
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        return op
+
+    def unregister(self, op: Operation, length: int = 0) -> None:
+        self._ops.remove(op)
+        if op.is_copy:
+            self.copy_bytes -= length
+        if not self._ops:
+            self._idle.set()
+
+    def overlaps(self, offset: int, length: int) -> bool:
+        """True when an operation in flight touches the clusters of [offset, offset+length)."""
+        first = offset >> self._shift
+        last = (offset + max(length, 1) - 1) >> self._shift
+        return any(o.first <= last and first <= o.last for o in self._ops)
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    async def wait_idle(self) -> None:
+        """Wait until no operation is in flight."""
+        while self._ops:
+            await self._idle.wait()

@@ -1,0 +1,600 @@
+"""One mirror job: the write interception, the background copy, and the job state machine.
+
+Role: everything that happens to one image between ``drive-mirror`` and the end of the job. The
+FUSE layer calls ``read``/``write``/``fsync``/``check_modify`` for every request on the image while
+the job is attached to its node; the manager drives ``pause``/``resume``/``set_speed`` and the
+ending actions (complete, cancel, shutdown), which it runs under the job's I/O gate.
+
+Invariants (see ``docs/write-copy-race.md`` and ``docs/bitmap-format.md``):
+- A cluster's bit is set before any byte of it is written to the source, and cleared only by an
+  operation that wrote the same bytes to the target with no overlapping operation in flight
+  (``inflight.py``). So the bitmap over-approximates the clusters where target and source differ.
+- A persistent bitmap's file clears bits only after a target flush (``PersistentBitmap``'s commit
+  protocol); sets reach the mmap before the source write.
+- Target errors never reach the writer: the source write's result is the writer's result.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any, Callable
+
+import trio
+
+from .. import fileio
+from ..errors import (StateError, TargetError, TargetFatalError, TargetNoSpaceError,
+                      TargetRetryableError, MirrorfsError)
+from ..targets.base import Target
+from .gate import ActivityCounter, IOGate
+from .inflight import InflightOps, Operation
+from .params import MirrorParams
+from .ratelimit import RateLimiter, RateMeter
+
+log = logging.getLogger(__name__)
+
+EmitFn = Callable[[str, dict], None]
+
+#: Largest single copy request; bigger buf-sizes run more requests in parallel instead.
+MAX_CHUNK = 4 * 1024 * 1024
+#: Reconnect backoff for a lost target: doubles from the first value up to the cap (seconds).
+RECONNECT_BACKOFF = (0.25, 8.0)
+#: How often a ready job commits lazily cleared bits (target flush + bitmap commit), seconds.
+COMMIT_INTERVAL = 1.0
+
+
+class MirrorJob:
+    """A running mirror of one image to one target.
+
+    Args:
+        params: validated job parameters.
+        node: the FUSE layer's ImageNode of the image (``handles``, ``backing_path``, ``job``).
+        target: a connected target of the image's size.
+        bitmap: a DirtyBitmap or PersistentBitmap already holding the job's initial work.
+        size: the image size (fixed while the job runs: truncation is refused).
+        emit: callback for QMP events.
+    """
+
+    def __init__(self, params: MirrorParams, node: Any, target: Target, bitmap: Any, *,
+                 size: int, emit: EmitFn) -> None:
+        self.params = params
+        self.id = params.job_id
+        self.node = node
+        self.target = target
+        self.bitmap = bitmap
+        self.size = size
+        self._emit = emit
+        self.gate = IOGate()
+        self.inflight = InflightOps(params.granularity)
+        self.limiter = RateLimiter(params.speed)
+        self.meter = RateMeter()
+        self.status = "created"
+        self.ready = False
+        self.user_paused = False
+        self.error_paused = False
+        self.io_status = "ok"
+        self.error: str | None = None
+        self.finished = False
+        self.stats = {"copied-bytes": 0, "zeroed-bytes": 0, "duplicated-bytes": 0,
+                      "skipped-duplicates": 0, "conflicts": 0}
+        granularity = params.granularity
+        chunk = max(granularity, min(MAX_CHUNK, params.buf_size // 4))
+        self.chunk_size = chunk - chunk % granularity
+        self.max_copies = max(1, params.buf_size // self.chunk_size)
+        self._copy_slots = trio.Semaphore(self.max_copies)
+        self._dup_bytes = 0
+        self._dirtied = trio.Event()
+        self._wake = trio.Event()
+        self._copy_holds = 0
+        self._copies = ActivityCounter()
+        self._duplicates = ActivityCounter()
+        self._target_ok = target.connected
+        self._reconnecting = False
+        self._source_fd = -1
+        self._cancel_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._ended = trio.Event()
+        self._end_request: tuple[str, str | None] | None = None
+        self._zero = bytes(self.chunk_size)
+        self._fsync_lock = trio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the copy until the job ends. Started by the manager in its nursery."""
+        self._source_fd = os.open(self.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._set_status("running")
+                self.node.job = self
+                task_status.started()
+                with trio.CancelScope() as scope:
+                    self._cancel_scope = scope
+                    await self._copy_loop(nursery)
+                # Asked to end from inside (a failure): finish in the job's own task.
+                if self._end_request is not None and not self.finished:
+                    kind, message = self._end_request
+                    await self._finish_failed(message or "job failed")
+                nursery.cancel_scope.cancel()
+        finally:
+            self._detach()
+            self._ended.set()
+
+    def _detach(self) -> None:
+        if self.node.job is self:
+            self.node.job = None
+        if self._source_fd >= 0:
+            os.close(self._source_fd)
+            self._source_fd = -1
+
+    async def wait_ended(self) -> None:
+        await self._ended.wait()
+
+    def _set_status(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            self._emit("JOB_STATUS_CHANGE", {"id": self.id, "status": status})
+
+    def _event_data(self) -> dict:
+        return {"type": "mirror", "device": self.id, "len": self.size, "offset": self.offset,
+                "speed": self.limiter.rate}
+
+    @property
+    def offset(self) -> int:
+        return self.size - self.bitmap.dirty_bytes()
+
+    @property
+    def paused(self) -> bool:
+        return self.user_paused or self.error_paused
+
+    def info(self) -> dict:
+        """This job as a QMP BlockJobInfo (plus mirrorfs's fields)."""
+        entry = {
+            "type": "mirror", "device": self.id, "len": self.size, "offset": self.offset,
+            "busy": self._copies.count > 0, "paused": self.paused, "speed": self.limiter.rate,
+            "io-status": self.io_status, "ready": self.ready, "status": self.status,
+            "auto-finalize": True, "auto-dismiss": True,
+            "target": self.target.description, "dirty-bytes": self.bitmap.dirty_bytes(),
+            "copy-mode": self.params.copy_mode, "rate": int(self.meter.rate),
+            "__org.mirrorfs_image": self.params.image,
+            "__org.mirrorfs_target-connected": self._target_ok,
+        }
+        entry.update({f"__org.mirrorfs_{k}": v for k, v in self.stats.items()})
+        if self.error is not None:
+            entry["error"] = self.error
+        return entry
+
+    # ------------------------------------------------------------------ the FUSE seam
+
+    async def read(self, handle: Any, offset: int, size: int) -> bytes:
+        async with self.gate.hold():
+            return await fileio.pread(handle.fd, size, offset)
+
+    async def write(self, handle: Any, offset: int, data: bytes) -> int:
+        async with self.gate.hold():
+            if self.finished:
+                return await fileio.pwrite(handle.fd, data, offset)
+            return await self._intercepted_write(handle, offset, data)
+
+    async def fsync(self, handle: Any, datasync: bool = False) -> None:
+        async with self.gate.hold():
+            await fileio.fsync(handle.fd, datasync)
+            if not self.finished:
+                await self._durable_point()
+
+    def check_modify(self, op: str) -> None:
+        if not self.finished:
+            raise StateError(f"cannot {op} {self.params.image!r}: mirror job {self.id!r} is "
+                             f"running on it; complete or cancel the job first")
+
+    # ------------------------------------------------------------------ write path
+
+    def _duplicating(self) -> bool:
+        return self._target_ok and not self.paused and self._end_request is None
+
+    async def _intercepted_write(self, handle: Any, offset: int, data: bytes) -> int:
+        length = len(data)
+        if length == 0:
+            return await fileio.pwrite(handle.fd, data, offset)
+        bitmap = self.bitmap
+        shift = self.params.granularity.bit_length() - 1
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        # Partially covered edge clusters that are clean now stay clean once the duplicate lands
+        # (the rest of such a cluster is untouched, so source and target still agree on it).
+        # Whole clusters are cleared by ``clear`` itself; so is a partial last cluster of the image.
+        g = self.params.granularity
+        end = offset + length
+        edges = set()
+        if offset & (g - 1) and not bitmap.is_dirty(first << shift, 1):
+            edges.add(first)
+        if end & (g - 1) and end < self.size and not bitmap.is_dirty(last << shift, 1):
+            edges.add(last)
+        op = self.inflight.register(offset, length)
+        try:
+            bitmap.mark(offset, length)
+            written = await fileio.pwrite(handle.fd, data, offset)
+        except BaseException:
+            self.inflight.unregister(op)
+            self._dirtied.set()
+            raise
+        if not self._duplicating():
+            self.inflight.unregister(op)
+            self._dirtied.set()
+            return written
+        payload = data if written == length else data[:written]
+        if self.params.copy_mode == "write-blocking":
+            await self._duplicate(op, offset, payload, edges)
+        elif self._dup_bytes + written <= self.params.buf_size and self._nursery is not None:
+            self._dup_bytes += written
+            self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges)
+        else:
+            self.stats["skipped-duplicates"] += 1
+            self.inflight.unregister(op)
+            self._dirtied.set()
+        return written
+
+    async def _background_duplicate(self, op: Operation, offset: int, data: bytes,
+                                    edges: set[int]) -> None:
+        try:
+            await self._duplicate(op, offset, data, edges)
+        finally:
+            self._dup_bytes -= len(data)
+
+    async def _duplicate(self, op: Operation, offset: int, data: bytes, edges: set[int]) -> None:
+        """Write the guest's bytes to the target, then clear what is now known identical."""
+        self._duplicates.enter()
+        try:
+            await self.target.pwrite(offset, data)
+        except TargetError as exc:
+            self.inflight.unregister(op)
+            self._dirtied.set()
+            self._on_target_error(exc)
+            return
+        finally:
+            self._duplicates.leave()
+        self.stats["duplicated-bytes"] += len(data)
+        if op.conflicted:
+            self.stats["conflicts"] += 1
+            self._dirtied.set()
+        else:
+            self.bitmap.clear(offset, len(data))
+            g = self.params.granularity
+            for cluster in edges:
+                self.bitmap.clear(cluster * g, g)
+        self.inflight.unregister(op)
+
+    async def _durable_point(self) -> None:
+        """Make the invariant hold across power loss: flush target, commit clears, msync bits."""
+        async with self._fsync_lock:
+            commit = getattr(self.bitmap, "begin_clear_commit", None)
+            token = commit() if commit is not None else None
+            if self._target_ok:
+                try:
+                    await self.target.flush()
+                except TargetError as exc:
+                    self._on_target_error(exc)
+                    token = None
+                else:
+                    if token is not None:
+                        self.bitmap.finish_clear_commit(token)
+            flush = getattr(self.bitmap, "flush", None)
+            if flush is not None:
+                await trio.to_thread.run_sync(flush)
+
+    # ------------------------------------------------------------------ background copy
+
+    async def _copy_loop(self, nursery: trio.Nursery) -> None:
+        cursor = 0
+        skipped = False
+        last_commit = trio.current_time()
+        while True:
+            await self._wait_copy_allowed()
+            run = self.bitmap.next_dirty(cursor)
+            if run is None:
+                self._dirtied = trio.Event()
+                await self._wait_copies_idle()
+                if cursor:
+                    cursor = 0
+                    if not skipped:
+                        continue
+                if self.bitmap.count() == 0 and len(self.inflight) == 0:
+                    if not self.ready:
+                        await self._durable_point()
+                        if self.bitmap.count() == 0 and self._target_ok and not self.paused:
+                            self._become_ready()
+                    elif trio.current_time() - last_commit >= COMMIT_INTERVAL:
+                        await self._durable_point()
+                        last_commit = trio.current_time()
+                skipped = False
+                with trio.move_on_after(0.05 if self.bitmap.count() else COMMIT_INTERVAL):
+                    await self._dirtied.wait()
+                continue
+            offset, length = run
+            length = min(length, self.chunk_size)
+            cursor = offset + length
+            if cursor >= self.size:
+                cursor = 0
+            if self.inflight.overlaps(offset, length):
+                skipped = True
+                continue
+            await self._copy_slots.acquire()
+            if not self._copy_allowed():
+                self._copy_slots.release()
+                continue
+            self._copies.enter()
+            op = self.inflight.register(offset, length, is_copy=True)
+            nursery.start_soon(self._copy_chunk, op, offset, length)
+            await self.limiter.take(length)
+
+    def _copy_allowed(self) -> bool:
+        return (self._target_ok and not self.paused and self._copy_holds == 0
+                and self._end_request is None)
+
+    async def _wait_copy_allowed(self) -> None:
+        while not self._copy_allowed():
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    def _poke(self) -> None:
+        self._wake.set()
+        self._dirtied.set()
+
+    async def _wait_copies_idle(self) -> None:
+        await self._copies.wait_idle()
+
+    async def _copy_chunk(self, op: Operation, offset: int, length: int) -> None:
+        try:
+            await self._copy_range(offset, length)
+        except TargetError as exc:
+            self._dirtied.set()
+            self._on_target_error(exc)
+        else:
+            if op.conflicted:
+                self.stats["conflicts"] += 1
+                self._dirtied.set()
+            else:
+                self.bitmap.clear(offset, length)
+            self.meter.add(length)
+        finally:
+            self.inflight.unregister(op, length)
+            self._copy_slots.release()
+            self._copies.leave()
+
+    async def _copy_range(self, offset: int, length: int) -> None:
+        """Copy source bytes to the target; holes and runs of zeroes become zero writes."""
+        if self._is_hole(offset, length):
+            await self.target.write_zeroes(offset, length)
+            self.stats["zeroed-bytes"] += length
+            return
+        data = await fileio.pread(self._source_fd, length, offset)
+        if len(data) < length:
+            # The source may not be shorter than the job's size while the job runs.
+            data = data + bytes(length - len(data))
+        if data == self._zero[:length] if length <= len(self._zero) else data.count(0) == length:
+            await self.target.write_zeroes(offset, length)
+            self.stats["zeroed-bytes"] += length
+        else:
+            await self.target.pwrite(offset, data)
+            self.stats["copied-bytes"] += length
+
+    def _is_hole(self, offset: int, length: int) -> bool:
+        try:
+            data_at = os.lseek(self._source_fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # no data from offset to the end of the file
+        return data_at >= offset + length
+
+    # ------------------------------------------------------------------ states and errors
+
+    def _become_ready(self) -> None:
+        self.ready = True
+        self._set_status("ready")
+        self._emit("BLOCK_JOB_READY", self._event_data())
+
+    def _on_target_error(self, exc: TargetError) -> None:
+        if self._end_request is not None or self.finished:
+            return
+        if isinstance(exc, TargetRetryableError):
+            self._target_lost(exc)
+            return
+        nospace = isinstance(exc, TargetNoSpaceError) or getattr(exc, "errno", None) == errno.ENOSPC
+        policy = self.params.on_target_error
+        if isinstance(exc, TargetFatalError):
+            action = "report"
+        elif policy == "enospc":
+            action = "stop" if nospace else "report"
+        else:
+            action = policy
+        log.warning("job %s: target error (%s): %s", self.id, action, exc)
+        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "write", "action": action})
+        if action == "ignore":
+            return
+        self.io_status = "nospace" if nospace else "failed"
+        if action == "stop":
+            if not self.error_paused:
+                self.error_paused = True
+                self._set_status("standby" if self.ready else "paused")
+            return
+        self.error = str(exc)
+        self._end_request = ("fail", str(exc))
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    def _target_lost(self, exc: TargetError) -> None:
+        if not self._target_ok:
+            return
+        self._target_ok = False
+        log.warning("job %s: target %s lost: %s", self.id, self.target.description, exc)
+        if self.ready:
+            self.ready = False
+            self._set_status("running")
+        self._emit("MIRROR_TARGET_LOST", {"device": self.id, "target": self.target.description,
+                                          "reason": str(exc)})
+        if not self._reconnecting and self._nursery is not None:
+            self._reconnecting = True
+            self._nursery.start_soon(self._reconnect)
+
+    async def _reconnect(self) -> None:
+        delay, cap = RECONNECT_BACKOFF
+        try:
+            while True:
+                await trio.sleep(delay)
+                try:
+                    await self.target.connect()
+                except TargetFatalError as exc:
+                    self.error = str(exc)
+                    self.io_status = "failed"
+                    self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "write",
+                                                   "action": "report"})
+                    self._end_request = ("fail", str(exc))
+                    if self._cancel_scope is not None:
+                        self._cancel_scope.cancel()
+                    return
+                except TargetError as exc:
+                    log.info("job %s: reconnect failed: %s", self.id, exc)
+                    delay = min(cap, delay * 2)
+                    continue
+                self._target_ok = True
+                self._emit("MIRROR_TARGET_RESTORED", {"device": self.id,
+                                                      "target": self.target.description})
+                self._poke()
+                return
+        finally:
+            self._reconnecting = False
+
+    # ------------------------------------------------------------------ commands
+
+    def check_can_pause(self) -> None:
+        if self.finished:
+            raise StateError(f"job {self.id!r} has ended")
+        if self.user_paused:
+            raise StateError(f"job {self.id!r} is already paused")
+
+    async def pause(self) -> None:
+        """Stop all I/O to the target; returns once the target writes in flight have landed."""
+        self.check_can_pause()
+        self.user_paused = True
+        self._set_status("standby" if self.ready else "paused")
+        await self._copies.wait_idle()
+        await self._duplicates.wait_idle()
+
+    def resume(self) -> None:
+        if not self.paused:
+            raise StateError(f"job {self.id!r} is not paused")
+        self.user_paused = False
+        self.error_paused = False
+        self.io_status = "ok"
+        self._set_status("ready" if self.ready else "running")
+        self._poke()
+
+    def set_speed(self, speed: int) -> None:
+        self.limiter.set_rate(speed)
+
+    def check_can_complete(self) -> None:
+        """Refuse complete (either form) unless the job is ready (QEMU's rule)."""
+        if self.finished:
+            raise StateError(f"job {self.id!r} has ended")
+        if not self.ready or self.paused:
+            state = "paused" if self.paused else "not ready yet"
+            raise StateError(f"job {self.id!r} cannot be completed: it is {state} "
+                             f"({self.bitmap.dirty_bytes()} bytes still differ); wait for "
+                             f"BLOCK_JOB_READY")
+
+    async def hold_copy(self) -> None:
+        """Stop issuing copies and wait for the ones in flight (used under a closed gate)."""
+        self._copy_holds += 1
+        await self._wait_copies_idle()
+
+    def release_copy(self) -> None:
+        self._copy_holds -= 1
+        self._poke()
+
+    async def converge(self) -> None:
+        """With the gate closed and copies held: finish every write and copy every dirty cluster
+        inline, then flush the target and commit. Afterwards the target equals the source.
+
+        Raises:
+            TargetError: the target failed; nothing has been switched.
+        """
+        await self.inflight.wait_idle()
+        while True:
+            run = self.bitmap.next_dirty(0)
+            if run is None:
+                break
+            offset, length = run
+            for start in range(offset, offset + length, self.chunk_size):
+                n = min(self.chunk_size, offset + length - start)
+                await self._copy_range(start, n)
+                self.bitmap.clear(start, n)
+        await self.target.flush()
+        commit = getattr(self.bitmap, "begin_clear_commit", None)
+        if commit is not None:
+            self.bitmap.finish_clear_commit(commit())
+            await trio.to_thread.run_sync(self.bitmap.flush)
+
+    def conclude(self, kind: str, *, pivoted: bool = False) -> None:
+        """Mark the job ended (under the closed gate) and emit its final events.
+
+        ``kind`` is "completed" or "cancelled".
+        """
+        self.finished = True
+        self._close_bitmap(clean=True, pivoted=pivoted)
+        self._set_status("concluded")
+        event = "BLOCK_JOB_COMPLETED" if kind == "completed" else "BLOCK_JOB_CANCELLED"
+        data = self._event_data()
+        if self.error is not None:
+            data["error"] = self.error
+        self._emit(event, data)
+        self._set_status("null")
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _close_bitmap(self, *, clean: bool, pivoted: bool = False) -> None:
+        close = getattr(self.bitmap, "close", None)
+        if close is not None:
+            try:
+                close(clean=clean, pivoted=pivoted)
+            except MirrorfsError as exc:  # a bitmap that cannot be closed stays marked unclean
+                log.warning("job %s: closing bitmap: %s", self.id, exc)
+
+    async def _finish_failed(self, message: str) -> None:
+        self.gate.close()
+        try:
+            await self.gate.wait_drained()
+            await self.inflight.wait_idle()
+            self.finished = True
+            self.io_status = self.io_status if self.io_status != "ok" else "failed"
+            self._close_bitmap(clean=True)
+            self._set_status("concluded")
+            data = self._event_data()
+            data["error"] = message
+            self._emit("BLOCK_JOB_COMPLETED", data)
+            with trio.CancelScope(shield=True):
+                await self.target.close()
+        finally:
+            self.gate.open()
+
+    async def stop(self) -> None:
+        """End the job for an unmount: no events, bitmap closed cleanly with its dirty bits."""
+        if self.finished:
+            return
+        self.gate.close()
+        try:
+            await self.gate.wait_drained()
+            await self.hold_copy()
+            await self.inflight.wait_idle()
+            if self._target_ok:
+                try:
+                    await self._durable_point()
+                except TargetError:
+                    pass
+            self.finished = True
+            self._close_bitmap(clean=True)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+        finally:
+            self.gate.open()

@@ -1,0 +1,347 @@
+"""The job manager: every mirror job of one mount, and the commands that act on them.
+
+Role: starts jobs (target, bitmap and initial work per sync mode), answers queries, and runs
+complete / cancel as transactions across images: every image in one transaction is quiesced
+together (all gates closed first, then all drained), every precondition is checked for all of
+them before anything changes, then every action runs, then I/O resumes. So no write to any of
+them lands between the first and the last action (``docs/transactions.md``).
+
+The manager owns no nursery of its own: the mount service passes the one it owns, and jobs run in
+it. Nothing here knows about FUSE or QMP: the FUSE layer is reached through ``resolve_node`` and
+the node objects it returns, QMP through the ``emit`` listeners.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+from typing import Any, Callable, Iterable
+
+import trio
+
+from ..errors import JobNotFoundError, MirrorfsError, StateError, TargetError, UsageError
+from ..targets.base import Target
+from .job import MirrorJob
+from .params import MirrorParams
+from .pivot import TargetForwarder
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """One action of a transaction: kind is "complete" or "cancel"."""
+
+    kind: str
+    job_id: str
+    pivot: bool = True
+    force: bool = False
+
+
+class JobManager:
+    """All jobs of one mount.
+
+    Args:
+        resolve_node: maps an image path relative to the mount to the FUSE layer's node;
+            raises UsageError for a missing or non-regular file.
+        nursery: where jobs run (owned by the mount service).
+        mountpoint: the mount's path, to refuse targets inside the mount itself.
+    """
+
+    def __init__(self, resolve_node: Callable[[str], Any], *, nursery: trio.Nursery,
+                 mountpoint: str | None = None) -> None:
+        self._resolve_node = resolve_node
+        self._nursery = nursery
+        self._mountpoint = os.path.realpath(mountpoint) if mountpoint else None
+        self.jobs: dict[str, MirrorJob] = {}
+        self._listeners: list[Callable[[str, dict], None]] = []
+        self._lock = trio.Lock()
+
+    # ------------------------------------------------------------------ events
+
+    def add_listener(self, listener: Callable[[str, dict], None]) -> None:
+        self._listeners.append(listener)
+
+    def emit(self, event: str, data: dict) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, data)
+            except Exception:  # a broken listener must not break the job that emitted
+                log.exception("event listener failed for %s", event)
+
+    # ------------------------------------------------------------------ queries
+
+    def query(self) -> list[dict]:
+        return [job.info() for job in self.jobs.values()]
+
+    def get(self, job_id: Any) -> MirrorJob:
+        if not isinstance(job_id, str) or job_id not in self.jobs:
+            known = ", ".join(sorted(self.jobs)) or "none"
+            raise JobNotFoundError(f"no mirror job {job_id!r} (jobs: {known})")
+        return self.jobs[job_id]
+
+    # ------------------------------------------------------------------ starting
+
+    async def start_mirror(self, params: MirrorParams) -> MirrorJob:
+        """Start a job. Everything is checked before anything is created.
+
+        Raises:
+            UsageError: unknown image, bad target, mismatched bitmap.
+            StateError: the image or job id already has a running job.
+        """
+        async with self._lock:
+            old = self.jobs.get(params.job_id)
+            if old is not None and not old.finished:
+                raise StateError(f"job id {params.job_id!r} is in use; give another job-id")
+            node = self._resolve_node(params.image)
+            if node.job is not None and not getattr(node.job, "finished", False):
+                raise StateError(f"image {params.image!r} already has a mirror job "
+                                 f"({node.job.id!r}); complete or cancel it first")
+            size = os.stat(node.backing_path).st_size
+            if size == 0:
+                raise UsageError(f"image {params.image!r} is empty: there is nothing to mirror")
+            target = await self._open_target(params, size)
+            try:
+                bitmap, params = self._make_bitmap(params, node, target, size)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await target.close()
+                raise
+            job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit)
+            self.jobs[params.job_id] = job
+            try:
+                await self._nursery.start(self._run_job, job)
+            except BaseException:
+                self.jobs.pop(params.job_id, None)
+                raise
+            log.info("job %s: mirroring %s to %s (sync %s)", job.id, params.image,
+                     target.description, params.sync)
+            return job
+
+    async def _run_job(self, job: MirrorJob, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await job.run(task_status=task_status)
+        finally:
+            # Completed and cancelled jobs disappear (auto-dismiss); a failed one stays listed
+            # with its error until a new job replaces it, so the user can see why it ended.
+            if job.error is None and self.jobs.get(job.id) is job:
+                del self.jobs[job.id]
+            if not getattr(job, "pivot_keeps_target", False):
+                with trio.CancelScope(shield=True):
+                    await job.target.close()
+
+    async def _open_target(self, params: MirrorParams, size: int) -> Target:
+        if params.is_nbd:
+            from ..targets.nbd import NBDTarget  # imported lazily: only NBD jobs need it
+
+            if params.create:
+                raise UsageError("an NBD target cannot be created; drop --create / mode=absolute-paths")
+            target: Target = NBDTarget(params.target)
+            try:
+                await target.connect()
+            except TargetError as exc:
+                raise UsageError(f"cannot use target {params.target}: {exc}") from None
+            if target.size != size:
+                await target.close()
+                raise UsageError(f"target {target.description} is {target.size} bytes but the "
+                                 f"image is {size}; give a target of the same size")
+            return target
+        from ..targets.local import LocalFileTarget
+
+        path = params.target
+        if not os.path.isabs(path):
+            raise UsageError(f"target {path!r} must be an absolute path or an NBD URI")
+        real_dir = os.path.realpath(os.path.dirname(path))
+        if self._mountpoint and (real_dir + "/").startswith(self._mountpoint + "/"):
+            raise UsageError(f"target {path!r} is inside the mount itself; put it elsewhere")
+        if not os.path.isdir(real_dir):
+            raise UsageError(f"target directory {os.path.dirname(path)!r} does not exist")
+        exists = os.path.exists(path)
+        if exists and not os.path.isfile(path):
+            raise UsageError(f"target {path!r} is not a regular file")
+        if not exists:
+            if not params.create:
+                raise UsageError(f"target {path!r} does not exist; pass --create (mode=absolute-paths) "
+                                 f"to create it")
+            try:
+                LocalFileTarget.create(path, size)
+            except OSError as exc:
+                raise UsageError(f"cannot create target {path!r}: {exc.strerror}") from None
+        target = LocalFileTarget(path, expected_size=size)
+        try:
+            await target.connect()
+        except TargetError as exc:
+            raise UsageError(f"cannot use target {path!r}: {exc}") from None
+        return target
+
+    def _make_bitmap(self, params: MirrorParams, node: Any, target: Target, size: int
+                     ) -> tuple[Any, MirrorParams]:
+        """The job's initial work: every cluster (full), the allocated extents (top), the
+        interrupted job's bitmap (dirty) or nothing (none)."""
+        from ..bitmap.memory import DirtyBitmap
+        from ..bitmap.persistent import PersistentBitmap
+
+        if params.sync == "dirty":
+            assert params.bitmap is not None
+            if not os.path.exists(params.bitmap):
+                raise UsageError(f"bitmap {params.bitmap!r} does not exist")
+            bitmap = PersistentBitmap.open(params.bitmap, size=size)
+            return bitmap, dataclasses.replace(params, granularity=bitmap.granularity)
+        if params.bitmap is not None:
+            if not os.path.isdir(os.path.dirname(params.bitmap)):
+                raise UsageError(f"bitmap directory {os.path.dirname(params.bitmap)!r} does not exist")
+            bitmap = PersistentBitmap.create(
+                params.bitmap, size, params.granularity, source_id=node.backing_path,
+                target_id=target.description, fill=params.sync == "full")
+        else:
+            bitmap = DirtyBitmap(size, params.granularity)
+            if params.sync == "full":
+                bitmap.set_all()
+        if params.sync == "top":
+            for offset, length in allocated_extents(node.backing_path, size):
+                bitmap.mark(offset, length)
+        return bitmap, params
+
+    # ------------------------------------------------------------------ simple commands
+
+    async def pause(self, job_id: str) -> None:
+        await self.get(job_id).pause()
+
+    def resume(self, job_id: str) -> None:
+        self.get(job_id).resume()
+
+    def set_speed(self, job_id: str, speed: int) -> None:
+        job = self.get(job_id)
+        if job.finished:
+            raise StateError(f"job {job_id!r} has ended")
+        job.set_speed(speed)
+
+    async def complete(self, job_ids: Iterable[str], *, pivot: bool = True) -> None:
+        await self.transaction([Action("complete", j, pivot=pivot) for j in job_ids])
+
+    async def cancel(self, job_ids: Iterable[str], *, force: bool = False) -> None:
+        await self.transaction([Action("cancel", j, force=force) for j in job_ids])
+
+    # ------------------------------------------------------------------ transactions
+
+    async def transaction(self, actions: list[Action]) -> None:
+        """Run complete/cancel actions on several jobs as one all-or-nothing step at one
+        point in time.
+
+        Raises:
+            UsageError: an unknown job, or a job named twice.
+            StateError: a precondition fails for any job; nothing changed.
+            TargetError: a target failed while converging; nothing was switched.
+        """
+        if not actions:
+            raise UsageError("a transaction needs at least one action")
+        async with self._lock:
+            jobs = [self.get(a.job_id) for a in actions]
+            if len({id(j) for j in jobs}) != len(jobs):
+                raise UsageError("a transaction may name each job only once")
+            self._check(actions, jobs)
+            for job in jobs:
+                job.gate.close()
+            held: list[MirrorJob] = []
+            try:
+                for job in jobs:
+                    await job.gate.wait_drained()
+                for job in jobs:
+                    held.append(job)
+                    await job.hold_copy()
+                # The state may have moved while draining (a target lost): check again.
+                self._check(actions, jobs)
+                plans = []
+                for action, job in zip(actions, jobs):
+                    plans.append(await self._prepare(action, job))
+                for plan in plans:
+                    plan()
+            finally:
+                for job in held:
+                    if not job.finished:
+                        job.release_copy()
+                for job in jobs:
+                    job.gate.open()
+
+    def _check(self, actions: list[Action], jobs: list[MirrorJob]) -> None:
+        for action, job in zip(actions, jobs):
+            if action.kind == "complete":
+                job.check_can_complete()
+            elif job.finished:
+                raise StateError(f"job {job.id!r} has ended")
+
+    async def _prepare(self, action: Action, job: MirrorJob) -> Callable[[], None]:
+        """Do everything that can fail for one action; return the step that cannot."""
+        if action.kind == "cancel" and (action.force or not job.ready):
+            return lambda: job.conclude("cancelled")
+        # complete (either form) and cancel after ready: the target becomes an exact copy.
+        await job.converge()
+        if action.kind == "cancel" or not action.pivot:
+            return lambda: job.conclude("completed")
+        return self._prepare_pivot(job)
+
+    def _prepare_pivot(self, job: MirrorJob) -> Callable[[], None]:
+        node = job.node
+        if job.params.is_nbd:
+            def switch_to_nbd() -> None:
+                job.pivot_keeps_target = True
+                job.conclude("completed", pivoted=True)
+                node.job = TargetForwarder(job.target, job.params.image)
+            return switch_to_nbd
+        target_path = job.params.target
+        new_fds: dict[int, int] = {}
+        try:
+            for fh, handle in node.handles.items():
+                new_fds[fh] = os.open(target_path, handle.flags | os.O_CLOEXEC)
+        except OSError as exc:
+            for fd in new_fds.values():
+                os.close(fd)
+            raise StateError(f"cannot pivot {job.params.image!r} to {target_path!r}: "
+                             f"{exc.strerror}") from None
+
+        def switch_local() -> None:
+            for fh, handle in node.handles.items():
+                old = handle.fd
+                handle.fd = new_fds.pop(fh)
+                os.close(old)
+            node.backing_path = target_path
+            job.conclude("completed", pivoted=True)
+        return switch_local
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def shutdown(self) -> None:
+        """Stop every job cleanly (bitmaps flushed and closed as cleanly shut down)."""
+        async with self._lock:
+            for job in list(self.jobs.values()):
+                try:
+                    await job.stop()
+                except MirrorfsError as exc:
+                    log.warning("job %s: %s", job.id, exc)
+            for job in list(self.jobs.values()):
+                with trio.move_on_after(10):
+                    await job.wait_ended()
+
+
+def allocated_extents(path: str, size: int) -> list[tuple[int, int]]:
+    """The data extents of a file, found with SEEK_DATA / SEEK_HOLE."""
+    extents = []
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if end > start:
+                extents.append((start, end - start))
+            offset = end
+    finally:
+        os.close(fd)
+    return extents
