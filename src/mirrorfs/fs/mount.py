@@ -339,7 +339,7 @@ def _wait_for_child(pid: int, read_end: int, mnt: str, log_file: str) -> int:
     raise MountError(f"the mount process for {mnt} exited before the mount was ready; see {log_file}")
 
 
-def _process_gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     # Zombies count as gone: in a container nobody may reap the detached daemon.
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -389,12 +389,12 @@ def cli_unmount(args: argparse.Namespace) -> int:
         what = "nothing is mounted there" if fstype is None else f"it is a {fstype} mount"
         raise MountError(f"{mnt} is not a mirrorfs mount ({what})")
     pid = _read_pid(mnt)
-    if pid is not None and not _process_gone(pid):
+    if pid is not None and not process_gone(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + UNMOUNT_TIMEOUT
-        while not _process_gone(pid) and time.monotonic() < deadline:
+        while not process_gone(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if not _process_gone(pid):
+        if not process_gone(pid):
             _fusermount_unmount(mnt)
             raise MountError(f"the mount process {pid} did not exit within {UNMOUNT_TIMEOUT:.0f} s; "
                              f"forced the unmount of {mnt}, jobs may not have stopped cleanly")
