@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest import GuestError, RecordError
-from tests.guest.build import build
-from tests.guest.records import (RECORD_SIZE, check_markers, make_record, marker_bytes,
+from guest import GuestError, RecordError
+from guest.build import build
+from guest.records import (RECORD_SIZE, check_markers, make_record, marker_bytes,
                                  marker_regions, verify_file)
-from tests.guest.vm import GuestVM, run_guest, verify_in_guest
+from guest.vm import GuestVM, run_guest, verify_in_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
 
@@ -154,3 +154,36 @@ def test_marker_layout_is_what_the_guest_writes():
     block = marker_bytes("t", 512, 512)
     assert block.startswith(b"MFSMARK t 0000000000000200\n") and block.endswith(b"\x01")
     assert len(block) == 512
+
+
+# ---- (b) issue 2, done-when 7: a guest on an image inside a mirrorfs mount ----------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+def test_guest_in_mount_writes_reach_source(tmp_path, guest_image, mounted, cache):
+    # Created through the mount, as a user would; the guest then runs on the mounted path.
+    make_disk(mounted.mountpoint / "vm.raw", "raw")
+    make_disk(mounted.mountpoint / "marks.raw", "raw", 4 << 20)
+    assert (mounted.source / "vm.raw").stat().st_size == DISK_SIZE
+
+    result = write_records(mounted.mountpoint / "vm.raw", tmp_path / "writer", guest_image,
+                           cache=cache)
+    on_source = verify_file(mounted.source / "vm.raw")
+    assert (on_source.first, on_source.last, on_source.run_id) == (1, result.last, result.run_id)
+
+    console = run_guest(mounted.mountpoint / "marks.raw", "write-marker", workdir=tmp_path / "mark",
+                        cache=cache, image=guest_image, params={"token": f"mount-{cache}"})
+    assert f"MARKER ok token=mount-{cache}" in console
+    check_markers(mounted.source / "marks.raw", f"mount-{cache}")
+
+
+@pytest.mark.slow
+def test_guest_in_mount_qcow2_round_trip(tmp_path, guest_image, mounted):
+    # qcow2 through the mount: QEMU opens read-only first, then read-write (image locking).
+    disk = make_disk(mounted.mountpoint / "vm.qcow2", "qcow2")
+    result = write_records(disk, tmp_path / "writer", guest_image, fmt="qcow2", cache="none")
+    on_source = verify_file(mounted.source / "vm.qcow2", fmt="qcow2")
+    assert (on_source.last, on_source.run_id) == (result.last, result.run_id)
+    guest = verify_in_guest(disk, workdir=tmp_path / "verify", fmt="qcow2", cache="none",
+                            image=guest_image)
+    assert (guest.records, guest.last, guest.run_id) == (result.last, result.last, result.run_id)

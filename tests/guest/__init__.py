@@ -1,9 +1,13 @@
 """The mirrorfs test guest: a Debian kernel plus a busybox-static initramfs that an unmodified
 ``qemu-system-x86_64`` boots in seconds, and the self-checking record format its writer uses.
 
-- :mod:`tests.guest.build` fetches the kernel and builds (and caches) the initramfs.
-- :mod:`tests.guest.vm` runs a guest on a disk image (``GuestVM``, ``run_guest``).
-- :mod:`tests.guest.records` reads the records back on the host.
+- :mod:`guest.build` fetches the kernel and builds (and caches) the initramfs.
+- :mod:`guest.vm` runs a guest on a disk image (``GuestVM``, ``run_guest``, ``verify_in_guest``).
+- :mod:`guest.records` reads the records back on the host (``verify_file``, ``check_markers``).
+
+Import it as ``guest`` (``from guest.vm import GuestVM``): like ``mounting``, it lives in
+``tests/``, which pytest puts on ``sys.path``. Importing it under two names would make two
+copies of its exception classes.
 
 The guest's disk exerciser is ``guestrec.c`` (modes ``writer``, ``verify``, ``write-marker``);
 its ``/init`` is ``init.sh``.
