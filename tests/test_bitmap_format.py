@@ -1,0 +1,255 @@
+"""The bitmap file format: an independent reader written from docs/bitmap-format.md alone agrees
+with what PersistentBitmap writes, and every bad or mismatched file is refused unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from mirrorfs.bitmap import PersistentBitmap
+from mirrorfs.bitmap.format import BitmapHeader, decode_header, encode_header
+from mirrorfs.errors import BitmapFormatError, UsageError
+
+# ---- the independent reader: written from docs/bitmap-format.md, imports nothing of mirrorfs ----
+DOC_HEADER = struct.Struct("<8sIIIIQQQQQII1024s1024s")
+
+
+def doc_read(path: str) -> dict:
+    """Parse a bitmap file following docs/bitmap-format.md; assert every rule it states."""
+    data = open(path, "rb").read()
+    (magic, version, header_size, flags, gbits, image_size, cluster_count, generation, bits_offset,
+     bits_length, checksum, reserved, src, tgt) = DOC_HEADER.unpack_from(data, 0)
+    assert DOC_HEADER.size == 2120
+    assert magic == b"MFSBITMP"
+    assert version == 1
+    assert header_size == 2120
+    zeroed = bytearray(data[:header_size])
+    zeroed[64:68] = b"\0\0\0\0"
+    assert zlib.crc32(zeroed) == checksum
+    assert flags & ~3 == 0 and reserved == 0
+    assert 12 <= gbits <= 26
+    g = 1 << gbits
+    assert cluster_count == -(-image_size // g)
+    assert bits_offset == 4096 and bits_length == -(-cluster_count // 64) * 8
+    assert len(data) == bits_offset + bits_length
+    assert data[header_size:bits_offset] == bytes(bits_offset - header_size)
+    bits = data[bits_offset:bits_offset + bits_length]
+    dirty = {8 * j + i for j, byte in enumerate(bits) for i in range(8) if byte >> i & 1}
+    assert all(c < cluster_count for c in dirty), "tail bits must be zero"
+
+    def ident(raw: bytes) -> str:
+        text, _, pad = raw.partition(b"\0")
+        assert set(pad) <= {0}
+        return text.decode("utf-8")
+
+    return {"image_size": image_size, "granularity": g, "clusters": cluster_count,
+            "generation": generation, "clean": bool(flags & 1), "pivoted": bool(flags & 2),
+            "source": ident(src), "target": ident(tgt), "dirty": dirty}
+# ------------------------------------------------------------------------------------------------
+
+
+def model_mark(dirty: set[int], off: int, length: int, g: int) -> None:
+    if length:
+        dirty.update(range(off // g, (off + length - 1) // g + 1))
+
+
+@pytest.mark.parametrize("size,g", [(1 << 30, 65536), (10 * 4096 * 64 + 12345, 4096),
+                                    (3 * (64 << 20) + 1, 64 << 20), (65536 * 64, 65536)])
+def test_independent_reader_agrees_on_every_field_and_bit(tmp_path, size, g):
+    path = str(tmp_path / "job.bitmap")
+    rng = random.Random(size)
+    src, tgt = "/srv/images/vm disk ü.qcow2", "nbd+unix:///export?socket=/run/nbd.sock"
+    bm = PersistentBitmap.create(path, size, g, source_id=src, target_id=tgt, fill=False)
+    model: set[int] = set()
+    for _ in range(200):
+        off = rng.randrange(size)
+        length = rng.randrange(min(size - off, 5 * g) + 1)
+        bm.mark(off, length)
+        model_mark(model, off, length, g)
+    bm.mark(size - 1, 1)  # the (possibly partial) last cluster
+    model_mark(model, size - 1, 1, g)
+
+    while_open = doc_read(path)  # the bits are in the file while in use
+    assert while_open["dirty"] == model
+    assert not while_open["clean"] and while_open["generation"] == 1
+    bm.close()
+
+    got = doc_read(path)
+    assert got == {"image_size": size, "granularity": g, "clusters": -(-size // g), "generation": 1,
+                   "clean": True, "pivoted": False, "source": src, "target": tgt, "dirty": model}
+
+    again = PersistentBitmap.open(path, size=size, granularity=g, source_id=src, target_id=tgt)
+    assert again.was_clean
+    assert set(np.flatnonzero(np.unpackbits(np.frombuffer(again.to_bytes(), np.uint8),
+                                            bitorder="little")).tolist()) == model
+    assert doc_read(path)["generation"] == 2 and not doc_read(path)["clean"]
+    again.close(pivoted=True)
+    final = doc_read(path)
+    assert final["clean"] and final["pivoted"] and final["generation"] == 2
+
+
+def test_fill_sets_every_cluster_and_no_tail_bit(tmp_path):
+    path = str(tmp_path / "full.bitmap")
+    size = 100 * 65536 + 7  # 101 clusters: two words, 27 tail bits
+    PersistentBitmap.create(path, size, source_id="/a", target_id="/b", fill=True).close()
+    got = doc_read(path)
+    assert got["dirty"] == set(range(101))
+    assert os.path.getsize(path) == 4096 + 16
+
+
+def test_doc_example_byte(tmp_path):
+    """The worked example at the end of docs/bitmap-format.md."""
+    path = str(tmp_path / "ex.bitmap")
+    with PersistentBitmap.create(path, 1 << 30, 65536, source_id="", target_id="", fill=False) as bm:
+        bm.mark(1 << 20, 4096)
+    data = open(path, "rb").read()
+    assert len(data) == 6144 and data[4096 + 2] == 0x01 and data[4096:].count(0) == 2047
+
+
+def test_codec_round_trip_and_checksum_position():
+    h = BitmapHeader(image_size=12345678, granularity=1 << 16, source_id="s", target_id="t",
+                     flags=3, generation=7)
+    raw = encode_header(h)
+    assert len(raw) == 4096 and decode_header(raw) == h
+    assert struct.unpack_from("<I", raw, 64)[0] == zlib.crc32(raw[:64] + b"\0" * 4 + raw[68:2120])
+
+
+def _make(tmp_path, name="b.bitmap", size=1 << 24) -> str:
+    path = str(tmp_path / name)
+    with PersistentBitmap.create(path, size, 65536, source_id="/src/img", target_id="/dst/img",
+                                 fill=False) as bm:
+        bm.mark(65536 * 3, 10)
+    return path
+
+
+def _patch_header(path: str, offset: int, fmt: str, value, *, fix_checksum: bool) -> None:
+    data = bytearray(open(path, "rb").read())
+    struct.pack_into(fmt, data, offset, value)
+    if fix_checksum:
+        struct.pack_into("<I", data, 64, 0)
+        struct.pack_into("<I", data, 64, zlib.crc32(data[:2120]))
+    open(path, "wb").write(data)
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("truncate", "is truncated: 4096 bytes, expected 4128"),
+    ("extend", "longer than its header says"),
+    ("magic", "is not a mirrorfs bitmap file"),
+    ("checksum", "header checksum mismatch"),
+    ("version", "format version 2; this mirrorfs reads version 1"),
+    ("clusters", "invalid header field cluster_count"),
+    ("flags", "invalid header field flags"),
+    ("granularity", "invalid header field granularity_bits"),
+    ("tail", "bits past the last cluster"),
+    ("empty", "truncated (0 bytes"),
+])
+def test_open_refuses_damaged_files_and_changes_nothing(tmp_path, damage, expect):
+    size = (1 << 24) if damage != "tail" else (1 << 24) - 65536 * 3  # 253 clusters: 3 tail bits
+    path = _make(tmp_path, size=size)
+    data = bytearray(open(path, "rb").read())
+    if damage == "truncate":
+        data = data[:4096]
+    elif damage == "extend":
+        data += b"\0" * 8
+    elif damage == "magic":
+        data[0:8] = b"QFI\xfb\0\0\0\3"
+    elif damage == "checksum":
+        data[200] ^= 0x40
+    elif damage == "empty":
+        data = bytearray()
+    open(path, "wb").write(data)
+    if damage == "version":
+        _patch_header(path, 8, "<I", 2, fix_checksum=True)
+    elif damage == "clusters":
+        _patch_header(path, 32, "<Q", 999, fix_checksum=True)
+    elif damage == "flags":
+        _patch_header(path, 16, "<I", 1 << 5, fix_checksum=True)
+    elif damage == "granularity":
+        _patch_header(path, 20, "<I", 11, fix_checksum=True)
+    elif damage == "tail":
+        raw = bytearray(open(path, "rb").read())
+        raw[-1] |= 0x80  # 253 clusters: the top bits of the last word are tail bits
+        open(path, "wb").write(raw)
+    before = _digest(path)
+    with pytest.raises(BitmapFormatError) as info:
+        PersistentBitmap.open(path, size=size)
+    assert expect in str(info.value)
+    assert path in str(info.value)
+    assert "\n" not in str(info.value)
+    assert _digest(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["b.bitmap"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("kw,expect", [
+    ({"size": (1 << 24) + 1}, "is for an image of 16777216 bytes, but the image has 16777217 bytes"),
+    ({"size": 1 << 24, "granularity": 4096}, "has granularity 65536, but 4096 was asked for"),
+    ({"size": 1 << 24, "source_id": "/src/other"}, "was made for source '/src/img', not '/src/other'"),
+    ({"size": 1 << 24, "target_id": "nbd://h/e"}, "was made for target '/dst/img', not 'nbd://h/e'"),
+])
+def test_open_refuses_mismatch(tmp_path, kw, expect):
+    path = _make(tmp_path)
+    before = _digest(path)
+    with pytest.raises(BitmapFormatError, match=expect):
+        PersistentBitmap.open(path, **kw)
+    assert _digest(path) == before
+
+
+def test_open_refuses_pivoted_and_missing(tmp_path):
+    path = _make(tmp_path)
+    PersistentBitmap.open(path, size=1 << 24).close(pivoted=True)
+    with pytest.raises(BitmapFormatError, match="ended by pivot"):
+        PersistentBitmap.open(path, size=1 << 24)
+    with pytest.raises(BitmapFormatError, match="cannot read bitmap .*: No such file or directory"):
+        PersistentBitmap.open(str(tmp_path / "nope"), size=1 << 24)
+
+
+def test_unclean_file_is_accepted_and_says_so(tmp_path, caplog):
+    path = _make(tmp_path)
+    bm = PersistentBitmap.open(path, size=1 << 24)
+    bm.mark(0, 1)
+    bm.close(clean=False)
+    with caplog.at_level("INFO", logger="mirrorfs.bitmap"):
+        again = PersistentBitmap.open(path, size=1 << 24)
+    assert not again.was_clean
+    assert "not shut down cleanly" in caplog.text and "over-approximate" in caplog.text
+    assert list(again.runs()) == [(0, 65536), (3 * 65536, 65536)]
+    assert again.statistics()["generation"] == 3
+    again.close()
+
+
+def test_create_rejects_bad_parameters(tmp_path):
+    with pytest.raises(UsageError, match="granularity"):
+        PersistentBitmap.create(str(tmp_path / "x"), 1 << 20, 3000, source_id="", target_id="", fill=False)
+    with pytest.raises(UsageError, match="at most 1023 bytes"):
+        PersistentBitmap.create(str(tmp_path / "x"), 1 << 20, source_id="a" * 1024, target_id="", fill=False)
+    with pytest.raises(UsageError, match="cannot create bitmap"):
+        PersistentBitmap.create(str(tmp_path / "no" / "x"), 1 << 20, source_id="", target_id="", fill=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_create_replaces_existing_file_atomically_keeping_mode(tmp_path):
+    path = _make(tmp_path)
+    os.chmod(path, 0o640)
+    old = open(path, "rb")  # a rename leaves this open file's contents as they were
+    try:
+        old_bytes = old.read()
+        with PersistentBitmap.create(path, 1 << 20, source_id="n", target_id="m", fill=True):
+            pass
+        old.seek(0)
+        assert old.read() == old_bytes
+    finally:
+        old.close()
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    got = doc_read(path)
+    assert got["dirty"] == set(range(16)) and got["source"] == "n" and got["image_size"] == 1 << 20
+    assert sorted(os.listdir(tmp_path)) == ["b.bitmap"]
