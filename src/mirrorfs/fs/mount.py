@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 FSTYPE = "fuse.mirrorfs"
 #: How long ``unmount`` waits for the daemon to finish its teardown before falling back.
 UNMOUNT_TIMEOUT = 120.0
+#: The FUSE device the kernel mount needs.
+FUSE_DEVICE = "/dev/fuse"
 
 
 class MountService:
@@ -221,10 +223,11 @@ def check_mount_args(source_dir: str, mountpoint: str) -> tuple[str, str]:
     real_src, real_mnt = os.path.realpath(source), os.path.realpath(mnt)
     if real_mnt == real_src or real_mnt.startswith(real_src.rstrip("/") + "/"):
         raise MountError(f"mountpoint {mnt} is inside the source directory {source}: choose a path outside it")
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise MountError("/dev/fuse is not accessible to this user: check its permissions")
+    if not os.path.exists(FUSE_DEVICE):
+        raise MountError(f"{FUSE_DEVICE} is missing: load the fuse module (modprobe fuse) or give the "
+                         f"container the device (--device /dev/fuse)")
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        raise MountError(f"{FUSE_DEVICE} is not accessible to this user: check its permissions")
     return source, mnt
 
 
