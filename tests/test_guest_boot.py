@@ -123,6 +123,17 @@ def test_writer_stops_after_count_and_resumes(tmp_path, guest_image):
     assert (run.count, run.last, run.run_id) == (200, 200, 555)
 
 
+def test_writer_on_full_disk_waits_for_stop(tmp_path, guest_image):
+    disk = make_disk(tmp_path / "disk.raw", "raw", 1 << 20)
+    with GuestVM(disk, mode="writer", workdir=tmp_path, image=guest_image,
+                 params={"interval_us": 1000}) as vm:
+        vm.wait_for_console(r"WRITER full last=256", timeout=90)
+        assert vm.proc.poll() is None, "the writer must keep the guest up until told to stop"
+        result = vm.stop_writer(timeout=60)
+    assert (result.records, result.last, result.stopped_by) == (256, 256, "stop")
+    assert verify_file(disk).last == 256
+
+
 def test_write_marker_plain(tmp_path, guest_image):
     disk = make_disk(tmp_path / "disk.raw", "raw", 4 << 20)
     console = run_guest(disk, "write-marker", workdir=tmp_path, image=guest_image,

@@ -241,7 +241,8 @@ def _build_initrd(kdir: Path, *, force: bool, say: Callable[[str], None]) -> Pat
     say(f"guest: building {initrd.name}")
     with tempfile.TemporaryDirectory(dir=kdir, prefix="initrd.") as tmp:
         guestrec = Path(tmp) / "guestrec"
-        _run(["gcc", "-static", "-O2", "-Wall", "-s", "-o", str(guestrec), str(HERE / "guestrec.c")])
+        _run(["gcc", "-static", "-O2", "-Wall", "-s", "-o", str(guestrec),
+              str(HERE / "guestrec.c")])
         _check_static(guestrec)
         archive = _Cpio()
         for d in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "tmp", "sbin", "usr",
@@ -270,7 +271,8 @@ class _Cpio:
         self._buf = io.BytesIO()
         self._ino = 1
 
-    def add(self, name: str, mode: int, data: bytes = b"", *, rdev: tuple[int, int] = (0, 0)) -> None:
+    def add(self, name: str, mode: int, data: bytes = b"", *,
+            rdev: tuple[int, int] = (0, 0)) -> None:
         """Append one entry (a directory, file, symlink (data = target) or device node)."""
         encoded = name.encode() + b"\0"
         fields = (self._ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data), 0, 0,

@@ -142,7 +142,8 @@ def verify_file(path: Path, *, fmt: str = "raw") -> RecordRun:
                     if run_id is None:
                         run_id = rec.run_id
                     elif rec.run_id != run_id:
-                        raise RecordError(f"slot {slot}: run-id-mismatch ({rec.run_id} != {run_id})")
+                        raise RecordError(f"slot {slot}: run-id-mismatch"
+                                          f" ({rec.run_id} != {run_id})")
                     records.append(rec)
                 slot += 1
     return RecordRun(records=records, run_id=run_id, slots=slot)

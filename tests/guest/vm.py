@@ -224,7 +224,8 @@ class GuestVM:
                 f" disk {self.disk} {self.fmt} cache={self.cache}]\n--- console tail ---\n{tail}"
                 + (f"\n--- qemu output ---\n{qemu_out[-2000:]}" if qemu_out else ""))
 
-    def wait_for_console(self, pattern: str | re.Pattern[str], timeout: float = 60) -> re.Match[str]:
+    def wait_for_console(self, pattern: str | re.Pattern[str],
+                         timeout: float = 60) -> re.Match[str]:
         """Wait until the console shows ``pattern`` (a regex) and return the first match.
 
         Raises:
@@ -302,7 +303,8 @@ class GuestVM:
                         raise GuestError(f"cannot connect to {self.ctl_socket}: {exc}\n"
                                          + self._describe()) from exc
                     time.sleep(0.05)
-            # Kept open until close(): hanging up before the guest has read the line could lose it.
+            # Kept open until close(): hanging up before the guest has read the line
+            # could lose it.
             self._ctl = sock
         self._ctl.sendall(b"stop\n")
 
