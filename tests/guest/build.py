@@ -93,7 +93,15 @@ def build(cache_dir: Path = DEFAULT_CACHE, *, meta_package: str = DEFAULT_META_P
                 if not _kernel_ready(cache_dir / kver):
                     kver = None
         if kver is None:
-            package = _resolve_package(meta_package)
+            try:
+                package = _resolve_package(meta_package)
+            except GuestError:
+                if os.geteuid() != 0:
+                    raise
+                # A fresh machine may never have fetched the package lists.
+                say("guest: apt-get update")
+                _run(["apt-get", "update", "-qq"])
+                package = _resolve_package(meta_package)
             kver = package.removeprefix("linux-image-")
             if force or not _kernel_ready(cache_dir / kver):
                 _fetch_kernel(package, kver, cache_dir, say)

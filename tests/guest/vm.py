@@ -10,6 +10,12 @@ Acceleration: this machine has ``/dev/kvm`` but no VMX/SVM, and a stock kernel h
 there, so KVM is used only when ``/proc/cpuinfo`` shows ``vmx`` or ``svm`` and ``/dev/kvm`` is
 usable; otherwise TCG. ``MIRRORFS_GUEST_ACCEL=kvm|tcg`` overrides the detection.
 
+Speed here (TCG, 2 shared cores): about 2 s from start to ``MIRRORFS-GUEST ready``; the
+writer does about 4000 records/s (16 MB/s) on a local file with ``cache=none`` and about 6000
+with ``cache=writeback``, so a 64 MiB disk fills in seconds: size the disk, or slow the writer
+with ``params={"interval_us": N}``. A full disk is not an error: the writer prints ``WRITER
+full`` and waits for ``stop``.
+
 Example::
 
     with GuestVM(disk, mode="writer", workdir=tmp_path, cache="none") as vm:
