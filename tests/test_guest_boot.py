@@ -117,7 +117,8 @@ def test_writer_stops_after_count_and_resumes(tmp_path, guest_image):
                         params={"count": 123, "run": 555})
     assert "WRITER stopped records=123 first=1 last=123 run=555 by=count" in console
     console = run_guest(disk, "writer", workdir=tmp_path / "two", image=guest_image,
-                        params={"count": 77, "resume": 1})
+                        params={"count": 77, "resume": 1, "sync": 1},
+                        drive_opts="werror=report,rerror=report")
     assert "WRITER stopped records=77 first=124 last=200 run=555 by=count" in console
     run = verify_file(disk)
     assert (run.count, run.last, run.run_id) == (200, 200, 555)

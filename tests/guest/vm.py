@@ -102,6 +102,8 @@ class GuestVM:
         memory_mib: guest RAM.
         image: the guest kernel/initramfs; built (or taken from the cache) when None.
         accel: ``kvm`` or ``tcg``; detected when None.
+        drive_opts: appended to ``-drive`` (e.g. ``werror=report,rerror=report``: by default
+            QEMU pauses the VM on ENOSPC instead of failing the guest's write).
         extra_args: appended to QEMU's command line.
 
     Raises:
@@ -111,7 +113,7 @@ class GuestVM:
     def __init__(self, disk: Path, *, mode: str, workdir: Path, fmt: str = "raw",
                  cache: str = "none", aio: str = "threads", params: dict[str, object] | None = None,
                  memory_mib: int = 256, image: GuestImage | None = None, accel: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 drive_opts: str = "", extra_args: tuple[str, ...] = ()) -> None:
         if mode not in MODES:
             raise GuestError(f"unknown guest mode {mode!r}; use one of {', '.join(MODES)}")
         self.disk = Path(disk)
@@ -128,6 +130,7 @@ class GuestVM:
         self.memory_mib = memory_mib
         self.image = image
         self.accel = accel or detect_accel()
+        self.drive_opts = drive_opts
         self.extra_args = tuple(extra_args)
         self.console_path = self.workdir / "console.log"
         self.qemu_log_path = self.workdir / "qemu.log"
@@ -146,7 +149,8 @@ class GuestVM:
         """QEMU's command line."""
         assert self.image is not None
         drive = (f"file={_escape(str(self.disk))},if=virtio,format={self.fmt},"
-                 f"cache={self.cache},aio={self.aio}")
+                 f"cache={self.cache},aio={self.aio}"
+                 + (f",{self.drive_opts}" if self.drive_opts else ""))
         append = " ".join(["console=ttyS0", "panic=-1", "quiet", f"mirrorfs.mode={self.mode}",
                            *(f"mirrorfs.{k}={v}" for k, v in self.params.items())])
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg"]
