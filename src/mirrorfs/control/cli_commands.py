@@ -83,7 +83,7 @@ def validate_image(image: str) -> str:
         raise UsageError(f"image {image!r} must be a path relative to the mount "
                          f"(e.g. 'vm/disk.img'), not an absolute path")
     norm = os.path.normpath(image)
-    if norm == "." :
+    if norm == ".":
         raise UsageError(f"image {image!r} names the mount itself: give a file under it")
     if norm == ".." or norm.startswith("../"):
         raise UsageError(f"image {image!r} leaves the mount: give a path inside it")
@@ -208,8 +208,8 @@ def _run_ending(args: argparse.Namespace, action: str, data: dict[str, Any]) -> 
     (an empty dict for a job that vanished without an event reaching us).
 
     Raises:
-        QMPCommandError: the command or transaction was refused.
-        StateError-like QMPCommandError: a job ended with an error.
+        QMPCommandError: the command or transaction was refused, a job ended with an error, or
+            a job had not ended within the timeout.
     """
     devices = _devices(args.images)
     with _connect(args.mountpoint) as client:

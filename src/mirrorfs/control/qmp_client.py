@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import os
 import socket
 import time
@@ -20,6 +21,8 @@ from .qmp_proto import (CLOSED, NEED_DATA, NO_ID, Error, Event, Greeting, QMPCli
                         Return)
 
 __all__ = ["QMPClient"]
+
+_DEFAULT = object()
 
 #: Events kept for wait_event(); older ones are dropped first (a CLI waits for recent ones).
 _MAX_BUFFERED_EVENTS = 10000
@@ -121,11 +124,8 @@ class QMPClient:
             RemoteProtocolError: the server sent something that is not QMP.
         """
         my_id = f"mirrorfs-cli-{next(self._ids)}"
-        wire = dict(message)
-        wire["id"] = my_id
-        self._send(self._conn.send_command(wire.pop("execute"), wire.pop("arguments", None), my_id)
-                   if set(wire) <= {"execute", "arguments", "id"} and isinstance(wire.get("execute"), str)
-                   else _raw_bytes(wire))
+        # Sent as given, unusual keys and wrong types included: the server is the judge.
+        self._send(json.dumps({**message, "id": my_id}).encode() + b"\n")
         while True:
             msg = self._next_message()
             if isinstance(msg, Event):
@@ -206,7 +206,13 @@ class QMPClient:
             raise QMPConnectError(f"lost the connection to the QMP socket of {self._label}: "
                                   f"{exc.strerror or exc}") from None
 
-    def _next_message(self, *, timeout: float | None = ..., allow_timeout: bool = False) -> Any:  # type: ignore[assignment]
+    def _next_message(self, *, timeout: float | None | object = _DEFAULT, allow_timeout: bool = False) -> Any:
+        """The next parsed message; None on timeout when ``allow_timeout``.
+
+        Raises:
+            QMPConnectError: closed, broken, or (unless ``allow_timeout``) timed out.
+            RemoteProtocolError: the server sent something that is not QMP.
+        """
         while True:
             msg = self._conn.next_event()
             if msg is CLOSED:
@@ -214,7 +220,7 @@ class QMPClient:
                                       f"(it is shutting down or was unmounted)")
             if msg is not NEED_DATA:
                 return msg
-            self._sock.settimeout(self._timeout if timeout is ... else timeout)
+            self._sock.settimeout(self._timeout if timeout is _DEFAULT else timeout)  # type: ignore[arg-type]
             try:
                 data = self._sock.recv(65536)
             except socket.timeout:
@@ -226,12 +232,6 @@ class QMPClient:
                 raise QMPConnectError(f"lost the connection to the QMP socket of {self._label}: "
                                       f"{exc.strerror or exc}") from None
             self._conn.receive_data(data)
-
-
-def _raw_bytes(message: dict[str, Any]) -> bytes:
-    """Encode a message the core would not build (unusual keys): the server judges it."""
-    import json
-    return json.dumps(message).encode() + b"\n"
 
 
 def _event_dict(ev: Event) -> dict[str, Any]:

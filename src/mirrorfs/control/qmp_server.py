@@ -120,8 +120,8 @@ class QMPServer:
     def emit(self, event: str, data: dict[str, Any]) -> None:
         """Broadcast an event to every negotiated client, without blocking.
 
-        Safe to call from the trio thread at any time, including before ``run`` (no clients).
-        A client whose queue is full is disconnected.
+        Call it from the trio thread (the engine's tasks do), at any time, also before ``run``
+        (no clients yet: nothing happens). A client whose queue is full is disconnected.
 
         Raises:
             LocalProtocolError: ``data`` is not JSON-serialisable (a bug in the caller).
