@@ -350,7 +350,7 @@ class _BitmapCore:
 
         Args:
             start: byte offset; listing starts at the cluster containing it (a run that began
-                earlier is reported from that cluster's start).
+                earlier is reported from that cluster's start); nothing at or past the image end.
             max_length: split longer runs into pieces of at most this many bytes, rounded down
                 to a multiple of the granularity (so every piece is whole clusters).
 
@@ -360,6 +360,8 @@ class _BitmapCore:
         if start < 0:
             raise UsageError(f"negative start offset {start}")
         ml = self._check_max_length(max_length)
+        if start >= self.size:
+            return
         if ml is not None:
             for first, end in self.cluster_runs(start >> self._shift):
                 yield from self._to_bytes(first, end, ml)
@@ -374,7 +376,7 @@ class _BitmapCore:
         """The first dirty run at or after the cluster containing byte ``start`` (no wrap).
 
         Args:
-            start: byte offset to search from.
+            start: byte offset to search from (None at or past the image end).
             max_length: cap the returned length (rounded down to whole clusters).
 
         Returns:
@@ -383,6 +385,8 @@ class _BitmapCore:
         if start < 0:
             raise UsageError(f"negative start offset {start}")
         ml = self._check_max_length(max_length)
+        if start >= self.size:
+            return None
         first = _find(self._words, start >> self._shift, self.clusters, True)
         if first >= self.clusters:
             return None
