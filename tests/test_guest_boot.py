@@ -16,8 +16,8 @@ import pytest
 
 from guest import GuestError, RecordError
 from guest.build import build
-from guest.records import (RECORD_SIZE, check_markers, make_record, marker_bytes,
-                                 marker_regions, verify_file)
+from guest.records import (RECORD_SIZE, assert_same_records, check_markers, make_record,
+                           marker_bytes, marker_regions, verify_file)
 from guest.vm import GuestVM, run_guest, verify_in_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
@@ -99,6 +99,11 @@ def test_host_verifier_catches_damage(tmp_path, damage, reason):
             f.write(make_record(8, 21))            # another run's record
     with pytest.raises(RecordError, match=rf"slot 2[01]: {reason}"):
         verify_file(disk)
+    other = tmp_path / "copy.raw"
+    _fill(make_disk(other, "raw", 4 << 20), 7, 50)
+    assert_same_records(disk, other, 20)
+    with pytest.raises(RecordError, match=r"differ at slot 20 \(seq 21\)"):
+        assert_same_records(disk, other, 50)
 
 
 def test_guest_verifier_catches_damage(tmp_path, guest_image):

@@ -149,6 +149,24 @@ def verify_file(path: Path, *, fmt: str = "raw") -> RecordRun:
     return RecordRun(records=records, run_id=run_id, slots=slot)
 
 
+def assert_same_records(a: Path, b: Path, count: int) -> None:
+    """Check that raw files ``a`` and ``b`` hold identical bytes in slots ``0 .. count-1``
+    (e.g. the source and the target up to the pivot).
+
+    Raises:
+        RecordError: the first slot that differs.
+    """
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for base in range(0, count, _CHUNK // RECORD_SIZE):
+            n = min(count - base, _CHUNK // RECORD_SIZE) * RECORD_SIZE
+            ca, cb = fa.read(n), fb.read(n)
+            if ca != cb:
+                slot = base + next((i for i in range(0, n, RECORD_SIZE)
+                                    if ca[i:i + RECORD_SIZE] != cb[i:i + RECORD_SIZE]),
+                                   n) // RECORD_SIZE
+                raise RecordError(f"{a} and {b} differ at slot {slot} (seq {slot + 1})")
+
+
 # ---- markers (guest mode write-marker) ------------------------------------------------------
 
 def marker_regions(size: int) -> list[tuple[int, int]]:
