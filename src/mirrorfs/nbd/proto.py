@@ -623,6 +623,8 @@ class ClientConnection:
                 return NEED_DATA
             if self._state == _S_TRANSMISSION:
                 return self._transmission_event()
+            if self._eof and not self._available():
+                return ConnectionClosed()
             raise LocalProtocolError("the connection is closed")
         except (RemoteProtocolError, TargetFatalError, TargetRetryableError):
             self._state = _S_CLOSED

@@ -1,0 +1,222 @@
+"""A local file (or block device) as a mirror target.
+
+The file is opened ``O_RDWR`` without ``O_DIRECT`` (Python buffers are not aligned); I/O goes
+through :mod:`mirrorfs.fileio`, so it runs where the rest of mirrorfs runs its file I/O.
+``write_zeroes`` punches a hole (``fallocate(PUNCH_HOLE|KEEP_SIZE)``) and falls back to writing
+zeroes where the file system cannot; ``flush`` is ``fdatasync``.
+
+Invariants: the target never changes size (writes past the end are refused with EINVAL), and a
+file of a size other than the expected one is refused at ``connect()``. The descriptor is closed
+only once no request is using it, so a concurrent ``close()`` can never let a later ``open()``
+reuse the number under a request still running in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+
+import trio
+
+from mirrorfs import fileio
+from mirrorfs.errors import TargetError, TargetFatalError, TargetNoSpaceError, TargetRetryableError
+from mirrorfs.targets.base import Target
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+#: largest zero buffer written at once when holes cannot be punched
+_ZERO_CHUNK = 4 * 1024 * 1024
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    _fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range of ``fd`` keeping its size; the range reads as zeroes afterwards.
+
+    Raises:
+        OSError: EOPNOTSUPP/ENOSYS where the file system cannot, or any other failure.
+    """
+    if _fallocate is None:
+        raise OSError(_errno.ENOSYS, "fallocate is not available")
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class LocalFileTarget(Target):
+    """A mirror target that is a local file.
+
+    Args:
+        path: the file (must exist; see :meth:`create`).
+        expected_size: refuse a file of any other size at ``connect()``.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, expected_size: int | None = None) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.description = self.path
+        self._expected = expected_size
+        self._size = expected_size
+        self._fd: int | None = None
+        self._inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._punch = True  # until the file system says it cannot
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, size: int) -> LocalFileTarget:
+        """Create a sparse file of ``size`` bytes; it must not exist yet.
+
+        Returns:
+            A (not yet connected) target for it, expecting that size.
+
+        Raises:
+            OSError: the file exists (FileExistsError) or cannot be created.
+        """
+        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return cls(path, expected_size=size)
+
+    @property
+    def connected(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            raise TargetError(f"size of {self.path} is not known before connect()")
+        return self._size
+
+    def _error(self, exc: OSError, what: str) -> TargetError:
+        message = f"{what} on target {self.path} failed: {exc.strerror or exc}"
+        if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
+            return TargetNoSpaceError(message)
+        return TargetError(message, errno=exc.errno)
+
+    async def connect(self) -> None:
+        """Open the file read-write and check its size.
+
+        Raises:
+            TargetFatalError: the size differs from the expected (or previously seen) size.
+            TargetError: it cannot be opened (with the errno).
+        """
+        await self.close()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._error(exc, "open") from None
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        except OSError as exc:
+            os.close(fd)
+            raise self._error(exc, "seek") from None
+        if self._size is not None and size != self._size:
+            os.close(fd)
+            raise TargetFatalError(f"target {self.path} is {size} bytes but {self._size} are "
+                                   f"expected: give a target of the image's size")
+        self._size = size
+        self._fd = fd
+        self._punch = True
+
+    def _begin(self) -> int:
+        if self._fd is None:
+            raise TargetRetryableError(f"target {self.path} is not open")
+        self._inflight += 1
+        if self._inflight == 1:
+            self._idle = trio.Event()
+        return self._fd
+
+    def _end(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    def _check_range(self, what: str, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise TargetError(f"{what} of {length} bytes at {offset} is outside target "
+                              f"{self.path} ({self.size} bytes)", errno=_errno.EINVAL)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            self._check_range("read", offset, length)
+        fd = self._begin()
+        try:
+            return await fileio.pread(fd, max(0, min(length, self.size - offset)), offset)
+        except OSError as exc:
+            raise self._error(exc, "read") from None
+        finally:
+            self._end()
+
+    async def _write_all(self, fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            # fileio.pwrite returns short only when an error stopped it; the retry reports it
+            n = await fileio.pwrite(fd, view[done:], offset + done)
+            if n <= 0:
+                raise OSError(_errno.EIO, "short write")
+            done += n
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_range("write", offset, len(data))
+        fd = self._begin()
+        try:
+            await self._write_all(fd, offset, data)
+        except OSError as exc:
+            raise self._error(exc, "write") from None
+        finally:
+            self._end()
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        self._check_range("write-zeroes", offset, length)
+        if length == 0:
+            return
+        fd = self._begin()
+        try:
+            if self._punch:
+                try:
+                    await trio.to_thread.run_sync(punch_hole, fd, offset, length,
+                                                  limiter=fileio.LIMITER)
+                    return
+                except OSError as exc:
+                    if exc.errno not in (_errno.EOPNOTSUPP, _errno.ENOSYS, _errno.EINVAL):
+                        raise
+                    self._punch = False  # this file system cannot punch: write zeroes from now on
+            zeroes = memoryview(bytes(min(_ZERO_CHUNK, length)))
+            pos = 0
+            while pos < length:
+                n = min(len(zeroes), length - pos)
+                await self._write_all(fd, offset + pos, zeroes[:n])
+                pos += n
+        except OSError as exc:
+            raise self._error(exc, "write-zeroes") from None
+        finally:
+            self._end()
+
+    async def flush(self) -> None:
+        fd = self._begin()
+        try:
+            await fileio.fsync(fd, datasync=True)
+        except OSError as exc:
+            raise self._error(exc, "flush") from None
+        finally:
+            self._end()
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with trio.CancelScope(shield=True):
+            await self._idle.wait()  # requests still running keep using fd until they finish
+        os.close(fd)
