@@ -319,8 +319,9 @@ class NBDClient:
                 slot.wakeup.set()
                 return
 
-    async def _receive_once(self) -> None:
-        """Dispatch every complete reply, then receive once from the socket (reader only)."""
+    async def _receive_once(self, mine: _Slot) -> None:
+        """Dispatch every complete reply, then, unless ``mine`` is now complete, receive once
+        from the socket (reader only)."""
         try:
             while True:
                 event = self._conn.next_event()
@@ -338,6 +339,8 @@ class NBDClient:
         except RemoteProtocolError as exc:
             self._lose(f"{self.address.uri} broke the NBD protocol: {exc}")
             return
+        if mine.finished:
+            return  # never block in receive for replies nobody may be waiting for
         try:
             data = await self._stream.receive_some(_RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -356,7 +359,7 @@ class NBDClient:
                     self._reading = True
                     try:
                         while not slot.finished:
-                            await self._receive_once()
+                            await self._receive_once(slot)
                     finally:
                         self._reading = False
             if not slot.finished:
