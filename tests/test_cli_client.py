@@ -197,7 +197,7 @@ def sent(st: ServerThread, name: str) -> list[dict[str, Any]]:
 def test_mirror_translates_every_option(mount: Any, capsys: Any) -> None:
     mnt, st = mount
     code, out, err = run_cli(capsys, "mirror", mnt, "./vm/../vm/a.img", "out/t.img", "--sync", "top",
-                             "--granularity", "1M", "--speed", "10M", "--buf-size", "64KiB", "--create",
+                             "--granularity", "1M", "--speed", "10M", "--buf-size", "2MiB", "--create",
                              "--bitmap", "bm/a.bitmap", "--copy-mode", "write-blocking",
                              "--on-target-error", "stop", "--job-id", "j1")
     assert (code, err) == (0, "")
@@ -205,7 +205,7 @@ def test_mirror_translates_every_option(mount: Any, capsys: Any) -> None:
     assert sent(st, "drive-mirror") == [{
         "device": "vm/a.img", "target": os.path.join(cwd, "out/t.img"), "sync": "top", "mode": "absolute-paths",
         "copy-mode": "write-blocking", "on-target-error": "stop", "granularity": MiB, "speed": 10 * MiB,
-        "buf-size": 65536, "bitmap": os.path.join(cwd, "bm/a.bitmap"), "job-id": "j1"}]
+        "buf-size": 2 * MiB, "bitmap": os.path.join(cwd, "bm/a.bitmap"), "job-id": "j1"}]
     assert "mirroring vm/a.img" in out and "job j1" in out
 
 
@@ -227,6 +227,8 @@ def test_mirror_defaults_and_nbd_target(mount: Any, capsys: Any) -> None:
     (["a.img", "t.img", "--granularity", "128M"], "invalid granularity '128M'"),
     (["a.img", "t.img", "--speed", "fast"], "invalid rate 'fast'"),
     (["a.img", "t.img", "--buf-size", "0"], "invalid buffer size '0'"),
+    (["a.img", "t.img", "--buf-size", "32K"], "must be at least the granularity (65536 bytes)"),
+    (["a.img", "t.img", "--buf-size", "64K", "--granularity", "1M"], "at least the granularity (1048576"),
     (["a.img", "t.img", "--sync", "dirty"], "--sync dirty copies the clusters set in a bitmap"),
     (["a.img", "mnt/inside.img"], "lies inside the mount"),
     (["a.img", "http://example.com/x"], "unsupported target URI"),

@@ -31,6 +31,7 @@ from .render import format_eta, format_rate, job_eta, job_state, render_status_t
 __all__ = ["cli_mirror", "cli_status", "cli_complete", "cli_cancel", "cli_pause", "cli_resume",
            "cli_set_speed", "cli_qmp", "socket_path_for", "validate_image", "mirror_arguments"]
 
+DEFAULT_GRANULARITY = 64 << 10  # SPEC: "default 64 KiB"
 MIN_GRANULARITY = 4 << 10
 MAX_GRANULARITY = 64 << 20
 _URI_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -148,6 +149,10 @@ def mirror_arguments(args: argparse.Namespace) -> dict[str, Any]:
         buf_size = parse_size(args.buf_size, what="buffer size")
         if buf_size == 0:
             raise UsageError(f"invalid buffer size {args.buf_size!r}: must be more than 0")
+        granularity = arguments.get("granularity", DEFAULT_GRANULARITY)
+        if buf_size < granularity:
+            raise UsageError(f"invalid buffer size {args.buf_size!r}: must be at least the granularity "
+                             f"({granularity} bytes)")
         arguments["buf-size"] = buf_size
     if args.bitmap is not None:
         if not args.bitmap:
