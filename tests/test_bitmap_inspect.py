@@ -55,7 +55,7 @@ def test_clean_file_exits_0(tmp_path):
     assert f"image size:     {SIZE} bytes (6.3 MiB)" in out
     assert "granularity:    65536 bytes (64.0 KiB)" in out
     assert "clusters:       101" in out and "dirty clusters: 0" in out and "dirty bytes:    0 (0 B)" in out
-    assert "clean shutdown: yes" in out and "pivoted:        no" in out
+    assert "clean shutdown: yes" in out and "pivoted:        no" in out and "in use:         no" in out
     assert "source:         /images/vm1.qcow2" in out and "target:         nbd://backup:10809/vm1" in out
     assert "generation:     1" in out
     assert r.stderr == ""

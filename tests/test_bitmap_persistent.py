@@ -225,3 +225,28 @@ class PersistentMachine(RuleBasedStateMachine):
 
 PersistentMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
 TestPersistentModel = PersistentMachine.TestCase
+
+
+def test_a_bitmap_in_use_cannot_be_opened_or_replaced_by_another_job(tmp_path):
+    from mirrorfs.bitmap.inspect import inspect_file
+    from mirrorfs.errors import BitmapFormatError
+
+    path = str(tmp_path / "b")
+    bm = PersistentBitmap.create(path, 16 * G, G, source_id="s", target_id="t", fill=True)
+    assert inspect_file(path)["in-use"] is True
+    with pytest.raises(BitmapFormatError, match="is in use by a running job"):
+        PersistentBitmap.open(path, size=16 * G)
+    with pytest.raises(BitmapFormatError, match="is in use by a running job"):
+        PersistentBitmap.create(path, 16 * G, G, source_id="s", target_id="t", fill=False)
+    bm.clear(0, G)
+    bm.finish_clear_commit(bm.begin_clear_commit())
+    assert file_bits(path) == set(range(1, 16))  # the refused calls did not detach our mapping
+    bm.close()
+    assert inspect_file(path)["in-use"] is False
+    again = PersistentBitmap.open(path, size=16 * G)
+    with pytest.raises(BitmapFormatError, match="in use"):
+        PersistentBitmap.open(path, size=16 * G)
+    again.close(clean=False)
+    assert sorted(os.listdir(tmp_path)) == ["b"]
+    assert DirtyBitmap(10, 4096).statistics() == {"size": 10, "granularity": 4096, "clusters": 1,
+                                                  "dirty_clusters": 0, "dirty_bytes": 0}

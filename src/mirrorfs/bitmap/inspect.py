@@ -19,7 +19,7 @@ import numpy as np
 
 from ..units import format_size
 from .memory import _WORD_DTYPE, DirtyBitmap
-from .persistent import read_bitmap_file
+from .persistent import is_in_use, read_bitmap_file
 
 #: how many dirty ranges to list.
 MAX_RANGES = 10
@@ -27,6 +27,7 @@ MAX_RANGES = 10
 VERDICT_CLEAN = "clean: the target is identical to the source"
 VERDICT_PIVOTED = "pivoted: the target is the live image and holds every write; restart from the target"
 UNCLEAN_NOTE = "not shut down cleanly: set bits are still trustworthy (they over-approximate)"
+IN_USE_NOTE = "a running job holds this bitmap: the verdict is a snapshot and will change"
 
 
 def inspect_file(path: str) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def inspect_file(path: str) -> dict[str, Any]:
         "more-dirty-ranges": bm.count() > 0 and len(ranges) == MAX_RANGES
         and next(bm.runs(ranges[-1]["offset"] + ranges[-1]["length"]), None) is not None,
         "clean-shutdown": header.clean,
+        "in-use": is_in_use(path),
         "pivoted": header.pivoted,
         "source": header.source_id,
         "target": header.target_id,
@@ -94,6 +96,7 @@ def format_report(info: dict[str, Any]) -> str:
             lines.append("  ...")
     lines.append("clean shutdown: " + ("yes" if info["clean-shutdown"] else f"no ({UNCLEAN_NOTE})"))
     lines.append("pivoted:        " + ("yes" if info["pivoted"] else "no"))
+    lines.append("in use:         " + (f"yes ({IN_USE_NOTE})" if info["in-use"] else "no"))
     lines.append(f"source:         {info['source']}")
     lines.append(f"target:         {info['target']}")
     lines.append(f"generation:     {info['generation']}")

@@ -508,3 +508,8 @@ class DirtyBitmap(_BitmapCore):
     def copy(self) -> "DirtyBitmap":
         """An independent copy."""
         return DirtyBitmap.from_words(self.size, self.granularity, self._words)
+
+    def statistics(self) -> dict[str, int]:
+        """Size, granularity and dirty counts (the persistent bitmap adds file counters)."""
+        return {"size": self.size, "granularity": self.granularity, "clusters": self.clusters,
+                "dirty_clusters": self._count, "dirty_bytes": self.dirty_bytes()}

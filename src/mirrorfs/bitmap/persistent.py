@@ -28,11 +28,17 @@ changes another caller's msync already covered return without a second msync (gr
 
 Header updates (open: not clean + generation bump; close: clean/pivoted flags) rewrite the whole
 file as temp file → fsync → rename → fsync of the directory, so a crash never leaves a torn header.
+
+One job at a time: while open, the file is held with ``flock(LOCK_EX)``. Because every header
+update replaces the inode, the new file is locked before it is renamed into place, and an opener
+that locked an inode checks that the path still names it. A second ``open``/``create`` of a bitmap
+in use is refused; otherwise its rename would detach the first job's mapping from the path.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -60,11 +66,17 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, chunks: list[bytes | memoryview]) -> None:
+def atomic_write(path: str, chunks: list[bytes | memoryview], *, keep_locked: bool = False) -> int | None:
     """Replace ``path`` by a file holding ``chunks``: temp file, fsync, rename, fsync directory.
 
     An existing file's permission bits are kept. On any failure the temp file is removed and
     ``path`` is untouched.
+
+    Args:
+        path: the file to replace.
+        chunks: its new contents.
+        keep_locked: lock the new file (``flock(LOCK_EX)``) before it becomes visible and return
+            its read-write descriptor instead of closing it.
 
     Raises:
         OSError: the write, fsync or rename failed.
@@ -72,8 +84,10 @@ def atomic_write(path: str, chunks: list[bytes | memoryview]) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
+        if keep_locked:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows this inode yet
         try:
             os.fchmod(fd, os.stat(path).st_mode & 0o7777)
         except FileNotFoundError:
@@ -83,21 +97,86 @@ def atomic_write(path: str, chunks: list[bytes | memoryview]) -> None:
             while len(view):
                 view = view[os.write(fd, view):]
         os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    try:
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
-    _fsync_dir(path)
+    try:
+        _fsync_dir(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    if keep_locked:
+        return fd
+    os.close(fd)
+    return None
 
 
-def read_bitmap_file(path: str) -> tuple[fmt.BitmapHeader, bytes]:
+def _in_use_error(path: str) -> BitmapFormatError:
+    return BitmapFormatError(f"bitmap {path} is in use by a running job (it is locked): stop or "
+                             f"cancel that job first, or use another bitmap file")
+
+
+def lock_existing(path: str, *, missing_ok: bool = False) -> int | None:
+    """Open ``path`` and take its exclusive lock, making sure the path still names that inode.
+
+    Returns:
+        the locked descriptor, or None if the file does not exist and ``missing_ok``.
+
+    Raises:
+        BitmapFormatError: the file is locked by a job, or cannot be opened.
+    """
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise BitmapFormatError(f"cannot read bitmap {path}: No such file or directory") from None
+        except IsADirectoryError:
+            raise BitmapFormatError(f"cannot read bitmap {path}: it is a directory") from None
+        except OSError as exc:
+            raise BitmapFormatError(f"cannot read bitmap {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use_error(path) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # replaced between open and lock: look again
+    raise _in_use_error(path)
+
+
+def is_in_use(path: str) -> bool:
+    """Whether a job holds the bitmap file (its lock), without disturbing it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock
+    return False
+
+
+def read_bitmap_file(path: str, *, fd: int | None = None) -> tuple[fmt.BitmapHeader, bytes]:
     """Read and validate a whole bitmap file (header, size, tail bits); no match checks.
+
+    Args:
+        path: the file (named in errors).
+        fd: read from this open descriptor instead of opening ``path``; it stays open.
 
     Returns:
         the header and the file's bytes.
@@ -106,10 +185,12 @@ def read_bitmap_file(path: str) -> tuple[fmt.BitmapHeader, bytes]:
         BitmapFormatError: unreadable, truncated, corrupt.
     """
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BitmapFormatError(f"cannot read bitmap {path}: {exc.strerror}") from None
+    own = fd is None
+    if fd is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BitmapFormatError(f"cannot read bitmap {path}: {exc.strerror}") from None
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, fmt.BITS_OFFSET, 0)
@@ -129,7 +210,8 @@ def read_bitmap_file(path: str) -> tuple[fmt.BitmapHeader, bytes]:
             raise BitmapFormatError(f"cannot read bitmap {path}: it is a directory") from None
         raise BitmapFormatError(f"cannot read bitmap {path}: {exc.strerror}") from None
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     fmt.check_file_size(header, len(data), name=path)
     if header.words:
         last = int(np.frombuffer(data, _WORD_DTYPE, count=1,
@@ -200,11 +282,16 @@ class PersistentBitmap(DirtyBitmap):
         bits = np.zeros(header.words, dtype=_WORD_DTYPE)
         if fill:
             _set_range(bits, 0, header.clusters)
+        old = lock_existing(path, missing_ok=True)  # never replace the file of a running job
         try:
-            atomic_write(path, [head, bits.data])
+            fd = atomic_write(path, [head, bits.data], keep_locked=True)
         except OSError as exc:
             raise UsageError(f"cannot create bitmap {path}: {exc.strerror}") from None
-        return cls._attach(path, header, was_clean=True)
+        finally:
+            if old is not None:
+                os.close(old)
+        assert fd is not None
+        return cls._attach(path, header, fd, was_clean=True)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, size: int, granularity: int | None = None,
@@ -225,25 +312,33 @@ class PersistentBitmap(DirtyBitmap):
                 (its job is over: the target became the live image).
         """
         path = os.fspath(path)
-        header, data = read_bitmap_file(path)
-        fmt.check_match(header, size=size, granularity=granularity, source_id=source_id,
-                        target_id=target_id, name=path)
-        if header.pivoted:
-            raise BitmapFormatError(
-                f"bitmap {path} records that its job ended by pivot: the target is the live image and "
-                f"the source is older; start a new job (--sync full) with a new bitmap")
-        if not header.clean:
-            log.info("bitmap %s was not shut down cleanly (generation %d): its set bits are still "
-                     "trustworthy (they over-approximate)", path, header.generation)
-        new = header.replace(flags=0, generation=header.generation + 1)
+        old = lock_existing(path)
         try:
-            atomic_write(path, [fmt.encode_header(new), memoryview(data)[header.bits_offset:]])
-        except OSError as exc:
-            raise BitmapFormatError(f"cannot update bitmap {path}: {exc.strerror}") from None
-        return cls._attach(path, new, was_clean=header.clean)
+            header, data = read_bitmap_file(path, fd=old)
+            fmt.check_match(header, size=size, granularity=granularity, source_id=source_id,
+                            target_id=target_id, name=path)
+            if header.pivoted:
+                raise BitmapFormatError(
+                    f"bitmap {path} records that its job ended by pivot: the target is the live image "
+                    f"and the source is older; start a new job (--sync full) with a new bitmap")
+            if not header.clean:
+                log.info("bitmap %s was not shut down cleanly (generation %d): its set bits are still "
+                         "trustworthy (they over-approximate)", path, header.generation)
+            new = header.replace(flags=0, generation=header.generation + 1)
+            try:
+                fd = atomic_write(path, [fmt.encode_header(new), memoryview(data)[header.bits_offset:]],
+                                  keep_locked=True)
+            except OSError as exc:
+                raise BitmapFormatError(f"cannot update bitmap {path}: {exc.strerror}") from None
+        finally:
+            os.close(old)  # the new inode is locked already
+        assert fd is not None
+        return cls._attach(path, new, fd, was_clean=header.clean)
 
     @classmethod
-    def _attach(cls, path: str, header: fmt.BitmapHeader, *, was_clean: bool) -> "PersistentBitmap":
+    def _attach(cls, path: str, header: fmt.BitmapHeader, fd: int, *, was_clean: bool
+                ) -> "PersistentBitmap":
+        """Map the file open (and locked) at ``fd``; the bitmap owns ``fd`` from here on."""
         self = cls.__new__(cls)
         self.path = path
         self.header = header
@@ -252,15 +347,13 @@ class PersistentBitmap(DirtyBitmap):
         self.granularity = header.granularity
         self._shift = header.granularity.bit_length() - 1
         self.clusters = header.clusters
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            if os.fstat(fd).st_size != header.file_size:  # replaced under us
-                raise BitmapFormatError(f"bitmap {path} changed while being opened: is another job "
-                                        f"using it?")
             self._mm = mmap.mmap(fd, header.file_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)  # mmap keeps its own descriptor
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd  # holds the flock for as long as the job uses the file
         self._file = np.frombuffer(self._mm, dtype=_WORD_DTYPE, count=header.words,
                                    offset=header.bits_offset)
         self._words = self._file.copy()
@@ -435,23 +528,32 @@ class PersistentBitmap(DirtyBitmap):
         if self._closed:
             return
         with self._flush_lock:
-            self._mm.flush()
-            self._synced_seq = self._mod_seq
-            flags = (fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
-            if flags:
-                header = self.header.replace(flags=flags)
-                bits = self._mm[self.header.bits_offset:self.header.file_size]
-                try:
-                    atomic_write(self.path, [fmt.encode_header(header), bits])
-                except OSError as exc:
-                    raise BitmapFormatError(f"cannot update bitmap {self.path}: {exc.strerror}; it "
-                                            f"stays marked not clean (its bits are still valid)") from None
-                self.header = header
-            self._closed = True
-            # queries keep working on the in-memory words; the file view goes away
-            self._file = self._file.copy()
-            self._file.flags.writeable = False
-            self._mm.close()
+            try:
+                self._mm.flush()
+                self._synced_seq = self._mod_seq
+                flags = (fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
+                if flags:
+                    header = self.header.replace(flags=flags)
+                    bits = self._mm[self.header.bits_offset:self.header.file_size]
+                    try:
+                        fd = atomic_write(self.path, [fmt.encode_header(header), bits], keep_locked=True)
+                    except OSError as exc:
+                        raise BitmapFormatError(
+                            f"cannot update bitmap {self.path}: {exc.strerror}; it stays marked not "
+                            f"clean (its bits are still valid)") from None
+                    assert fd is not None
+                    os.close(self._lock_fd)  # the old inode is released once the new one is in place
+                    self._lock_fd = fd
+                    self.header = header
+            finally:
+                # even after a failed header update: the bitmap is unusable from here on, and the
+                # file (still "not clean") keeps valid bits
+                self._closed = True
+                os.close(self._lock_fd)
+                # queries keep working on the in-memory words; the file view goes away
+                self._file = self._file.copy()
+                self._file.flags.writeable = False
+                self._mm.close()  # also drops the lock (the mapping holds a dup of the descriptor)
 
     @property
     def closed(self) -> bool:
