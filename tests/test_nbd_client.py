@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import random
+import socket
 
 import pytest
 import trio
@@ -212,6 +213,18 @@ async def test_unreachable_server_is_retryable(tmp_path):
             await NBDClient.connect(f"nbd+unix:///x?socket={tmp_path}/none")
     with pytest.raises(UsageError):
         await NBDClient.connect("nbd://")
+
+
+async def test_silent_server_handshake_times_out(tmp_path):
+    # a listener that accepts (in the kernel backlog) but never greets
+    path = str(tmp_path / "silent.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        start = trio.current_time()
+        with pytest.raises(TargetRetryableError, match="no NBD handshake with .* within 0.3 s"):
+            await NBDClient.connect(f"nbd+unix:///x?socket={path}", timeout=0.3)
+        assert trio.current_time() - start < 1
 
 
 async def test_server_killed_fails_pending_requests_quickly(image):

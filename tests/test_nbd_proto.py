@@ -208,7 +208,7 @@ def test_request_encoding_and_simple_replies():
     conn.receive_data(simple(c2, data=b"hello") + simple(c1) + simple(c4, error=p.NBD_EIO)
                       + simple(c3, error=p.NBD_ENOSPC))
     events = drain(conn)
-    assert events == [p.Reply(c2, p.NBD_CMD_READ, 0, bytearray(b"hello")),
+    assert events == [p.Reply(c2, p.NBD_CMD_READ, 0, b"hello"),
                       p.Reply(c1, p.NBD_CMD_WRITE), p.Reply(c4, p.NBD_CMD_READ, errno.EIO),
                       p.Reply(c3, p.NBD_CMD_FLUSH, errno.ENOSPC)]
     assert conn.pending == 0
@@ -223,6 +223,15 @@ def test_structured_read_assembles_data_and_holes():
                       + chunk(cookie, p.NBD_REPLY_TYPE_NONE, done=True))
     (reply,) = drain(conn)
     assert reply.data == b"A" * 10 + b"\0" * 10 + b"B" * 10 and reply.error == 0
+    assert type(reply.data) is bytes
+    # one chunk for the whole request (the usual case), data or hole
+    c1, _ = conn.send_request(p.NBD_CMD_READ, 0, 4)
+    c2, _ = conn.send_request(p.NBD_CMD_READ, 4, 4)
+    conn.receive_data(chunk(c1, p.NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"wxyz", done=True)
+                      + chunk(c2, p.NBD_REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", 4, 4), done=True))
+    r1, r2 = drain(conn)
+    assert (r1.data, r2.data) == (b"wxyz", bytes(4))
+    assert type(r1.data) is bytes and type(r2.data) is bytes
 
 
 def test_structured_errors():
@@ -253,6 +262,8 @@ def test_read_reply_must_cover_the_request():
     (lambda c: chunk(c, p.NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 6) + b"xyz", done=True),
      "outside the requested range"),
     (lambda c: chunk(c, 77, b"", done=True), "unexpected reply chunk type"),
+    (lambda c: chunk(c, p.NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 0) + b"12345678")
+     + chunk(c, p.NBD_REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", 0, 4), done=True), "overlap"),
 ])
 def test_remote_protocol_errors(make, fragment):
     conn, _ = handshake()
@@ -288,7 +299,7 @@ def test_forgotten_request_is_parsed_and_dropped():
     c2, _ = conn.send_request(p.NBD_CMD_READ, 4, 4)
     conn.forget(c1)
     conn.receive_data(simple(c1, data=b"1111") + simple(c2, data=b"2222"))
-    assert drain(conn) == [p.Reply(c2, p.NBD_CMD_READ, 0, bytearray(b"2222"))]
+    assert drain(conn) == [p.Reply(c2, p.NBD_CMD_READ, 0, b"2222")]
 
 
 def test_eof_in_transmission():

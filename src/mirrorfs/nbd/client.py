@@ -416,7 +416,7 @@ class NBDClient:
         finally:
             self._abandon([slot for _, slot in in_flight])
 
-    async def pread(self, offset: int, length: int) -> bytearray:
+    async def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (the range must lie inside the export).
 
         Raises:
@@ -424,14 +424,14 @@ class NBDClient:
         """
         if length == 0:
             self._check_usable()
-            return bytearray()
+            return b""
         if length <= self.max_request:
             reply = await self._wait(await self._submit(proto.NBD_CMD_READ, offset, length))
             assert reply.data is not None
-            return reply.data  # type: ignore[return-value]
+            return reply.data
         out = bytearray(length)
         await self._run_split(proto.NBD_CMD_READ, offset, length, self.max_request, out=out)
-        return out
+        return bytes(out)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *,
                      fua: bool = False) -> None:

@@ -219,14 +219,14 @@ class Reply:
         cookie: the request's cookie.
         command: the request's ``NBD_CMD_*``.
         error: the local errno of the failure, 0 on success.
-        data: for a successful read, exactly the requested bytes; otherwise ``None``.
+        data: for a successful read, exactly the requested bytes (``bytes``); otherwise ``None``.
         message: the server's error text from a structured error chunk, if any.
     """
 
     cookie: int
     command: int
     error: int = 0
-    data: bytes | bytearray | None = None
+    data: bytes | None = None
     message: str = ""
 
 
@@ -243,7 +243,7 @@ class _Pending:
     command: int
     offset: int
     length: int
-    buffer: bytearray | None = None
+    buffer: bytes | bytearray | None = None
     covered: int = 0
     error: int = 0
     message: str = ""
@@ -346,6 +346,16 @@ class ClientConnection:
         start = self._inpos
         self._inpos += n
         return bytes(self._inbuf[start:start + n])
+
+    def _take_bytes(self, n: int) -> bytes:
+        # Bulk data as an immutable result: one copy out of the input buffer.
+        view = memoryview(self._inbuf)
+        try:
+            out = bytes(view[self._inpos:self._inpos + n])
+        finally:
+            view.release()
+        self._inpos += n
+        return out
 
     def _copy_into(self, dst: bytearray, dst_offset: int, n: int) -> None:
         # Bulk data: copy straight from the input buffer into the read buffer (one copy).
@@ -672,7 +682,7 @@ class ClientConnection:
             if pending.covered != pending.length:
                 raise RemoteProtocolError(f"read reply covers {pending.covered} of "
                                           f"{pending.length} bytes")
-            data = pending.buffer
+            data = bytes(pending.buffer) if isinstance(pending.buffer, bytearray) else pending.buffer
         return Reply(cookie, pending.command, pending.error, data, pending.message)
 
     def _simple_reply(self) -> Reply | None | _NeedData:
@@ -685,8 +695,7 @@ class ClientConnection:
             return NEED_DATA
         self._inpos += _SIMPLE.size
         if payload:
-            pending.buffer = bytearray(payload)
-            self._copy_into(pending.buffer, 0, payload)
+            pending.buffer = self._take_bytes(payload)
             pending.covered = payload
         if error:
             pending.error = nbd_error_to_errno(error)
@@ -729,11 +738,20 @@ class ClientConnection:
             start = offset - pending.offset
             if start < 0 or start + count > pending.length:
                 raise RemoteProtocolError("read chunk outside the requested range")
-            if pending.buffer is None:
-                # zero-filled, so holes need no copy
-                pending.buffer = bytearray(pending.length)
-            if kind == NBD_REPLY_TYPE_OFFSET_DATA:
-                self._copy_into(pending.buffer, start, count)
+            if pending.covered + count > pending.length:
+                raise RemoteProtocolError("read chunks overlap")
+            if pending.buffer is None and count == pending.length:
+                # the common case, one chunk for the whole request: build the result directly
+                if kind == NBD_REPLY_TYPE_OFFSET_DATA:
+                    pending.buffer = self._take_bytes(count)
+                else:
+                    pending.buffer = bytes(count)
+            else:
+                if pending.buffer is None:
+                    # zero-filled, so holes need no copy
+                    pending.buffer = bytearray(pending.length)
+                if kind == NBD_REPLY_TYPE_OFFSET_DATA:
+                    self._copy_into(pending.buffer, start, count)  # type: ignore[arg-type]
             pending.covered += count
         elif kind in (NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_ERROR_OFFSET):
             if length < 6:

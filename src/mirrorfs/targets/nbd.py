@@ -114,7 +114,7 @@ class NBDTarget(Target):
         if offset < 0 or length < 0:
             self._check_range("read", offset, length)
         length = max(0, min(length, self.size - offset))
-        return await client.pread(offset, length)  # type: ignore[return-value]
+        return await client.pread(offset, length)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *,
                      fua: bool = False) -> None:
