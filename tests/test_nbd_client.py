@@ -341,3 +341,40 @@ async def test_tls_wrong_ca_and_plain_text_refused(certs, image):
         client = await NBDClient.connect(server.uri)
         await client.close()
     assert file_bytes(image) == bytes(SIZE)
+
+
+async def test_random_cancellations_never_desynchronise(image):
+    """Readers and waiters cancelled at random points (the reader role changes hands all the
+    time): every request that is not cancelled gets exactly its own bytes."""
+    rng = random.Random(7)
+    content = rng.randbytes(SIZE)
+    with open(image, "wb") as f:
+        f.write(content)
+    with nbdkit(image, filters=["delay"], params=["rdelay=20ms", "wdelay=20ms"]) as server:
+        client = await NBDClient.connect(server.uri, timeout=5)
+        results = {"ok": 0, "cancelled": 0}
+
+        async def worker(seed):
+            r = random.Random(seed)
+            for _ in range(15):
+                off = r.randrange(0, SIZE - 65536)
+                n = r.randrange(1, 65536)
+                with trio.move_on_after(r.choice((0, 0.005, 0.015, 0.03, 1))) as scope:
+                    if r.random() < 0.2:
+                        await client.pwrite(off, content[off:off + n])  # same bytes: no change
+                    else:
+                        data = await client.pread(off, n)
+                        assert data == content[off:off + n]
+                results["cancelled" if scope.cancelled_caught else "ok"] += 1
+
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for seed in range(24):
+                        nursery.start_soon(worker, seed)
+            assert not client.closed
+            assert client.statistics()["in_flight"] == 0
+            assert results["ok"] > 50 and results["cancelled"] > 50, results
+            assert await client.pread(0, 4096) == content[:4096]
+        finally:
+            await client.close()

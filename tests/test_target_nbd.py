@@ -74,9 +74,10 @@ def test_bad_uri_is_a_usage_error():
         NBDTarget("nbd+unix:///disk")
 
 
-async def test_reconnect_to_restarted_server_on_same_file(tmp_path):
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_reconnect_to_restarted_server_on_same_file(tmp_path, transport):
     image = make_image(tmp_path / "t.img")
-    with qemu_nbd(image) as server:
+    with qemu_nbd(image, transport=transport) as server:
         target = NBDTarget(server.uri, timeout=5)
         await target.connect()
         try:
