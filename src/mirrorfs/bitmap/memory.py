@@ -143,11 +143,6 @@ def _clear_range(words: np.ndarray, first: int, end: int) -> int:
     return cleared
 
 
-def _or_range_mask(words: np.ndarray, first: int, end: int) -> None:
-    """OR clusters [first, end) into ``words`` (no count): for the pending-clear mask."""
-    _set_range(words, first, end)
-
-
 def _any_in_range(words: np.ndarray, first: int, end: int) -> bool:
     if end <= first:
         return False
@@ -158,12 +153,6 @@ def _any_in_range(words: np.ndarray, first: int, end: int) -> bool:
     if int(words[wf]) >> bf or int(words[wl]) & ((1 << (bl + 1)) - 1):
         return True
     return bool(wl - wf > 1 and words[wf + 1:wl].any())
-
-
-def _tail_mask(clusters: int) -> int:
-    """Mask of the valid bits of the last word (all ones when the last word is full)."""
-    rem = clusters & 63
-    return _ALL if rem == 0 else (1 << rem) - 1
 
 
 def _find(words: np.ndarray, start: int, limit: int, want: bool) -> int:

@@ -49,8 +49,8 @@ import numpy as np
 
 from ..errors import BitmapFormatError, UsageError
 from . import format as fmt
-from .memory import (DEFAULT_GRANULARITY, DirtyBitmap, _clear_range, _popcount, _set_range,
-                     _WORD_DTYPE, check_granularity, words_for)
+from .memory import (DEFAULT_GRANULARITY, _WORD_DTYPE, DirtyBitmap, _clear_range, _popcount,
+                     _set_range, check_granularity)
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,6 @@ def read_bitmap_file(path: str, *, fd: int | None = None) -> tuple[fmt.BitmapHea
             if not chunk:
                 break
             data += chunk
-    except IsADirectoryError:
-        raise BitmapFormatError(f"cannot read bitmap {path}: it is a directory") from None
     except OSError as exc:
         if exc.errno == errno.EISDIR:
             raise BitmapFormatError(f"cannot read bitmap {path}: it is a directory") from None
