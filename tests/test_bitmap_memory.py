@@ -243,7 +243,7 @@ def test_out_of_range_and_mismatch_are_usage_errors():
     bm = DirtyBitmap(1 << 20)
     for call in (lambda: bm.mark(-1, 1), lambda: bm.mark(1 << 20, 1), lambda: bm.clear(0, (1 << 20) + 1),
                  lambda: bm.is_dirty(-5, 1), lambda: bm.mark_clusters(np.array([16])),
-                 lambda: bm.runs(0, max_length=4096).__next__(), lambda: bm.next_dirty(-1),
+                 lambda: bm.runs(0, max_length=4095), lambda: bm.runs(-1), lambda: bm.next_dirty(-1),
                  lambda: bm.merge(DirtyBitmap(1 << 21))):
         with pytest.raises(UsageError):
             call()

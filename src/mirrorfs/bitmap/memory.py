@@ -343,12 +343,19 @@ class _BitmapCore:
             max_length: split longer runs into pieces of at most this many bytes, rounded down
                 to a multiple of the granularity (so every piece is whole clusters).
 
+        Arguments are checked at the call, not at the first ``next()``. The listing reads the
+        words as it goes (in chunks of 1 Mi clusters), so changes made while iterating may or may
+        not be seen; take a :meth:`copy` for a snapshot.
+
         Raises:
             UsageError: ``start`` is negative or ``max_length`` below the granularity.
         """
         if start < 0:
             raise UsageError(f"negative start offset {start}")
         ml = self._check_max_length(max_length)
+        return self._runs(start, ml)
+
+    def _runs(self, start: int, ml: int | None) -> Iterator[tuple[int, int]]:
         if start >= self.size:
             return
         if ml is not None:
