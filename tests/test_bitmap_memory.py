@@ -201,6 +201,7 @@ def test_sparse_large_bitmaps_runs_and_next_dirty(img, data):
     assert bm.dirty_bytes() == sum(cluster_bytes(c, g, size) for c in model)
 
 
+@settings(deadline=None)
 @given(img=image(), data=st.data())
 def test_clear_of_a_run_leaves_it_clean_only_when_whole(img, data):
     """The engine's copy loop: copy (offset, length) from runs(max_length=...), clear it: the
