@@ -54,10 +54,6 @@ from .memory import (DEFAULT_GRANULARITY, _WORD_DTYPE, DirtyBitmap, _clear_range
 
 log = logging.getLogger(__name__)
 
-#: refuse to read absurd files whole: 64 MiB of bits is 2^29 clusters, 2 PiB at 4 KiB.
-_MAX_FILE_SIZE = fmt.BITS_OFFSET + (64 << 20)
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -195,8 +191,7 @@ def read_bitmap_file(path: str, *, fd: int | None = None) -> tuple[fmt.BitmapHea
         size = os.fstat(fd).st_size
         head = os.pread(fd, fmt.BITS_OFFSET, 0)
         header = fmt.decode_header(head, name=path)
-        if size > _MAX_FILE_SIZE:
-            fmt.check_file_size(header, size, name=path)
+        fmt.check_file_size(header, size, name=path)  # before reading: never read absurd files
         data = bytearray()
         while len(data) < size:
             chunk = os.pread(fd, min(size - len(data), 16 << 20), len(data))
@@ -210,7 +205,7 @@ def read_bitmap_file(path: str, *, fd: int | None = None) -> tuple[fmt.BitmapHea
     finally:
         if own:
             os.close(fd)
-    fmt.check_file_size(header, len(data), name=path)
+    fmt.check_file_size(header, len(data), name=path)  # it may have shrunk while we read
     if header.words:
         last = int(np.frombuffer(data, _WORD_DTYPE, count=1,
                                  offset=header.bits_offset + 8 * (header.words - 1))[0])
