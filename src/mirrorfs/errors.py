@@ -136,12 +136,13 @@ class ControlError(MirrorfsError):
 class QMPCommandError(ControlError):
     """A QMP server answered a command with an error (seen by the CLI's client).
 
-    The message is the server's ``desc``; ``DeviceNotFound`` and ``CommandNotFound`` name
-    something that does not exist (bad input, exit 2), every other class is a refusal (exit 1).
+    The message is the server's ``desc``; ``DeviceNotFound``, ``DeviceNotActive`` (no such job)
+    and ``CommandNotFound`` name something that does not exist (bad input, exit 2), every other
+    class is a refusal (exit 1).
     """
 
     def __init__(self, qmp_class: str, desc: str) -> None:
-        bad_input = qmp_class in ("DeviceNotFound", "CommandNotFound")
+        bad_input = qmp_class in ("DeviceNotFound", "DeviceNotActive", "CommandNotFound")
         super().__init__(desc, qmp_class=qmp_class, exit_code=2 if bad_input else 1,
                          errno=_errno.EINVAL if bad_input else _errno.EBUSY)
         self.desc = desc
