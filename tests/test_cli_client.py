@@ -29,7 +29,7 @@ from mirrorfs.cli import main
 from mirrorfs.control.render import (format_eta, job_eta, job_percent, render_status_table,
                                      status_row)
 from mirrorfs.control.qmp_server import QMPServer
-from mirrorfs.errors import ControlError
+from mirrorfs.errors import ControlError, QMPCommandError
 
 MIRRORFS = str(Path(sys.executable).with_name("mirrorfs"))
 MiB = 1 << 20
@@ -70,7 +70,8 @@ class FakeEngine:
 
     def _job(self, device: Any) -> dict[str, Any]:
         if device not in self.jobs:
-            raise ControlError(f"Block job '{device}' not found", qmp_class="DeviceNotFound", exit_code=2)
+            # The real engine's JobNotFoundError: QEMU's class for "no active job on that device".
+            raise ControlError(f"Block job '{device}' not found", qmp_class="DeviceNotActive", exit_code=2)
         return self.jobs[device]
 
     def _check(self, action: str, data: dict[str, Any]) -> None:
@@ -431,6 +432,13 @@ def test_no_mount_errors(tmp_path: Path, capsys: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- render (pure)
+
+@pytest.mark.parametrize("qmp_class, code", [("DeviceNotFound", 2), ("DeviceNotActive", 2),
+                                             ("CommandNotFound", 2), ("GenericError", 1)])
+def test_qmp_error_class_to_exit_code(qmp_class: str, code: int) -> None:
+    exc = QMPCommandError(qmp_class, "desc text")
+    assert (exc.exit_code, exc.qmp_class, str(exc)) == (code, qmp_class, "desc text")
+
 
 def test_render_pure_functions() -> None:
     job = {"device": "a", "len": 100 * MiB, "offset": 25 * MiB, "rate": 5 * MiB, "status": "running",
