@@ -13,8 +13,10 @@ libnbd's ``tls-certificates`` (``ca-cert.pem client-cert.pem client-key.pem``) e
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -23,6 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 START_TIMEOUT = 10.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: SIGKILL when the test process dies, even by SIGKILL, so a
+    # killed test run cannot leave a server behind (qemu-nbd has no --exit-with-parent).
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def free_tcp_port() -> int:
@@ -58,7 +69,8 @@ class Server:
         """Start the process and wait until it accepts connections."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
