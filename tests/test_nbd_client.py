@@ -337,6 +337,14 @@ async def test_tls_wrong_ca_and_plain_text_refused(certs, image):
         plain = server.uri.replace("nbds://", "nbd://").split("?")[0]
         with pytest.raises(TargetFatalError, match="requires TLS"):
             await NBDClient.connect(plain)
+        # the server requires a client certificate (qemu's verify-peer=yes default)
+        no_client_cert = good.parent / "ca-only"
+        no_client_cert.mkdir(exist_ok=True)
+        (no_client_cert / "ca-cert.pem").write_bytes((good / "ca-cert.pem").read_bytes())
+        with pytest.raises(TargetRetryableError, match="requires a client certificate, put "
+                                                      "client-cert.pem and client-key.pem"):
+            client = await NBDClient.connect(server.uri.replace(str(good), str(no_client_cert)))
+            await client.pread(0, 512)
         # and the server still serves a correct client afterwards
         client = await NBDClient.connect(server.uri)
         await client.close()

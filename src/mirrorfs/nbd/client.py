@@ -9,7 +9,11 @@ the receive side is owned, at any instant, by at most one of the tasks that wait
 cookie) until its own reply is complete, then hands the role to another waiting task. The send
 side is serialised by a ``trio.Lock``; each request is sent inside a shielded cancel scope with
 its own deadline, so a cancelled caller never leaves half a request on the wire. A caller
-cancelled while waiting just abandons its reply; the connection stays in sync.
+cancelled while waiting just abandons its reply; the connection stays in sync (the next reader
+parses and drops it). Known limit of the design: replies nobody waits for are read only when
+some request is waited for again; if abandoned read replies fill the socket buffers while a
+large write is being sent, that send hits its deadline and the connection counts as lost
+(retryable) rather than hanging.
 
 Resource handling: the client owns its socket; :meth:`NBDClient.close` (idempotent) sends
 ``NBD_CMD_DISC`` when it can and closes the socket.
@@ -93,8 +97,17 @@ def _describe_tls_failure(uri: str, exc: BaseException) -> TargetError:
         return TargetFatalError(f"TLS certificate of {uri} is not trusted: "
                                 f"{cause.verify_message or cause.reason} (check the CA in "
                                 f"tls-certificates and tls-hostname)")
+    hint = (" (if the server requires a client certificate, put client-cert.pem and "
+            "client-key.pem in the tls-certificates directory)")
+    if isinstance(cause, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(cause):
+        # A crash and a refused client certificate look the same (GnuTLS servers just hang
+        # up): retryable, with the likely cause named.
+        return TargetRetryableError(f"{uri} closed the TLS connection during the "
+                                    f"handshake{hint}")
     if isinstance(cause, ssl.SSLError):
-        return TargetFatalError(f"TLS handshake with {uri} failed: {cause.reason or cause}")
+        reason = str(cause.reason or cause)
+        return TargetFatalError(f"TLS handshake with {uri} failed: {reason}"
+                                f"{hint if 'CERTIFICATE' in reason else ''}")
     return TargetRetryableError(f"connection to {uri} lost during the TLS handshake: {cause}")
 
 
@@ -206,6 +219,10 @@ class NBDClient:
                 raise TargetRetryableError(f"{uri}: {exc}") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 transport.socket.close()
+                if isinstance(exc.__cause__, ssl.SSLError):
+                    # e.g. the server wants a client certificate: TLS 1.3 tells only after
+                    # the client's side of the handshake is done
+                    raise _describe_tls_failure(uri, exc) from None
                 raise TargetRetryableError(f"connection to {uri} lost during the handshake: "
                                            f"{exc.__cause__ or exc}") from None
             except BaseException:
