@@ -284,6 +284,8 @@ def test_local_protocol_errors_change_nothing():
         ((p.NBD_CMD_READ, SIZE - 512, 1024), {}, "outside the export"),
         ((p.NBD_CMD_READ, 0, 1 << 17), {}, "exceeds the server's maximum"),
         ((p.NBD_CMD_READ, 100, 512), {}, "not aligned"),
+        ((p.NBD_CMD_READ, 512, 100), {}, "not aligned"),
+        ((p.NBD_CMD_READ, SIZE - 100, 100), {}, "not aligned"),
         ((p.NBD_CMD_WRITE, 0, 512), {"data": b"x"}, "does not match"),
     ]:
         with pytest.raises(LocalProtocolError, match=fragment):
@@ -360,3 +362,11 @@ def test_any_fragmentation_gives_the_same_events(data):
         got += drain(conn)
     assert [(r.cookie, bytes(r.data)) for r in got] == [
         (cookies[1], b"b" * 64), (cookies[0], b"\0" * 64), (cookies[2], b"c" * 32 + b"d" * 32)]
+
+
+def test_unaligned_tail_of_an_odd_sized_export_is_allowed():
+    conn, _ = handshake(size=SIZE + 100, blocks=(512, 4096, 65536))
+    conn.send_request(p.NBD_CMD_READ, SIZE, 100)
+    conn.send_request(p.NBD_CMD_WRITE, SIZE - 512, 612, data=b"x" * 612)
+    with pytest.raises(LocalProtocolError, match="not aligned"):
+        conn.send_request(p.NBD_CMD_READ, SIZE + 50, 50)

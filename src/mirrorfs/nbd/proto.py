@@ -599,7 +599,9 @@ class ClientConnection:
                                          f"of {ready.max_block}")
             if length > 0xFFFFFFFF:
                 raise LocalProtocolError(f"{name} of {length} bytes does not fit the length field")
-            if (offset | length) % ready.min_block and offset + length != ready.size:
+            # only the tail of an export whose size is not a multiple may end unaligned
+            mn = ready.min_block
+            if offset % mn or (length % mn and offset + length != ready.size):
                 raise LocalProtocolError(f"{name} at {offset}+{length} is not aligned to the "
                                          f"server's minimum block size {ready.min_block}")
         cookie = self._next_cookie
