@@ -14,6 +14,7 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 
 from mirrorfs.errors import (
     TargetError,

@@ -551,7 +551,7 @@ class NBDClient:
                             await self._stream.send_all(self._conn.abort_bytes())
                         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                             pass
-        self._lose(f"closed by the client")
+        self._lose("closed by the client")
 
 
 class _Repeat:
