@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import random
+import signal
 
 import pytest
 import trio
@@ -202,3 +204,31 @@ async def test_tls_target(tmp_path):
             await target.close()
     with open(image, "rb") as f:
         assert f.read(6) == b"secret"
+
+
+async def test_frozen_server_times_out_and_comes_back(tmp_path):
+    """A server that stops answering (SIGSTOP: no EOF, no reset) costs at most the timeout."""
+    image = make_image(tmp_path / "t.img")
+    with qemu_nbd(image) as server:
+        target = NBDTarget(server.uri, timeout=0.5)
+        await target.connect()
+        try:
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                start = trio.current_time()
+                with pytest.raises(TargetRetryableError, match="within 0.5 s"):
+                    await target.pwrite(0, b"frozen")
+                assert trio.current_time() - start < 1.5
+                with pytest.raises(TargetRetryableError, match="no NBD handshake"):
+                    await target.connect()
+                assert trio.current_time() - start < 2.5
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            with trio.fail_after(5):
+                await target.connect()
+            await target.pwrite(0, b"thawed")
+            await target.flush()
+        finally:
+            await target.close()
+    with open(image, "rb") as f:
+        assert f.read(6) == b"thawed"
