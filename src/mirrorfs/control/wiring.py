@@ -29,8 +29,12 @@ def default_socket_path(mountpoint: str) -> str:
     The hash keeps the path unique and short (UNIX socket paths are limited to 107 bytes).
     """
     base = os.environ.get("XDG_RUNTIME_DIR") or "/run"
-    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    name = os.path.basename(os.path.realpath(mountpoint).rstrip("/"))[:32] or "root"
+    # Resolve the parent only: realpath() lstat()s the last component, which in the mount daemon
+    # is its own mount root; a blocking stat of it on the trio thread deadlocks the mount.
+    absolute = os.path.abspath(mountpoint).rstrip("/") or "/"
+    real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    digest = hashlib.sha256(real.encode()).hexdigest()[:16]
+    name = os.path.basename(real.rstrip("/"))[:32] or "root"
     return os.path.join(base, "mirrorfs", f"{name}-{digest}.qmp")
 
 

@@ -104,7 +104,9 @@ class MountService:
                 server = await QmpServer.start(self.socket_path, manager, nursery=self.nursery)
                 self.exit_stack.push_async_callback(server.stop)
         """
-        return None
+        from ..control.wiring import start_components  # the engine and its control surfaces
+
+        await start_components(self)
 
     def _close_session(self) -> None:
         """Unmount and destroy the pyfuse3 session (idempotent)."""
@@ -115,6 +117,20 @@ class MountService:
             log.debug("unmounting %s", self.mountpoint)
             pyfuse3.close(unmount=True)
 
+    async def _serve(self, done: trio.Event) -> None:
+        import pyfuse3
+
+        try:
+            await pyfuse3.main()
+        finally:
+            done.set()
+
+    def _terminate(self) -> None:
+        import pyfuse3
+
+        if self._session_open:
+            pyfuse3.terminate()
+
     async def _watch_signals(self, *, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
         import pyfuse3
 
@@ -123,8 +139,7 @@ class MountService:
                 task_status.started(scope)
                 async for signum in signals:
                     log.info("received %s: unmounting", signal.Signals(signum).name)
-                    if self._session_open:
-                        pyfuse3.terminate()
+                    self._terminate()
 
     async def _report_ready(self, on_ready: Callable[[], None]) -> None:
         # A real request through the kernel: when it returns, the mount serves requests.
@@ -157,16 +172,23 @@ class MountService:
                 raise MountError(f"cannot mount {self.mountpoint}: {exc}") from None
             self._session_open = True
             stack.callback(self._close_session)
-            # ---- components ----
-            await self._start_components()
-            # --------------------
+            # The main loop runs BEFORE the components start: until it has answered the kernel's
+            # INIT request, any stat of the mountpoint (a realpath() of it, say) blocks forever,
+            # and a component doing one before the loop ran would deadlock the mount.
+            main_done = trio.Event()
+            self.nursery.start_soon(self._serve, main_done)
+            try:
+                # ---- components ----
+                await self._start_components()
+                # --------------------
+            except BaseException:
+                self._terminate()
+                raise
             if on_ready is not None:
                 self.nursery.start_soon(self._report_ready, on_ready)
-            try:
-                await pyfuse3.main()
-            finally:
-                # Unmount before the components stop, so no request waits on a stopping process.
-                self._close_session()
+            await main_done.wait()
+            # Unmount before the components stop, so no request waits on a stopping process.
+            self._close_session()
             log.info("main loop ended; tearing down")
         log.info("unmounted %s", self.mountpoint)
 

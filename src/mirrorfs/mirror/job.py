@@ -123,11 +123,15 @@ class MirrorJob:
             self._ended.set()
 
     def _detach(self) -> None:
-        if self.node.job is self:
-            self.node.job = None
+        self._detach_node()
         if self._source_fd >= 0:
             os.close(self._source_fd)
             self._source_fd = -1
+
+    def _detach_node(self) -> None:
+        """From now on the FUSE layer serves the image without the engine."""
+        if self.node.job is self:
+            self.node.job = None
 
     async def wait_ended(self) -> None:
         await self._ended.wait()
@@ -299,7 +303,7 @@ class MirrorJob:
                     cursor = 0
                     if not skipped:
                         continue
-                if self.bitmap.count() == 0 and len(self.inflight) == 0:
+                if self.bitmap.count() == 0:
                     if not self.ready:
                         await self._durable_point()
                         if self.bitmap.count() == 0 and self._target_ok and not self.paused:
@@ -313,11 +317,11 @@ class MirrorJob:
                 continue
             offset, length = run
             length = min(length, self.chunk_size)
-            cursor = offset + length
-            if cursor >= self.size:
-                cursor = 0
+            cursor = offset + length  # past the end, next_dirty() says None: the pass is over
             if self.inflight.overlaps(offset, length):
+                # Busy: its operation clears or re-dirties it. Come back on the next pass.
                 skipped = True
+                await trio.lowlevel.checkpoint()
                 continue
             await self._copy_slots.acquire()
             if not self._copy_allowed():
@@ -540,6 +544,7 @@ class MirrorJob:
         ``kind`` is "completed" or "cancelled".
         """
         self.finished = True
+        self._detach_node()
         self._close_bitmap(clean=True, pivoted=pivoted)
         self._set_status("concluded")
         event = "BLOCK_JOB_COMPLETED" if kind == "completed" else "BLOCK_JOB_CANCELLED"
@@ -567,6 +572,7 @@ class MirrorJob:
             await self.gate.wait_drained()
             await self.inflight.wait_idle()
             self.finished = True
+            self._detach_node()
             self.io_status = self.io_status if self.io_status != "ok" else "failed"
             self._close_bitmap(clean=True)
             self._set_status("concluded")

@@ -54,7 +54,8 @@ class JobManager:
                  mountpoint: str | None = None) -> None:
         self._resolve_node = resolve_node
         self._nursery = nursery
-        self._mountpoint = os.path.realpath(mountpoint) if mountpoint else None
+        # abspath, not realpath: resolving it would stat the mount from the thread that serves it
+        self._mountpoint = os.path.abspath(mountpoint) if mountpoint else None
         self.jobs: dict[str, MirrorJob] = {}
         self._listeners: list[Callable[[str, dict], None]] = []
         self._lock = trio.Lock()
@@ -153,8 +154,23 @@ class JobManager:
         path = params.target
         if not os.path.isabs(path):
             raise UsageError(f"target {path!r} must be an absolute path or an NBD URI")
+        # In a thread: a path that leads into our own mount would otherwise deadlock the trio
+        # thread, which is the one that answers requests on the mount.
+        await trio.to_thread.run_sync(self._check_local_target, path, params.create, size)
+        target = LocalFileTarget(path, expected_size=size)
+        try:
+            await target.connect()
+        except TargetError as exc:
+            raise UsageError(f"cannot use target {path!r}: {exc}") from None
+        return target
+
+    def _check_local_target(self, path: str, create: bool, size: int) -> None:
+        from ..targets.local import LocalFileTarget
+
+        inside = os.path.abspath(path)
         real_dir = os.path.realpath(os.path.dirname(path))
-        if self._mountpoint and (real_dir + "/").startswith(self._mountpoint + "/"):
+        if self._mountpoint and any((p + "/").startswith(self._mountpoint + "/")
+                                    for p in (inside, real_dir)):
             raise UsageError(f"target {path!r} is inside the mount itself; put it elsewhere")
         if not os.path.isdir(real_dir):
             raise UsageError(f"target directory {os.path.dirname(path)!r} does not exist")
@@ -162,19 +178,13 @@ class JobManager:
         if exists and not os.path.isfile(path):
             raise UsageError(f"target {path!r} is not a regular file")
         if not exists:
-            if not params.create:
-                raise UsageError(f"target {path!r} does not exist; pass --create (mode=absolute-paths) "
-                                 f"to create it")
+            if not create:
+                raise UsageError(f"target {path!r} does not exist; pass --create "
+                                 f"(mode=absolute-paths) to create it")
             try:
                 LocalFileTarget.create(path, size)
             except OSError as exc:
                 raise UsageError(f"cannot create target {path!r}: {exc.strerror}") from None
-        target = LocalFileTarget(path, expected_size=size)
-        try:
-            await target.connect()
-        except TargetError as exc:
-            raise UsageError(f"cannot use target {path!r}: {exc}") from None
-        return target
 
     def _make_bitmap(self, params: MirrorParams, node: Any, target: Target, size: int
                      ) -> tuple[Any, MirrorParams]:
@@ -258,6 +268,9 @@ class JobManager:
                     plans.append(await self._prepare(action, job))
                 for plan in plans:
                     plan()
+                for job in jobs:  # auto-dismiss: ended jobs leave the list at once
+                    if self.jobs.get(job.id) is job:
+                        del self.jobs[job.id]
             finally:
                 for job in held:
                     if not job.finished:
