@@ -378,3 +378,30 @@ async def test_bad_parameters_change_nothing(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match="bytes but the image|size"):
             await env.mirror(wrong)
         assert env.manager.query() == [] and env.node.job is None
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+async def test_image_that_grows_during_the_job_is_mirrored_whole(tmp_path: Path, persistent: bool) -> None:
+    """A qcow2 file grows as it allocates; the job grows its bitmap and the target with it."""
+    from mirrorfs.bitmap.persistent import PersistentBitmap
+
+    async with engine(tmp_path, random_content(MiB)) as env:
+        target = tmp_path / "target.img"
+        extra = {"bitmap": str(tmp_path / "grow.bitmap")} if persistent else {}
+        job = await env.mirror(target, granularity=65536, **extra)
+        await env.wait_event("BLOCK_JOB_READY")
+        await env.write(MiB, b"a" * 70000)            # appends
+        await env.write(3 * MiB + 5, b"b" * 1000)     # leaves a hole, unaligned end
+        assert job.size == 3 * MiB + 1005 and job.info()["len"] == job.size
+        with trio.fail_after(10):
+            while job.bitmap.count():
+                await trio.sleep(0.01)
+        await env.manager.complete(["img"], pivot=False)
+        assert os.path.getsize(target) == os.path.getsize(env.source) == 3 * MiB + 1005
+        assert_identical(env.source, target)
+    if persistent:
+        bm = PersistentBitmap.open(str(tmp_path / "grow.bitmap"), size=3 * MiB + 1005)
+        try:
+            assert bm.count() == 0
+        finally:
+            bm.close()

@@ -241,6 +241,15 @@ def _iter_cluster_runs(words: np.ndarray, clusters: int, start: int) -> Iterator
         yield from zip(firsts.tolist(), ends.tolist())
 
 
+def _grown(words: np.ndarray, count: int) -> np.ndarray:
+    """``words`` extended with zero words to ``count`` words (a new array when it grows)."""
+    if count == len(words):
+        return words
+    grown = np.zeros(count, dtype=words.dtype)
+    grown[:len(words)] = words
+    return grown
+
+
 class _BitmapCore:
     """Queries and edits shared by :class:`DirtyBitmap` and ``PersistentBitmap``.
 
@@ -421,6 +430,21 @@ class DirtyBitmap(_BitmapCore):
         self.clusters = (size + granularity - 1) >> self._shift
         self._words = np.zeros(words_for(self.clusters), dtype=_WORD_DTYPE)
         self._count = 0
+
+    def resize(self, new_size: int) -> None:
+        """Grow the bitmap to cover an image that grew to ``new_size`` bytes; new clusters are
+        clean (the caller marks what it writes there).
+
+        Raises:
+            UsageError: ``new_size`` is smaller than the current size (images only grow while
+                a job runs: truncation is refused).
+        """
+        if new_size < self.size:
+            raise UsageError(f"cannot shrink a bitmap from {self.size} to {new_size} bytes")
+        clusters = (new_size + self.granularity - 1) >> self._shift
+        self._words = _grown(self._words, words_for(clusters))
+        self.size = new_size
+        self.clusters = clusters
 
     @classmethod
     def from_words(cls, size: int, granularity: int, words: np.ndarray) -> "DirtyBitmap":

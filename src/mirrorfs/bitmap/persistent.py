@@ -49,7 +49,7 @@ import numpy as np
 
 from ..errors import BitmapFormatError, UsageError
 from . import format as fmt
-from .memory import (DEFAULT_GRANULARITY, _WORD_DTYPE, DirtyBitmap, _clear_range, _popcount,
+from .memory import (DEFAULT_GRANULARITY, _WORD_DTYPE, DirtyBitmap, _clear_range, _grown, _popcount,
                      _set_range, check_granularity)
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,7 @@ class PersistentBitmap(DirtyBitmap):
         if mask is None:
             return
         self._stats["commits"] += 1
-        idx = np.flatnonzero(mask)
+        idx = np.flatnonzero(mask)  # a token from before a resize is shorter: same indices
         if not len(idx):
             return
         m = mask[idx] & ~self._pending[idx]
@@ -487,6 +487,47 @@ class PersistentBitmap(DirtyBitmap):
             self._file[idx[changed]] = new[changed]
             self._mod_seq += 1
             self._stats["file_bits_cleared"] += _popcount(old[changed] & ~new[changed])
+
+    # -- growth -----------------------------------------------------------------------------------
+    def resize(self, new_size: int) -> None:
+        """Grow to cover an image that grew to ``new_size`` bytes (a qcow2 file allocating).
+
+        The file is rewritten atomically with the new image size (temp file, fsync, rename), so at
+        every instant the file on disk is a valid bitmap holding every set bit: the old one until
+        the rename, the new one after. New clusters are clean. Blocking: call it where no other
+        task can mark concurrently (the engine calls it from the trio thread).
+
+        Raises:
+            UsageError: ``new_size`` is smaller than the current size.
+            BitmapFormatError: the file cannot be rewritten; the old file stays in place.
+        """
+        if new_size < self.size:
+            raise UsageError(f"cannot shrink a bitmap from {self.size} to {new_size} bytes")
+        if new_size == self.size:
+            return
+        header = self.header.replace(image_size=new_size)
+        bits = _grown(np.array(self._file), header.words)
+        with self._flush_lock:
+            try:
+                fd = atomic_write(self.path, [fmt.encode_header(header), bits.data], keep_locked=True)
+            except OSError as exc:
+                raise BitmapFormatError(f"cannot grow bitmap {self.path}: {exc.strerror}") from None
+            assert fd is not None
+            try:
+                mm = mmap.mmap(fd, header.file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                os.close(fd)
+                raise
+            old_mm, old_fd = self._mm, self._lock_fd
+            # The old array view pins the old mapping: replace it before closing that mapping.
+            self._file = np.frombuffer(mm, dtype=_WORD_DTYPE, count=header.words,
+                                       offset=header.bits_offset)
+            self._mm, self._lock_fd, self.header = mm, fd, header
+            self._synced_seq = self._mod_seq  # the rewrite was fsync'ed
+            old_mm.close()
+            os.close(old_fd)
+        super().resize(new_size)
+        self._pending = _grown(self._pending, header.words)
 
     # -- durability -------------------------------------------------------------------------------
     def flush(self) -> None:

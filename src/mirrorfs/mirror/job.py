@@ -98,6 +98,7 @@ class MirrorJob:
         self._end_request: tuple[str, str | None] | None = None
         self._zero = bytes(self.chunk_size)
         self._fsync_lock = trio.Lock()
+        self._grow_lock = trio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -202,6 +203,8 @@ class MirrorJob:
         length = len(data)
         if length == 0:
             return await fileio.pwrite(handle.fd, data, offset)
+        if offset + length > self.size:
+            await self._grow(offset + length)
         bitmap = self.bitmap
         shift = self.params.granularity.bit_length() - 1
         first, last = offset >> shift, (offset + length - 1) >> shift
@@ -268,6 +271,33 @@ class MirrorJob:
             for cluster in edges:
                 self.bitmap.clear(cluster * g, g)
         self.inflight.unregister(op)
+
+    async def _grow(self, new_size: int) -> None:
+        """The image grows (a qcow2 file allocating clusters): grow the bitmap and the target.
+
+        The new range is marked dirty before any write lands there, so the invariant holds
+        whatever happens to the target's resize; the copy task then writes it (mostly as zeroes).
+        """
+        async with self._grow_lock:
+            if new_size <= self.size or self.finished:
+                return
+            old_size = self.size
+            try:
+                # Synchronous on purpose: no other task may mark while the file is rewritten.
+                self.bitmap.resize(new_size)
+            except MirrorfsError as exc:
+                self._fail(f"cannot grow the bitmap with the image: {exc}")
+                return
+            if self._target_ok:
+                try:
+                    await self.target.resize(new_size)
+                except TargetError as exc:
+                    self._on_target_error(exc)
+            # Only now: the copy task must not see the new range before the target has it.
+            self.size = new_size
+            self.bitmap.mark(old_size, new_size - old_size)
+            self._dirtied.set()
+            log.debug("job %s: image grew from %d to %d bytes", self.id, old_size, new_size)
 
     async def _durable_point(self) -> None:
         """Make the invariant hold across power loss: flush target, commit clears, msync bits."""
@@ -421,8 +451,14 @@ class MirrorJob:
                 self.error_paused = True
                 self._set_status("standby" if self.ready else "paused")
             return
-        self.error = str(exc)
-        self._end_request = ("fail", str(exc))
+        self._fail(str(exc))
+
+    def _fail(self, message: str) -> None:
+        """End the job as failed (the ``report`` policy); the job's own task finishes it."""
+        if self.io_status == "ok":
+            self.io_status = "failed"
+        self.error = message
+        self._end_request = ("fail", message)
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -448,13 +484,9 @@ class MirrorJob:
                 try:
                     await self.target.connect()
                 except TargetFatalError as exc:
-                    self.error = str(exc)
-                    self.io_status = "failed"
                     self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "write",
                                                    "action": "report"})
-                    self._end_request = ("fail", str(exc))
-                    if self._cancel_scope is not None:
-                        self._cancel_scope.cancel()
+                    self._fail(str(exc))
                     return
                 except TargetError as exc:
                     log.info("job %s: reconnect failed: %s", self.id, exc)

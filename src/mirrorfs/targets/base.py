@@ -57,6 +57,17 @@ class Target(abc.ABC):
     async def flush(self) -> None:
         """Make every completed write durable."""
 
+    async def resize(self, size: int) -> None:
+        """Grow the target to ``size`` bytes (the source image grew, e.g. a qcow2 file allocating).
+
+        Raises:
+            TargetFatalError: this kind of target cannot grow (an NBD export has a fixed size).
+        """
+        from ..errors import TargetFatalError
+
+        raise TargetFatalError(f"target {self.description} cannot grow to {size} bytes; "
+                               f"mirror images that grow (qcow2) to a local file")
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the target. Idempotent."""

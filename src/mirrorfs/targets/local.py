@@ -129,6 +129,21 @@ class LocalFileTarget(Target):
         self._fd = fd
         self._punch = True
 
+    async def resize(self, size: int) -> None:
+        """Grow the file to ``size`` bytes (sparse: the new range reads as zeroes).
+
+        Raises:
+            TargetError: the file cannot be extended (with the errno).
+        """
+        fd = self._begin()
+        try:
+            await trio.to_thread.run_sync(os.ftruncate, fd, size)
+        except OSError as exc:
+            raise self._error(exc, "resize") from None
+        finally:
+            self._end()
+        self._size = self._expected = size
+
     def _begin(self) -> int:
         if self._fd is None:
             raise TargetRetryableError(f"target {self.path} is not open")
