@@ -346,6 +346,11 @@ class MirrorJob:
                     await self._dirtied.wait()
                 continue
             offset, length = run
+            if trio.current_time() - last_commit >= COMMIT_INTERVAL:
+                # Commit progress while copying too, or a crash during a long first pass would
+                # leave every bit set in the file and --sync dirty would redo the whole copy.
+                await self._durable_point()
+                last_commit = trio.current_time()
             length = min(length, self.chunk_size)
             cursor = offset + length  # past the end, next_dirty() says None: the pass is over
             if self.inflight.overlaps(offset, length):
