@@ -390,3 +390,82 @@ def test_write_blocking_converges_under_a_writer_faster_than_the_copy(mounted: M
     assert secs >= ready_after * 0.9, "the writer stopped before the job became ready"
     mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
     assert_identical(source, target)
+
+
+# ---------------------------------------------------------------------------- 3: pivot, open handle
+
+
+class InteractiveWriter:
+    """A Python process holding the image open, driven one command at a time over stdin."""
+
+    def __init__(self, path: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-u", "-c", INTERACTIVE_WRITER, str(path)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        assert self._reply() == "ready"
+
+    def _reply(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line:
+            raise AssertionError(f"writer died: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        return line
+
+    def command(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        assert reply == "ok", f"writer: {line!r} -> {reply!r}"
+
+    def write(self, offset: int, length: int, byte: int) -> None:
+        self.command(f"w {offset} {length} {byte}")
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.command("q")
+                return self.proc.wait(timeout=30)
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+        return self.proc.returncode
+
+
+def test_pivot_with_a_process_keeping_the_image_open(mounted: Mount, tmp_path: Path) -> None:
+    """A writer keeps its file open across ``complete``: writes before the switch land in both
+    images, writes after it in the target only, and the writer never sees an error."""
+    size = 4 * MiB
+    name = "live.raw"
+    source = mounted.source / name
+    target = tmp_path / "live-target.raw"
+    content = make_image(source, size, 3)
+    writer = InteractiveWriter(mounted.mountpoint / name)
+    try:
+        writer.write(10, 5000, 0x01)  # before the job
+        mounted.cli("mirror", mounted.mountpoint, name, target, "--create")
+        writer.write(70000, 3000, 0x02)  # during the job
+        wait_ready(mounted, name)
+        writer.write(200001, 100000, 0x03)  # ready, duplicated
+        writer.command("f")
+        mounted.cli("complete", mounted.mountpoint, name)
+        assert job(mounted, name) is None
+        before_switch = sha(source)
+        writer.write(1 * MiB + 7, 50000, 0x04)  # after the switch: the target only
+        writer.write(10, 100, 0x05)  # overwrite a pre-switch write
+        writer.command("f")
+        assert writer.close() == 0
+    finally:
+        writer.close()
+    expected_source = bytearray(content)
+    for off, n, b in ((10, 5000, 1), (70000, 3000, 2), (200001, 100000, 3)):
+        expected_source[off:off + n] = bytes([b]) * n
+    expected_target = bytearray(expected_source)
+    for off, n, b in ((1 * MiB + 7, 50000, 4), (10, 100, 5)):
+        expected_target[off:off + n] = bytes([b]) * n
+    assert source.read_bytes() == bytes(expected_source), "the source changed after the switch"
+    assert sha(source) == before_switch
+    assert target.read_bytes() == bytes(expected_target), "the target lacks some of the writer's writes"
+    # The mount now serves the target: a new reader sees the post-switch bytes.
+    assert read_at(mounted.mountpoint / name, 1 * MiB + 7, 50000) == b"\x04" * 50000
