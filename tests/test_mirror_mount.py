@@ -469,3 +469,42 @@ def test_pivot_with_a_process_keeping_the_image_open(mounted: Mount, tmp_path: P
     assert target.read_bytes() == bytes(expected_target), "the target lacks some of the writer's writes"
     # The mount now serves the target: a new reader sees the post-switch bytes.
     assert read_at(mounted.mountpoint / name, 1 * MiB + 7, 50000) == b"\x04" * 50000
+
+
+# ---------------------------------------------------------------------------- 4: top on a sparse image
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_top_on_a_16g_sparse_image_copies_its_64m_and_keeps_the_target_sparse(mounted: Mount, tmp_path: Path) -> None:
+    size = 16 * GiB
+    name = "big.raw"
+    source = mounted.source / name
+    target = tmp_path / "big-target.raw"
+    data_bytes = 64 * MiB
+    rng = random.Random(16)
+    # 16 extents of 4 MiB spread over the image (aligned, so the file system keeps them exact).
+    slots = sorted(rng.sample(range(size // (4 * MiB)), 16))
+    with open(source, "wb") as f:
+        f.truncate(size)
+        for slot in slots:
+            f.seek(slot * 4 * MiB)
+            f.write(rng.randbytes(4 * MiB))
+    src_alloc = allocated(source)
+    assert data_bytes <= src_alloc < 2 * data_bytes
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--sync", "top")
+    entry = wait_ready(mounted, name, timeout=120)
+    copied = entry["__org.mirrorfs_copied-bytes"]
+    assert data_bytes <= copied <= data_bytes + 4 * MiB, f"copied {copied} bytes for {data_bytes} of data"
+    assert entry["__org.mirrorfs_zeroed-bytes"] <= 4 * MiB, entry
+    mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
+    assert os.path.getsize(target) == size
+    tgt_alloc = allocated(target)
+    assert tgt_alloc <= 2 * src_alloc, f"target allocates {tgt_alloc} bytes, source {src_alloc}"
+    # du agrees with st_blocks
+    du = subprocess.run(["du", "-B1", str(source), str(target)], capture_output=True, text=True, check=True)
+    du_src, du_tgt = (int(line.split()[0]) for line in du.stdout.splitlines())
+    assert du_tgt <= 2 * du_src
+    assert_identical(source, target)
