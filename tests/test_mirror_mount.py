@@ -508,3 +508,56 @@ def test_top_on_a_16g_sparse_image_copies_its_64m_and_keeps_the_target_sparse(mo
     du_src, du_tgt = (int(line.split()[0]) for line in du.stdout.splitlines())
     assert du_tgt <= 2 * du_src
     assert_identical(source, target)
+
+
+# ---------------------------------------------------------------------------- 5: pause / resume
+
+
+def _target_stays(target: Path, digest: str, seconds: float) -> None:
+    """Poll the target's hash for ``seconds``: it must never change."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert sha(target) == digest, "the target changed while the job was paused"
+        time.sleep(0.1)
+
+
+def test_pause_leaves_the_target_unchanged_and_resume_converges(mounted: Mount, tmp_path: Path) -> None:
+    size = 8 * MiB
+    name = "paused.raw"
+    source = mounted.source / name
+    target = tmp_path / "paused-target.raw"
+    make_image(source, size, 5)
+    image = mounted.mountpoint / name
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--speed", "1M", "--buf-size", "256K")
+    wait_job(mounted, name, lambda j: 0 < j["offset"] < j["len"], "mid-copy")
+    mounted.cli("pause", mounted.mountpoint, name)
+    entry = job(mounted, name)
+    assert entry is not None and entry["paused"] and entry["status"] == "paused" and not entry["ready"]
+    digest = sha(target)
+    # Writes keep going to the source while paused; the target's bytes do not move.
+    qemu_io(image, "write -P 0x61 0 200000", "write -P 0x62 7000000 4097")
+    subprocess.run(["dd", "if=/dev/urandom", f"of={image}", "bs=4096", "count=64", "seek=300",
+                    "conv=notrunc,fsync", "status=none"], check=True, timeout=60)
+    assert read_at(source, 0, 200000) == b"\x61" * 200000
+    _target_stays(target, digest, 1.5)
+    paused = job(mounted, name)
+    assert paused is not None and paused["paused"] and paused["offset"] <= entry["offset"]
+    mounted.cli("resume", mounted.mountpoint, name)
+    mounted.cli("set-speed", mounted.mountpoint, name, "0")
+    wait_ready(mounted, name)
+    assert_identical(source, target)
+
+    # Paused while ready (standby): the same holds.
+    mounted.cli("pause", mounted.mountpoint, name)
+    entry = job(mounted, name)
+    assert entry is not None and entry["paused"] and entry["status"] == "standby"
+    digest = sha(target)
+    qemu_io(image, "write -P 0x63 123 456789")
+    assert read_at(source, 123, 456789) == b"\x63" * 456789
+    _target_stays(target, digest, 1.0)
+    refused = mounted.cli("complete", mounted.mountpoint, name, "--no-pivot", check=False)
+    assert refused.returncode == 1 and "paused" in refused.stderr
+    mounted.cli("resume", mounted.mountpoint, name)
+    wait_ready(mounted, name)
+    mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
+    assert_identical(source, target)
