@@ -18,6 +18,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -136,8 +137,15 @@ class Mount:
             proc = self.cli("mount", self.source, self.mountpoint, "--log-level", "info", *self.extra_args,
                             check=False, timeout=MOUNT_TIMEOUT)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"mirrorfs mount did not return within {MOUNT_TIMEOUT:.0f} s; "
-                                 f"log:\n{self.read_log()}") from None
+            # The detached daemon is ours but its pid was never reported: find it by its argv.
+            strays = daemon_pids(self.mountpoint)
+            if is_mounted(self.mountpoint):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"mirrorfs mount did not return within {MOUNT_TIMEOUT:.0f} s "
+                                 f"(killed {strays}); log:\n{self.read_log()}") from None
         if proc.returncode != 0:
             raise AssertionError(f"mirrorfs mount exited {proc.returncode}: {proc.stderr.strip()}\n"
                                  f"log:\n{self.read_log()}")
@@ -203,6 +211,22 @@ def start_mount(source: Path, mountpoint: Path, log_file: Path, extra_args: Iter
     return mount
 
 
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """Live mirrorfs mount processes whose command line names ``mountpoint``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if any("mirrorfs" in a for a in args) and "mount" in args and str(mountpoint) in args \
+                and process_alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
 def leftovers(started: Iterable[tuple[Path, int | None]] = None) -> list[str]:  # type: ignore[assignment]
     """Mounts and processes started by the tests that are still there."""
     started = STARTED if started is None else started
@@ -213,16 +237,7 @@ def leftovers(started: Iterable[tuple[Path, int | None]] = None) -> list[str]:  
         if pid is not None and process_alive(pid):
             found.append(f"mirrorfs process {pid} ({mountpoint}) still running")
     # A daemon whose pid we never learnt (the test failed during mount) still names its mountpoint.
-    mountpoints = {str(m) for m, _ in started}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv]
-        if any("mirrorfs" in a for a in args) and "mount" in args and mountpoints.intersection(args) \
-                and process_alive(int(entry.name)):
-            found.append(f"mirrorfs process {entry.name} still running: {' '.join(args)}")
+    for mountpoint in {m for m, _ in started}:
+        for pid in daemon_pids(mountpoint):
+            found.append(f"mirrorfs process {pid} ({mountpoint}) still running")
     return found

@@ -126,7 +126,9 @@ def test_control_dir(mounted: Mount) -> None:
     (mounted.source / ".mirrorfs").mkdir()
     (mounted.source / ".mirrorfs" / "status").write_text("from the source\n")
     ctl = mounted.control
-    assert sorted(os.listdir(ctl)) == ["pid", "status"]
+    names = os.listdir(ctl)
+    assert {"pid", "status"} <= set(names) and len(names) == len(set(names))
+    assert "from the source" not in {(ctl / n).read_text() for n in names if n != "control"}
     assert (ctl / "status").read_text() == "no jobs\n"
     assert int((ctl / "pid").read_text()) == mounted.pid
     assert os.listdir(mounted.mountpoint).count(".mirrorfs") == 1
@@ -141,5 +143,5 @@ def test_control_dir(mounted: Mount) -> None:
         os.rename(ctl, mounted.mountpoint / "other")
     # Inode numbers do not collide with the source's files.
     (mounted.mountpoint / "f").write_bytes(b"1")
-    inos = {(ctl / n).stat().st_ino for n in ("pid", "status")} | {ctl.stat().st_ino}
+    inos = {(ctl / n).stat().st_ino for n in names} | {ctl.stat().st_ino}
     assert (mounted.mountpoint / "f").stat().st_ino not in inos
