@@ -51,7 +51,7 @@ def test_qemu_qmp_drives_a_mirror_to_completion(mounted: Any, tmp_path: Path) ->
         client = QMPClient("mirrorfs-conformance")
         await client.connect(sock)
         try:
-            with client.listen() as listener:
+            with client.listener() as listener:
                 seen["before"] = await client.execute("query-block-jobs")
                 await client.execute("drive-mirror", {"device": "a.img", "target": str(target),
                                                       "sync": "full", "mode": "absolute-paths"})
@@ -118,3 +118,125 @@ def test_cli_round_trip_against_a_mount(mounted: Any, tmp_path: Path) -> None:
     assert (r.returncode, r.stdout) == (0, "no jobs\n")
     r = cli("complete", str(mounted.mountpoint), "b.img")
     assert r.returncode == 2 and r.stderr.startswith("mirrorfs complete: ")
+
+
+def _qmp_lines(sock_path: str, payload: bytes, sentinel: bytes) -> list[dict[str, Any]]:
+    """Negotiate on a fresh connection, send ``payload`` then ``sentinel`` (a command with id
+    "sentinel"), return every message received before the sentinel's reply (inclusive)."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(sock_path)
+    f = s.makefile("rb")
+    try:
+        assert "QMP" in json.loads(f.readline())
+        s.sendall(b'{"execute": "qmp_capabilities"}\n')
+        assert json.loads(f.readline()) == {"return": {}}
+        s.sendall(payload + sentinel)
+        out = []
+        while True:
+            msg = json.loads(f.readline())
+            out.append(msg)
+            if msg.get("id") == "sentinel":
+                return out
+    finally:
+        s.close()
+
+
+def test_socket_junk_never_changes_a_job(mounted: Any, tmp_path: Path) -> None:
+    """Issue 5, Done when 3 (socket side): junk, wrong types, unknown commands and arguments,
+    huge lines: each gets an error, other clients keep working, the job does not change."""
+    import random
+
+    _write_image(mounted.mountpoint / "j.img")
+    sock = _socket(mounted)
+    r = subprocess.run([MIRRORFS, "mirror", str(mounted.mountpoint), "j.img", str(tmp_path / "j-t.img"),
+                        "--create", "--sync", "none"], capture_output=True, text=True, timeout=60,
+                       env=mounted.env())
+    assert r.returncode == 0, r.stderr
+
+    def job_state() -> dict[str, Any]:
+        reply = _qmp_lines(sock, b"", b'{"execute": "query-block-jobs", "id": "sentinel"}\n')[-1]
+        [job] = reply["return"]
+        return {k: job[k] for k in ("device", "status", "ready", "paused", "speed", "target", "io-status")}
+
+    deadline = time.monotonic() + 60
+    while not (before := job_state())["ready"]:
+        assert time.monotonic() < deadline, before
+        time.sleep(0.05)
+    rng = random.Random(5)
+    corpus = [
+        b'{"execute": "block-job-complete", "arguments": {"device": 5}}',
+        b'{"execute": "block-job-complete", "arguments": {"device": "j.img", "pivot": "no"}}',
+        b'{"execute": "block-job-cancel", "arguments": {"device": "j.img", "force": "yes"}}',
+        b'{"execute": "block-job-pause", "arguments": {"device": "j.img", "bogus": 1}}',
+        b'{"execute": "block-job-set-speed", "arguments": {"device": "j.img", "speed": "fast"}}',
+        b'{"execute": "block-job-set-speed", "arguments": {"device": "j.img", "speed": -1}}',
+        b'{"execute": "drive-mirror", "arguments": {"device": "../../etc/passwd", "target": "/tmp/x"}}',
+        b'{"execute": "drive-mirror", "arguments": {"device": "j.img", "target": "/tmp/x"}}',
+        b'{"execute": "transaction", "arguments": {"actions": [{"type": "block-job-cancel"}]}}',
+        b'{"execute": "transaction", "arguments": {"actions": "all"}}',
+        b'{"execute": "no-such-command"}',
+        b'{"execute": "qmp_capabilities"}',
+        b'{"execute": ["block-job-cancel"]}',
+        b'{"execute": "block-job-cancel", "arguments": {"device": "j.img"}, "extra": 1}',
+        b'{"execute": "block-job-cancel", "arguments": ["j.img"]}',
+        b'[{"execute": "block-job-cancel", "arguments": {"device": "j.img"}}]',
+        b'{"execute": "block-job-cancel", "arguments": {"device": "j.img"}',  # unterminated
+        b'{' * 5000,
+        b'{"execute": "x", "arguments": {"pad": "' + b"p" * (2 << 20) + b'"}}',
+    ] + [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(40)]
+    for item in corpus:
+        # Each item alone on its line(s); a quote and brackets close whatever it left open.
+        msgs = _qmp_lines(sock, item + b'\n"' + b"}" * 300 + b"\n",
+                          b'{"execute": "query-version", "id": "sentinel"}\n')
+        answers, sentinel = msgs[:-1], msgs[-1]
+        assert "return" in sentinel, (item[:80], sentinel)
+        assert answers, f"no reply to {item[:80]!r}"
+        assert all("error" in m or "event" in m for m in answers), (item[:80], answers)
+        assert job_state() == before, f"{item[:80]!r} changed the job"
+    r = subprocess.run([MIRRORFS, "cancel", str(mounted.mountpoint), "j.img"], capture_output=True, text=True,
+                       timeout=60, env=mounted.env())
+    assert r.returncode == 0, r.stderr
+
+
+def test_status_watch_of_a_real_job_in_tmux(mounted: Any, tmp_path: Path) -> None:
+    """Issue 5, Done when 6: the live progress bar advances, then shows "ready"."""
+    import re
+    import shutil
+
+    if shutil.which("tmux") is None:
+        raise AssertionError("tmux is a required Debian package (scripts/setup)")
+    with open(mounted.mountpoint / "w.img", "wb") as f:
+        f.write(os.urandom(1 << 20) * 24)
+    r = subprocess.run([MIRRORFS, "mirror", str(mounted.mountpoint), "w.img", str(tmp_path / "w-t.img"),
+                        "--create", "--speed", "6M"], capture_output=True, text=True, timeout=60,
+                       env=mounted.env())
+    assert r.returncode == 0, r.stderr
+    tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]
+    subprocess.run(tmux + ["new-session", "-d", "-x", "160", "-y", "12",
+                           f"{MIRRORFS} status {mounted.mountpoint} --watch"], check=True, timeout=30)
+    try:
+        percents: list[float] = []
+        screen = ""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            screen = subprocess.run(tmux + ["capture-pane", "-p"], capture_output=True, text=True,
+                                    timeout=30).stdout
+            line = next((ln for ln in screen.splitlines() if ln.startswith("w.img")), "")
+            m = re.search(r"(\d+\.\d)%", line)
+            if m:
+                percents.append(float(m.group(1)))
+                if "ready" in line:
+                    break
+            time.sleep(0.1)
+        assert "ready" in screen, f"never showed ready:\n{screen}"
+        moving = sorted(set(p for p in percents if 0 < p < 100))
+        assert len(moving) >= 2, f"the bar did not advance: {percents}"
+        assert percents[-1] == 100.0 and "━" in screen
+    finally:
+        subprocess.run(tmux + ["kill-server"], capture_output=True, timeout=30)
+    r = subprocess.run([MIRRORFS, "cancel", str(mounted.mountpoint), "w.img"], capture_output=True, text=True,
+                       timeout=60, env=mounted.env())
+    assert r.returncode == 0, r.stderr
