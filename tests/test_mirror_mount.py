@@ -561,3 +561,72 @@ def test_pause_leaves_the_target_unchanged_and_resume_converges(mounted: Mount, 
     wait_ready(mounted, name)
     mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
     assert_identical(source, target)
+
+
+# ---------------------------------------------------------------------------- 6: target errors
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` for the test; always unmounted."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "mirrorfs-test-tmpfs", str(path)],
+                   check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("policy", ["enospc", "stop", "report"])
+def test_on_target_error_with_a_target_on_a_full_tmpfs(mount_factory: Callable[..., Mount], tmp_path: Path,
+                                                     policy: str) -> None:
+    """A target on a 2 MiB tmpfs for an 8 MiB image runs out of space. ``enospc``/``stop``: the
+    job stops with io-status ``nospace``, and after the tmpfs grows ``resume`` reaches ready with
+    identical images. ``report``: the job fails, ``status`` shows the error. The writer's I/O to
+    the source succeeds throughout."""
+    mount = mount_factory()
+    mount.allow_log(r"target error")
+    size = 8 * MiB
+    name = "vm.raw"
+    source = mount.source / name
+    make_image(source, size, 6, holes=False)
+    image = mount.mountpoint / name
+    problems: list[str] = []
+    with contextlib.ExitStack() as stack:
+        small = stack.enter_context(tiny_tmpfs(tmp_path / "tiny", "2M"))
+        # Unmount mirrorfs (it holds the target open) before the tmpfs goes away.
+        stack.callback(lambda: problems.extend(mount.close()))
+        target = small / "target.raw"
+        mount.cli("mirror", mount.mountpoint, name, target, "--create", "--buf-size", "256K",
+                  "--on-target-error", policy)
+        if policy == "report":
+            entry = wait_job(mount, name, lambda j: j["status"] == "concluded", "failed")
+            assert entry["error"] and "space" in entry["error"].lower(), entry
+            assert entry["io-status"] == "nospace" and not entry["ready"]
+            table = mount.cli("status", mount.mountpoint).stdout
+            assert "concluded: " in table and "nospace" in table, table
+            qemu_io(image, "write -P 0x71 4096 300000")
+            assert read_at(source, 4096, 300000) == b"\x71" * 300000
+            # A failed job cannot be completed; the user sees it in one line.
+            refused = mount.cli("complete", mount.mountpoint, name, "--no-pivot", check=False)
+            assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        else:
+            entry = wait_job(mount, name, lambda j: j["io-status"] == "nospace", "io-status nospace")
+            assert entry["paused"] and entry["status"] == "paused" and not entry["ready"], entry
+            table = mount.cli("status", mount.mountpoint).stdout
+            assert "nospace" in table and "paused" in table, table
+            # The writer is not affected, and the job stays stopped.
+            qemu_io(image, "write -P 0x72 4096 300000", "write -P 0x73 6000000 1000")
+            assert read_at(source, 4096, 300000) == b"\x72" * 300000
+            still = job(mount, name)
+            assert still is not None and still["paused"] and still["io-status"] == "nospace"
+            subprocess.run(["mount", "-o", "remount,size=16M", str(small)], check=True, timeout=30)
+            mount.cli("resume", mount.mountpoint, name)
+            entry = wait_ready(mount, name)
+            assert entry["io-status"] == "ok"
+            mount.cli("complete", mount.mountpoint, name, "--no-pivot")
+            assert_identical(source, target)
+    assert not problems, problems
+    assert read_at(source, 4096, 4) in (b"\x71" * 4, b"\x72" * 4)
