@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Mapping
 
+import trio
+
 from ..errors import ControlError, UsageError
 from ..mirror.manager import Action, JobManager
 from ..mirror.params import MirrorParams
@@ -175,8 +177,9 @@ class CommandDispatcher:
             if job_actions:
                 await self.manager.transaction(job_actions)
         except BaseException:
-            for job in started:
-                if not job.finished:
-                    await self.manager.transaction([Action("cancel", job.id, force=True)])
+            with trio.CancelScope(shield=True):  # the undo must run even when we are cancelled
+                for job in started:
+                    if not job.finished:
+                        await self.manager.transaction([Action("cancel", job.id, force=True)])
             raise
         return {}

@@ -98,6 +98,8 @@ class MirrorJob:
         self._end_request: tuple[str, str | None] | None = None
         self._zero = bytes(self.chunk_size)
         self._fsync_lock = trio.Lock()
+        self._durable_requested = 0
+        self._durable_done = 0
         self._grow_lock = trio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -300,22 +302,34 @@ class MirrorJob:
             log.debug("job %s: image grew from %d to %d bytes", self.id, old_size, new_size)
 
     async def _durable_point(self) -> None:
-        """Make the invariant hold across power loss: flush target, commit clears, msync bits."""
+        """Make the invariant hold across power loss: flush target, commit clears, msync bits.
+
+        Concurrent callers share flushes: a caller returns as soon as a flush that started after
+        its call has finished, so N parallel fsyncs cost about two target flushes, not N.
+        """
+        self._durable_requested += 1
+        ticket = self._durable_requested
         async with self._fsync_lock:
-            commit = getattr(self.bitmap, "begin_clear_commit", None)
-            token = commit() if commit is not None else None
-            if self._target_ok:
-                try:
-                    await self.target.flush()
-                except TargetError as exc:
-                    self._on_target_error(exc)
-                    token = None
-                else:
-                    if token is not None:
-                        self.bitmap.finish_clear_commit(token)
-            flush = getattr(self.bitmap, "flush", None)
-            if flush is not None:
-                await trio.to_thread.run_sync(flush)
+            if self._durable_done >= ticket:
+                return
+            covers = self._durable_requested
+            await self._flush_and_commit()
+            self._durable_done = covers
+
+    async def _flush_and_commit(self) -> None:
+        commit = getattr(self.bitmap, "begin_clear_commit", None)
+        token = commit() if commit is not None else None  # before the flush: see bitmap docs
+        if self._target_ok:
+            try:
+                await self.target.flush()
+            except TargetError as exc:
+                self._on_target_error(exc)
+            else:
+                if token is not None:
+                    self.bitmap.finish_clear_commit(token)
+        flush = getattr(self.bitmap, "flush", None)
+        if flush is not None:
+            await trio.to_thread.run_sync(flush)
 
     # ------------------------------------------------------------------ background copy
 
