@@ -630,3 +630,37 @@ def test_on_target_error_with_a_target_on_a_full_tmpfs(mount_factory: Callable[.
             assert_identical(source, target)
     assert not problems, problems
     assert read_at(source, 4096, 4) in (b"\x71" * 4, b"\x72" * 4)
+
+
+# ---------------------------------------------------------------------------- 7: resume after unmount
+
+
+def test_resume_after_unmount_with_sync_dirty_and_bitmap_clean_after_complete(mounted: Mount, tmp_path: Path) -> None:
+    size = 8 * MiB
+    name = "resume.raw"
+    source = mounted.source / name
+    target = tmp_path / "resume-target.raw"
+    bitmap = tmp_path / "resume.bitmap"
+    make_image(source, size, 8)
+    image = mounted.mountpoint / name
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--bitmap", bitmap,
+                "--speed", "1M", "--buf-size", "256K")
+    qemu_io(image, "write -P 0x81 3000 100000")
+    wait_job(mounted, name, lambda j: 0 < j["offset"] < j["len"], "mid-copy")
+    qemu_io(image, "write -P 0x82 7654321 22222")
+    mounted.unmount()  # mid-copy
+    report = mounted.cli("bitmap", "inspect", bitmap, "--json", check=False)
+    assert report.returncode == 1, report.stdout + report.stderr  # dirty: work left
+    info = json.loads(report.stdout)
+    assert info["clean-shutdown"] is True, info
+    assert_differ(source, target)
+    # (No write reaches the source while unmounted: the bitmap could not know of it.)
+    mounted.start()
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--sync", "dirty", "--bitmap", bitmap)
+    entry = wait_ready(mounted, name)
+    assert 0 < entry["__org.mirrorfs_copied-bytes"] < size, entry  # only the remaining work
+    mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
+    assert_identical(source, target)
+    assert read_at(target, 7654321, 22222) == b"\x82" * 22222
+    clean = mounted.cli("bitmap", "inspect", bitmap, check=False)
+    assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
