@@ -307,7 +307,10 @@ class JobManager:
         new_fds: dict[int, int] = {}
         try:
             for fh, handle in node.handles.items():
-                new_fds[fh] = os.open(target_path, handle.flags | os.O_CLOEXEC)
+                # As the FUSE layer opens the source: O_APPEND is the kernel's business (it
+                # passes the end-of-file offset), and with pwrite it would misplace every write.
+                flags = handle.flags & ~(os.O_APPEND | os.O_NOCTTY)
+                new_fds[fh] = os.open(target_path, flags | os.O_CLOEXEC)
         except OSError as exc:
             for fd in new_fds.values():
                 os.close(fd)
