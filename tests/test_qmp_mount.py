@@ -240,3 +240,26 @@ def test_status_watch_of_a_real_job_in_tmux(mounted: Any, tmp_path: Path) -> Non
     r = subprocess.run([MIRRORFS, "cancel", str(mounted.mountpoint), "w.img"], capture_output=True, text=True,
                        timeout=60, env=mounted.env())
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_complete_with_pivot_moves_the_image_to_the_target(mounted: Any, tmp_path: Path) -> None:
+    data = _write_image(mounted.mountpoint / "p.img")
+    target = tmp_path / "p-target.img"
+    mnt = str(mounted.mountpoint)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MIRRORFS, *args], capture_output=True, text=True, timeout=120, env=mounted.env())
+
+    assert cli("mirror", mnt, "p.img", str(target), "--create").returncode == 0
+    deadline = time.monotonic() + 60
+    while not json.loads(cli("status", mnt, "--json").stdout)[0]["ready"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    r = cli("complete", mnt, "p.img")
+    assert r.returncode == 0 and "the mount now serves the target" in r.stdout, r.stderr
+    with open(mounted.mountpoint / "p.img", "r+b") as f:
+        f.write(b"after-pivot")
+        f.flush()
+        os.fsync(f.fileno())
+    assert target.read_bytes() == b"after-pivot" + data[len(b"after-pivot"):]
+    assert (mounted.source / "p.img").read_bytes() == data, "the source must not see writes after pivot"
