@@ -61,7 +61,8 @@ class VirtualFile:
 
     @property
     def mode(self) -> int:
-        """st_mode for the file: read-only files 0444, writable ones 0644 (0600 if owner-only...)."""
+        """st_mode: read-only files 0444; writable ones 0644 when only the owner may write
+        (enforced at open, since the kernel lets root write anything), else 0666."""
         if not self.writable:
             return stat.S_IFREG | 0o444
         return stat.S_IFREG | (0o644 if self.owner_only_write else 0o666)
