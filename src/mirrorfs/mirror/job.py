@@ -76,6 +76,9 @@ class MirrorJob:
         self.io_status = "ok"
         self.error: str | None = None
         self.finished = False
+        #: What serves the image after a pivot to an NBD target (set by the manager). Requests
+        #: that waited at the closed gate during the pivot still come through this job.
+        self.successor: Any = None
         self.stats = {"copied-bytes": 0, "zeroed-bytes": 0, "duplicated-bytes": 0,
                       "skipped-duplicates": 0, "conflicts": 0}
         granularity = params.granularity
@@ -177,16 +180,22 @@ class MirrorJob:
 
     async def read(self, handle: Any, offset: int, size: int) -> bytes:
         async with self.gate.hold():
+            if self.successor is not None:
+                return await self.successor.read(handle, offset, size)
             return await fileio.pread(handle.fd, size, offset)
 
     async def write(self, handle: Any, offset: int, data: bytes) -> int:
         async with self.gate.hold():
+            if self.successor is not None:  # pivoted to NBD: handle.fd is still the source
+                return await self.successor.write(handle, offset, data)
             if self.finished:
                 return await fileio.pwrite(handle.fd, data, offset)
             return await self._intercepted_write(handle, offset, data)
 
     async def fsync(self, handle: Any, datasync: bool = False) -> None:
         async with self.gate.hold():
+            if self.successor is not None:
+                return await self.successor.fsync(handle, datasync)
             await fileio.fsync(handle.fd, datasync)
             if not self.finished:
                 await self._durable_point()

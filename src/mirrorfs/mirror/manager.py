@@ -300,8 +300,9 @@ class JobManager:
         if job.params.is_nbd:
             def switch_to_nbd() -> None:
                 job.pivot_keeps_target = True
+                job.successor = TargetForwarder(job.target, job.params.image)
                 job.conclude("completed", pivoted=True)
-                node.job = TargetForwarder(job.target, job.params.image)
+                node.job = job.successor
             return switch_to_nbd
         target_path = job.params.target
         new_fds: dict[int, int] = {}
