@@ -25,13 +25,15 @@ import trio
 class Operation:
     """One registered operation over clusters [first, last] (inclusive)."""
 
-    __slots__ = ("first", "last", "conflicted", "is_copy")
+    __slots__ = ("first", "last", "conflicted", "is_copy", "spans")
 
     def __init__(self, first: int, last: int, is_copy: bool) -> None:
         self.first = first
         self.last = last
         self.conflicted = False
         self.is_copy = is_copy
+        #: the clusters [lo, hi] shared with overlapping operations: only these lost the proof
+        self.spans: list[tuple[int, int]] = []
 
 
 class InflightOps:
@@ -53,6 +55,9 @@ class InflightOps:
             if other.first <= last and first <= other.last:
                 other.conflicted = True
                 op.conflicted = True
+                span = (max(first, other.first), min(last, other.last))
+                other.spans.append(span)
+                op.spans.append(span)
         self._ops.append(op)
         if is_copy:
             self.copy_bytes += length

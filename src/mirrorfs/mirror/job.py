@@ -416,6 +416,9 @@ class MirrorJob:
             if op.conflicted:
                 self.stats["conflicts"] += 1
                 self._dirtied.set()
+                # Clusters no other operation touched while this copy ran did get the source's
+                # bytes: clear them, or a steady writer keeps every large chunk dirty for ever.
+                self._clear_outside(op, offset, length)
             else:
                 self.bitmap.clear(offset, length)
             self.meter.add(length)
@@ -423,6 +426,18 @@ class MirrorJob:
             self.inflight.unregister(op, length)
             self._copy_slots.release()
             self._copies.leave()
+
+    def _clear_outside(self, op: Operation, offset: int, length: int) -> None:
+        """Clear the clusters of [offset, offset+length) outside ``op.spans``."""
+        g = self.params.granularity
+        end = offset + length
+        cluster = offset // g
+        for lo, hi in sorted(op.spans):
+            if lo > cluster:
+                self.bitmap.clear(cluster * g, lo * g - cluster * g)
+            cluster = max(cluster, hi + 1)
+        if cluster * g < end:
+            self.bitmap.clear(cluster * g, end - cluster * g)
 
     async def _copy_range(self, offset: int, length: int) -> None:
         """Copy source bytes to the target; holes and runs of zeroes become zero writes."""
