@@ -11,7 +11,9 @@ its target write has completed. When two registered operations overlap in cluste
 marked *conflicted*. A conflicted operation never clears bits: its clusters stay dirty and the copy
 task copies them again later, when nothing overlaps. Bits are set before the source write, so
 "stays dirty" is always safe; only clearing needs proof, and an operation that ran alone has it:
-nothing else touched its clusters between its source access and its target write.
+nothing else touched its clusters between its source access and its target write. The same
+proof holds cluster by cluster: a conflicted copy records the shared clusters (``spans``) and
+still clears the rest of its range, which no other operation touched while it ran.
 
 This is cheap: the registry holds at most a few dozen operations (bounded by buf-size and the
 FUSE request concurrency), so a linear scan per registration costs less than a dict of clusters.
