@@ -1,7 +1,8 @@
 """Blocking file I/O for the trio world: the one place that decides where pread/pwrite/fsync run.
 
 Every component that touches a file descriptor of an image (the FUSE passthrough, the mirror
-engine, local targets) goes through these three coroutines, so the choice below is made once.
+engine, local targets) goes through ``pread``/``pwrite``/``fsync``, and the FUSE layer runs its
+source lookups, stats and opens through ``call``, so the choice below is made once.
 
 The choice (measured, see below): plain ``pread``/``pwrite`` run in a worker thread through
 ``trio.to_thread.run_sync`` with a shared ``CapacityLimiter``. Running them directly on the trio
@@ -31,8 +32,11 @@ descriptors on memory-backed filesystems (tmpfs never blocks), keeping threads e
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, TypeVar
 
 import trio
+
+T = TypeVar("T")
 
 #: "thread" (default) or "direct": where pread/pwrite run. fsync always runs in a thread.
 IO_MODE: str = os.environ.get("MIRRORFS_IO_MODE", "thread")
@@ -89,6 +93,18 @@ async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
         await trio.lowlevel.checkpoint()
         return _pwrite_all(fd, data, offset)
     return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
+
+
+async def call(func: Callable[..., T], *args: Any) -> T:
+    """Run a blocking metadata call (stat, open, ...) on the source where file I/O runs.
+
+    Raises:
+        whatever ``func`` raises (OSError with the source's errno).
+    """
+    if IO_MODE == "direct":
+        await trio.lowlevel.checkpoint()
+        return func(*args)
+    return await trio.to_thread.run_sync(func, *args, limiter=LIMITER)
 
 
 async def fsync(fd: int, datasync: bool = False) -> None:

@@ -257,18 +257,25 @@ class Operations(pyfuse3.Operations):
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self._started_ns
         return entry
 
-    def _stat_inode(self, inode: int) -> os.stat_result:
-        """stat of what backs ``inode``: the node's backing file, else the source path."""
+    def _stat_plan(self, inode: int) -> Callable[[], os.stat_result]:
+        """The blocking stat of what backs ``inode`` (decided here, run by the caller).
+
+        The backing file for a node (after a pivot: the target), else the source path. An
+        unlinked node is only reachable through an open descriptor: fstat it now, on this thread,
+        because another request may close (and the kernel reuse) that descriptor meanwhile.
+        """
         node = self._nodes.get(inode)
         if node is not None:
             if node.unlinked:
                 for handle in node.handles.values():
-                    return os.fstat(handle.fd)
+                    st = os.fstat(handle.fd)
+                    return lambda: st
                 raise FUSEError(errno.ENOENT)
-            return os.stat(node.backing_path)
-        return os.lstat(self._abspath(self._relpath(inode)))
+            return functools.partial(os.stat, node.backing_path)
+        return functools.partial(os.lstat, self._abspath(self._relpath(inode)))
 
-    def _getattr_sync(self, inode: int) -> pyfuse3.EntryAttributes:
+    def _virtual_getattr(self, inode: int) -> pyfuse3.EntryAttributes | None:
+        """Attributes of ``.mirrorfs`` and its files; None for any other inode."""
         if inode == CONTROL_DIR_INODE:
             return self._virtual_attr(inode, stat.S_IFDIR | 0o755, 0, nlink=2)
         found = self.control_dir.lookup_inode(inode)
@@ -277,30 +284,39 @@ class Operations(pyfuse3.Operations):
             return self._virtual_attr(inode, vfile.mode, len(vfile.read()))
         if self.control_dir.is_reserved(inode):
             raise FUSEError(errno.ENOENT)
-        return self._attr(inode, self._stat_inode(inode))
+        return None
 
-    def _lookup_sync(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+    async def _getattr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = self._virtual_getattr(inode)
+        if attr is not None:
+            return attr
+        # Source metadata can be slow too (NFS, a FUSE source): never stat on the trio thread.
+        return self._attr(inode, await fileio.call(self._stat_plan(inode)))
+
+    async def _lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INODE and name == _CONTROL_NAME_B:
-            return self._getattr_sync(CONTROL_DIR_INODE)
+            return await self._getattr(CONTROL_DIR_INODE)
         if parent_inode == CONTROL_DIR_INODE:
             inode = self.control_dir.inode_of(os.fsdecode(name))
             if inode is None:
                 raise FUSEError(errno.ENOENT)
-            return self._getattr_sync(inode)
+            return await self._getattr(inode)
         relpath = self._child(parent_inode, name)
-        st = os.lstat(self._abspath(relpath))
+        st = await fileio.call(os.lstat, self._abspath(relpath))
+        # No race with unlink/rename of this name while we waited: the kernel holds the
+        # directory's lock across both, so table updates stay consistent with the source.
         inode = self._inode_for(relpath)
         if stat.S_ISREG(st.st_mode):
             node = self._node_for(inode, relpath)
             if node.backing_path != self._abspath(relpath):
-                st = os.stat(node.backing_path)
+                st = await fileio.call(os.stat, node.backing_path)
         return self._attr(inode, st)
 
     # ------------------------------------------------------------------ metadata handlers
 
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._lookup_sync(parent_inode, name)
+        return await self._lookup(parent_inode, name)
 
     @_guard
     async def forget(self, inode_list: Any) -> None:
@@ -309,7 +325,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        return self._getattr_sync(inode)
+        return await self._getattr(inode)
 
     @_guard
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -317,7 +333,7 @@ class Operations(pyfuse3.Operations):
         if self.control_dir.is_reserved(inode):
             # `echo cmd > .mirrorfs/control` truncates first: accept and ignore it.
             if fields.update_size and not (fields.update_mode or fields.update_uid or fields.update_gid):
-                return self._getattr_sync(inode)
+                return await self._getattr(inode)
             raise FUSEError(errno.EPERM)
         node = self._nodes.get(inode)
         # An unlinked file can only be reached through a descriptor.
@@ -360,7 +376,7 @@ class Operations(pyfuse3.Operations):
                 os.utime(fd, ns=(atime, mtime))
             else:
                 os.utime(path, ns=(atime, mtime), follow_symlinks=False)
-        return self._getattr_sync(inode)
+        return await self._getattr(inode)
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -436,7 +452,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         # Permission checks are the kernel's (default_permissions); only existence is ours.
-        self._getattr_sync(inode)
+        await self._getattr(inode)
         return True
 
     # ------------------------------------------------------------------ directories
@@ -465,12 +481,32 @@ class Operations(pyfuse3.Operations):
         entries = self._dirs.get(fh)
         if entries is None:
             raise FUSEError(errno.EBADF)
+        # Decide every stat here, run them all in one hop off the trio thread, then reply.
+        wanted: list[tuple[int, bytes, int, pyfuse3.EntryAttributes | Callable[[], os.stat_result]]] = []
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             try:
-                attr = self._getattr_sync(inode)
+                wanted.append((index, name, inode, self._virtual_getattr(inode) or self._stat_plan(inode)))
             except (OSError, FUSEError):
                 continue  # removed since opendir
+
+        def run_stats() -> list[os.stat_result | None]:
+            results: list[os.stat_result | None] = []
+            for _, _, _, item in wanted:
+                try:
+                    results.append(None if isinstance(item, pyfuse3.EntryAttributes) else item())
+                except OSError:
+                    results.append(None)
+            return results
+
+        stats = await fileio.call(run_stats)
+        for (index, name, inode, item), st in zip(wanted, stats):
+            if isinstance(item, pyfuse3.EntryAttributes):
+                attr = item
+            elif st is None:
+                continue  # removed since opendir
+            else:
+                attr = self._attr(inode, st)
             # readdirplus: the kernel caches these as lookups, so they must be complete.
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                 break
@@ -481,7 +517,7 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
 
-    def _open_source(self, node: ImageNode, flags: int, *, create_mode: int | None = None) -> OpenHandle:
+    async def _open_source(self, node: ImageNode, flags: int) -> OpenHandle:
         """Open the node's backing file with this open's own access mode (see node.py)."""
         fd_flags = (flags & ~STRIPPED_OPEN_FLAGS & ~os.O_APPEND & ~os.O_NOCTTY) | os.O_CLOEXEC
         if flags & os.O_TRUNC:
@@ -489,7 +525,7 @@ class Operations(pyfuse3.Operations):
                 node.job.check_modify("truncate")
             fd_flags |= os.O_TRUNC
         # O_APPEND is left to the kernel, which passes the end-of-file offset with each write.
-        fd = os.open(node.backing_path, fd_flags)
+        fd = await fileio.call(os.open, node.backing_path, fd_flags)
         fh = next(self._fh_counter)
         handle = OpenHandle(fh=fh, node=node, flags=flags & ~STRIPPED_OPEN_FLAGS, fd=fd,
                             direct=bool(flags & _O_DIRECT))
@@ -514,10 +550,10 @@ class Operations(pyfuse3.Operations):
         node = self._nodes.get(inode)
         if node is None:
             relpath = self._relpath(inode)
-            if not stat.S_ISREG(os.lstat(self._abspath(relpath)).st_mode):
+            if not stat.S_ISREG((await fileio.call(os.lstat, self._abspath(relpath))).st_mode):
                 raise FUSEError(errno.EACCES)
             node = self._node_for(inode, relpath)
-        handle = self._open_source(node, flags)
+        handle = await self._open_source(node, flags)
         return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct, keep_cache=False)
 
     def _open_virtual(self, vfile: VirtualFile, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -553,7 +589,7 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             self._chown_to_caller(path, ctx)
         node = self._node_for(self._inode_for(relpath), relpath)
-        handle = self._open_source(node, flags & ~(os.O_CREAT | os.O_EXCL))
+        handle = await self._open_source(node, flags & ~(os.O_CREAT | os.O_EXCL))
         try:
             attr = self._attr(node.inode, os.fstat(handle.fd))
         except BaseException:
