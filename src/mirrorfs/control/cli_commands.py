@@ -88,6 +88,9 @@ def validate_image(image: str) -> str:
         raise UsageError(f"image {image!r} names the mount itself: give a file under it")
     if norm == ".." or norm.startswith("../"):
         raise UsageError(f"image {image!r} leaves the mount: give a path inside it")
+    if norm.split("/")[0] == ".mirrorfs":
+        # The server refuses it too, but as GenericError (exit 1): it is bad input (exit 2).
+        raise UsageError(f"image {image!r} is a mirrorfs control file, not an image")
     return norm
 
 
