@@ -36,7 +36,7 @@ from typing import Callable
 
 import trio
 
-from ..errors import MountError
+from ..errors import MirrorfsError, MountError
 from .control_dir import CONTROL_DIR_NAME, VirtualFile
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ def _run_service(service: MountService, on_ready: Callable[[], None] | None) -> 
         trio.run(service.run, on_ready)
     except BaseExceptionGroup as group:
         # The nursery wraps errors of the mount's body in a group; expected ones are unwrapped.
-        mount_errors, rest = group.split(MountError)
+        mount_errors, rest = group.split(MirrorfsError)
         if mount_errors is not None and rest is None:
             leaf: BaseException = mount_errors
             while isinstance(leaf, BaseExceptionGroup):
@@ -337,7 +337,8 @@ def cli_mount(args: argparse.Namespace) -> int:
         try:
             _run_service(service, ready)
             code = 0
-        except MountError as exc:
+        except MirrorfsError as exc:
+            # Expected failures (mount refused, a component that cannot start): one line.
             log.error("%s", exc)
             with contextlib.suppress(OSError):
                 os.write(write_end, f"error {exc} (log: {log_file})\n".encode())
