@@ -123,3 +123,16 @@ def test_no_dev_fuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: py
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'fuse'} is missing" in err
     assert not is_mounted(tmp_path / "mnt")
+
+
+def test_checklogs_flags_tracebacks(tmp_path: Path) -> None:
+    """The fixtures' log check can fail: tracebacks, ERROR lines and BUGs are reported."""
+    log = tmp_path / "m.log"
+    log.write_text("2026 1 mirrorfs.fs.mount INFO: mounted\n"
+                   "2026 1 mirrorfs.fs.operations ERROR: BUG in FUSE handler read; request answered with EIO\n"
+                   "Traceback (most recent call last):\n"
+                   "2026 1 mirrorfs.mirror ERROR: target lost (expected by this test)\n")
+    mount = Mount(source=tmp_path, mountpoint=tmp_path, log_file=log)
+    assert len(mount.bad_log_lines()) == 3
+    mount.allow_log(r"expected by this test")
+    assert len(mount.bad_log_lines()) == 2
