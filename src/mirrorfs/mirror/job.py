@@ -281,6 +281,10 @@ class MirrorJob:
             g = self.params.granularity
             for cluster in edges:
                 self.bitmap.clear(cluster * g, g)
+            if not self.ready and self.bitmap.count() == 0:
+                # A steady writer keeps a duplicate in flight most of the time: the moment the
+                # last one lands and nothing is dirty is when the job can become ready.
+                self._dirtied.set()
         self.inflight.unregister(op)
 
     async def _grow(self, new_size: int) -> None:
@@ -359,7 +363,11 @@ class MirrorJob:
                 if self.bitmap.count() == 0:
                     if not self.ready:
                         await self._durable_point()
-                        if self.bitmap.count() == 0 and self._target_ok and not self.paused:
+                        # As QEMU: ready once a flush followed a moment with nothing dirty. Writes
+                        # that came during the flush are being duplicated (or copied), which is
+                        # what ready promises; waiting for another empty moment may never end
+                        # under a steady writer on a slow target.
+                        if self._target_ok and not self.paused and self._end_request is None:
                             self._become_ready()
                     elif trio.current_time() - last_commit >= COMMIT_INTERVAL:
                         await self._durable_point()
