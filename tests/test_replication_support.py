@@ -86,8 +86,8 @@ def wait_ready(client: QMPClient, device: str, timeout: float = 90.0) -> dict[st
 
 _WRITER = r"""
 import json, os, random, sys, time
-path, stop, out, block, span, seed, fsync_every = sys.argv[1:8]
-block, span, seed, fsync_every = int(block), int(span), int(seed), int(fsync_every)
+path, stop, out, block, span, seed, fsync_every, pause = sys.argv[1:9]
+block, span, seed, fsync_every, pause = int(block), int(span), int(seed), int(fsync_every), float(pause)
 rng = random.Random(seed)
 fd = os.open(path, os.O_RDWR)
 stats = {"writes": 0, "bytes": 0, "max_latency": 0.0, "errors": [], "fsyncs": 0,
@@ -120,7 +120,7 @@ try:
                 stats["errors"].append(f"fsync: {exc}")
             stats["max_fsync_latency"] = max(stats["max_fsync_latency"], time.monotonic() - t)
             stats["fsyncs"] += 1
-        time.sleep(0.001)
+        time.sleep(pause)
 finally:
     try:
         os.close(fd)
@@ -135,16 +135,17 @@ finally:
 class Writer:
     """A separate process that writes random blocks through the mount until stopped.
 
-    It records its own worst ``pwrite`` and ``fsync`` latency and every error it saw.
+    It records its own worst ``pwrite`` and ``fsync`` latency and every error it saw. ``pause``
+    seconds pass between writes; ``fsync_every`` N writes it calls fsync (0: never).
     """
 
     def __init__(self, path: Path, workdir: Path, *, block: int = 4096, span: int | None = None,
-                 seed: int = 1, fsync_every: int = 0) -> None:
+                 seed: int = 1, fsync_every: int = 0, pause: float = 0.001) -> None:
         self.stop_file = workdir / f"writer-{seed}.stop"
         self.out = workdir / f"writer-{seed}.json"
         span = span if span is not None else os.path.getsize(path)
         self.proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(self.stop_file),
-                                      str(self.out), str(block), str(span), str(seed), str(fsync_every)])
+                                      str(self.out), str(block), str(span), str(seed), str(fsync_every), str(pause)])
         self.result: dict[str, Any] | None = None
 
     def stop(self, timeout: float = 60.0) -> dict[str, Any]:
