@@ -176,3 +176,36 @@ def test_sigkill_mid_replication_then_resync_dirty(mount_factory: Any, tmp_path:
             if writer is not None:
                 writer.kill()
             mount.close()
+
+
+def test_server_back_with_another_size_is_refused(mount_factory: Any, tmp_path: Path) -> None:
+    """A server that returns exporting something else is not written to: the job fails."""
+    size = 4 * MiB
+    mount = mount_factory()
+    mount.allow_log(r"WARNING")
+    make_image(mount.source / "vm.raw", size)
+    served = tmp_path / "served.raw"
+    make_blank(served, size)
+    with qemu_nbd(served, transport="unix") as server:
+        try:
+            with qmp(mount) as client:
+                mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri)
+                wait_ready(client, "vm.raw")
+                server.kill()
+                with open(served, "r+b") as f:
+                    f.truncate(size + MiB)  # the far side now serves a bigger disk
+                before = served.read_bytes()
+                with open(mount.mountpoint / "vm.raw", "r+b", buffering=0) as f:
+                    f.write(b"x" * 4096)  # noticed at this write's duplicate
+                wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"], 15, "the loss")
+                server.start()
+                job = wait_job(client, "vm.raw", lambda j: j["status"] == "concluded", 30, "the job to fail")
+                assert "refusing to write to a different export" in job["error"], job
+                assert job["io-status"] == "failed" and not job["ready"], job
+                names = [e["event"] for e in client.poll_events(0.1)]
+                assert "MIRROR_TARGET_LOST" in names and "MIRROR_TARGET_RESTORED" not in names, names
+                assert names[-1] == "BLOCK_JOB_COMPLETED" and "BLOCK_JOB_ERROR" in names, names
+            server.stop()
+            assert served.read_bytes() == before  # not written to
+        finally:
+            mount.unmount()
