@@ -112,7 +112,7 @@ def _sigkill_mount(mount: Any) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sigkill_mid_replication_then_resync_dirty(mount_factory: Any, tmp_path: Path) -> None:
-    size = 48 * MiB
+    size = 64 * MiB
     buf = 1 * MiB
     mount = mount_factory()
     mount.allow_log(r"WARNING")
@@ -131,7 +131,8 @@ def test_sigkill_mid_replication_then_resync_dirty(mount_factory: Any, tmp_path:
             with qmp(mount) as client:
                 # writes confined to the first 4 MiB, so the rest shows what the copy committed
                 writer = Writer(mount.mountpoint / "vm.raw", tmp_path, seed=3, span=4 * MiB)
-                job = wait_job(client, "vm.raw", lambda j: j["offset"] > size // 2, 60, "half copied")
+                job = wait_job(client, "vm.raw", lambda j: j["offset"] > size * 3 // 4, 60,
+                               "three quarters copied")
                 assert not job["ready"]
                 copied = job["offset"]
             # the writer is still running: the kill lands under its writes
@@ -142,8 +143,9 @@ def test_sigkill_mid_replication_then_resync_dirty(mount_factory: Any, tmp_path:
             assert code == 1 and info["dirty-bytes"] > 0 and not info["clean-shutdown"], info
             dirty = info["dirty-bytes"]
             # the copy commits its progress every second (COMMIT_INTERVAL): what it had copied a
-            # second before the kill, minus the writer's span, is clean in the file
-            assert dirty <= size - copied + speed + 4 * MiB + 2 * buf, (dirty, copied)
+            # second or two before the kill (a loaded machine), minus the writer's span, is clean
+            # in the file; without those commits every bit would still be set
+            assert dirty <= size - copied + 2 * speed + 4 * MiB + 2 * buf < size, (dirty, copied)
 
             mount.start()
             mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri, "--sync", "dirty",
