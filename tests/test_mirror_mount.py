@@ -648,8 +648,11 @@ def test_on_target_error_with_a_target_on_a_full_tmpfs(mount_factory: Callable[.
         # Unmount mirrorfs (it holds the target open) before the tmpfs goes away.
         stack.callback(lambda: problems.extend(mount.close()))
         target = small / "target.raw"
-        mount.cli("mirror", mount.mountpoint, name, target, "--create", "--buf-size", "256K",
-                  "--on-target-error", policy)
+        # Writer processes run while the job starts and meets the full target: none may fail.
+        with writers(image, [61, 62], tmp_path, count=300) as finish:
+            mount.cli("mirror", mount.mountpoint, name, target, "--create", "--buf-size", "256K",
+                      "--on-target-error", policy)
+            assert all(n == 300 for _, _, n in finish())
         if policy == "report":
             entry = wait_job(mount, name, lambda j: j["status"] == "concluded", "failed")
             assert entry["error"] and "space" in entry["error"].lower(), entry
