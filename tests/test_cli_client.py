@@ -375,7 +375,8 @@ def test_qmp_one_command(mount: Any, capsys: Any) -> None:
     assert code == 0 and reply["id"] == "mine" and reply["return"][0]["device"] == "a.img"
     code, out, _ = run_cli(capsys, "qmp", mnt, '{"execute": "block-job-complete", "arguments": {"device": "a.img"}}')
     assert code == 1 and json.loads(out) == {"error": {"class": "GenericError", "desc":
-                                            "Job 'a.img' in state 'running' cannot accept command verb 'complete'"}}
+                                            "Job 'a.img' in state 'running' cannot accept command verb 'complete'",
+                                            "__org.mirrorfs_exit-code": 1}}
     code, out, _ = run_cli(capsys, "qmp", mnt, '{"execute": "nope"}')
     assert code == 1 and json.loads(out)["error"]["class"] == "CommandNotFound"
     code, out, _ = run_cli(capsys, "qmp", mnt, '{"execute": 5}')
@@ -398,7 +399,8 @@ def test_qmp_interactive(mount: Any) -> None:
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[0]["return"]["package"].startswith("mirrorfs ")
     assert lines[1] == {"return": {}}
-    assert lines[2] == {"error": {"class": "CommandNotFound", "desc": "The command garbage= has not been found"}}
+    assert lines[2] == {"error": {"class": "CommandNotFound", "desc": "The command garbage= has not been found",
+                                  "__org.mirrorfs_exit-code": 2}}
     assert lines[3] == {"return": {}}
     assert lines[4]["event"] == "BLOCK_JOB_COMPLETED" and lines[4]["data"]["device"] == "a.img"
     assert len(lines) == 5

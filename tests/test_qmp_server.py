@@ -243,11 +243,14 @@ async def test_server_commands_and_errors(served: Any, caplog: pytest.LogCapture
     assert handler.calls == [], "nothing may run before negotiation"
     assert await c.command("qmp_capabilities", id="n") == {"return": {}, "id": "n"}
     assert await c.command("query-version", {"x": 1}, id=2) == \
-        {"error": {"class": "GenericError", "desc": "Parameter 'x' is unexpected"}, "id": 2}
+        {"error": {"class": "GenericError", "desc": "Parameter 'x' is unexpected",
+                   "__org.mirrorfs_exit-code": 2}, "id": 2}
     assert await c.command("nope", id=3) == \
-        {"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}, "id": 3}
+        {"error": {"class": "CommandNotFound", "desc": "The command nope has not been found",
+                   "__org.mirrorfs_exit-code": 2}, "id": 3}
     assert await c.command("refuse", id=4) == \
-        {"error": {"class": "GenericError", "desc": "The active block job 'a' cannot be completed"}, "id": 4}
+        {"error": {"class": "GenericError", "desc": "The active block job 'a' cannot be completed",
+                   "__org.mirrorfs_exit-code": 1}, "id": 4}
     with caplog.at_level(logging.ERROR, logger="mirrorfs.control.qmp_server"):
         reply = await c.command("crash", id=5)
         assert reply == {"error": {"class": "GenericError", "desc": "internal error: ZeroDivisionError('boom')"},

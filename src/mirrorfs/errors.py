@@ -141,8 +141,13 @@ class QMPCommandError(ControlError):
     class is a refusal (exit 1).
     """
 
-    def __init__(self, qmp_class: str, desc: str) -> None:
-        bad_input = qmp_class in ("DeviceNotFound", "DeviceNotActive", "CommandNotFound")
+    def __init__(self, qmp_class: str, desc: str, *, exit_code: int | None = None) -> None:
+        # A mirrorfs server says which exit code it means; other servers (or old replies) fall
+        # back to the class.
+        if exit_code in (1, 2):
+            bad_input = exit_code == 2
+        else:
+            bad_input = qmp_class in ("DeviceNotFound", "DeviceNotActive", "CommandNotFound")
         super().__init__(desc, qmp_class=qmp_class, exit_code=2 if bad_input else 1,
                          errno=_errno.EINVAL if bad_input else _errno.EBUSY)
         self.desc = desc

@@ -17,7 +17,7 @@ import time
 from typing import Any, Iterable
 
 from ..errors import QMPCommandError, QMPConnectError, RemoteProtocolError
-from .qmp_proto import (CLOSED, NEED_DATA, NO_ID, Error, Event, Greeting, QMPClientConnection,
+from .qmp_proto import (CLOSED, EXIT_CODE_MEMBER, NEED_DATA, NO_ID, Error, Event, Greeting, QMPClientConnection,
                         Return)
 
 __all__ = ["QMPClient"]
@@ -112,7 +112,9 @@ class QMPClient:
         """
         reply = self.execute_raw({"execute": name, **({"arguments": arguments} if arguments else {})})
         if "error" in reply:
-            raise QMPCommandError(reply["error"]["class"], reply["error"]["desc"])
+            error = reply["error"]
+            raise QMPCommandError(error["class"], error["desc"],
+                                  exit_code=error.get(EXIT_CODE_MEMBER))
         return reply["return"]
 
     def execute_raw(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +139,8 @@ class QMPClient:
                     reply = {"return": msg.value}
                 else:
                     reply = {"error": {"class": msg.error_class, "desc": msg.desc}}
+                    if msg.exit_code is not None:
+                        reply["error"][EXIT_CODE_MEMBER] = msg.exit_code
                 if "id" in message:
                     reply["id"] = message["id"]
                 return reply

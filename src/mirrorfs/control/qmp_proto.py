@@ -52,6 +52,9 @@ DEFAULT_MAX_VALUE_SIZE = 1 << 20
 DEFAULT_MAX_DEPTH = 128
 
 
+#: Extension member of QMP error objects carrying the CLI exit code (see send_error).
+EXIT_CODE_MEMBER = "__org.mirrorfs_exit-code"
+
 class _Sentinel:
     def __init__(self, name: str) -> None:
         self._name = name
@@ -116,6 +119,8 @@ class Error:
     error_class: str
     desc: str
     id: Any = NO_ID
+    #: the ``__org.mirrorfs_exit-code`` member, when a mirrorfs server sent one
+    exit_code: int | None = None
 
 
 @dataclass(frozen=True)
@@ -481,9 +486,19 @@ class QMPServerConnection:
         """
         return _encode(_with_id({"return": value}, id))
 
-    def send_error(self, id: Any, qmp_class: str, desc: str) -> bytes:
-        """Bytes of an error reply ``{"error": {"class", "desc"}, "id"}``."""
-        return _encode(_with_id({"error": {"class": qmp_class, "desc": desc}}, id))
+    def send_error(self, id: Any, qmp_class: str, desc: str, *, exit_code: int | None = None) -> bytes:
+        """Bytes of an error reply ``{"error": {"class", "desc"}, "id"}``.
+
+        Args:
+            exit_code: the mirrorfs CLI exit code the error stands for (1 refused by state, 2 bad
+                input), sent as the extension member ``__org.mirrorfs_exit-code`` of the error
+                object: QMP's classes alone cannot tell a malformed value from a refusal (QEMU
+                reports both as GenericError), and QMP clients ignore members they do not know.
+        """
+        error: dict[str, Any] = {"class": qmp_class, "desc": desc}
+        if exit_code is not None:
+            error[EXIT_CODE_MEMBER] = exit_code
+        return _encode(_with_id({"error": error}, id))
 
     def send_event(self, name: str, data: dict[str, Any], *, timestamp: float | None = None) -> bytes:
         """Bytes of an event, stamped with ``timestamp`` (default: now).
@@ -577,7 +592,9 @@ class QMPClientConnection:
             if not isinstance(err, dict) or not isinstance(err.get("class"), str) \
                     or not isinstance(err.get("desc"), str):
                 raise RemoteProtocolError("QMP server sent a malformed error reply")
-            return Error(err["class"], err["desc"], msg_id)
+            exit_code = err.get(EXIT_CODE_MEMBER)
+            return Error(err["class"], err["desc"], msg_id,
+                         exit_code if isinstance(exit_code, int) else None)
         if "event" in msg and isinstance(msg["event"], str):
             return Event(msg["event"], msg.get("data", {}) or {}, msg.get("timestamp", {}) or {})
         raise RemoteProtocolError(f"QMP server sent an unknown message: {line[:200]!r}")

@@ -300,7 +300,7 @@ class QMPServer:
             return conn.send_error(cmd.id, "GenericError", f"internal error: {exc}")
         except MirrorfsError as exc:
             self._stats["errors"] += 1
-            return conn.send_error(cmd.id, exc.qmp_class, str(exc))
+            return conn.send_error(cmd.id, exc.qmp_class, str(exc), exit_code=exc.exit_code)
         except Exception as exc:  # a bug in a command: report it, keep serving (see class doc)
             log.exception("QMP command %s failed with an internal error", cmd.name)
             self._stats["errors"] += 1
