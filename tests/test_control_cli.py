@@ -219,9 +219,6 @@ def test_a_cli_refusal_leaves_no_traceback_and_the_console_script_agrees(mounted
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the server refuses a missing target with QMP "
-                   "GenericError, which the CLI must map to exit 1 (refused); SPEC calls it bad input "
-                   "(exit 2). Needs an exit-code hint in QMP error replies (a mirrorfs extension member).")
 def test_mirror_to_a_missing_target_is_bad_input(mounted: Mount, tmp_path: Path) -> None:
     m = mounted.mountpoint
     image(mounted, "b.img")

@@ -124,9 +124,6 @@ def test_tls_with_a_wrong_ca_is_refused(mount_factory: Any, tmp_path: Path) -> N
     assert served.read_bytes() == bytes(SIZE)  # nothing was written to the server
 
 
-@pytest.mark.xfail(strict=True, reason="a target refused by the mount (GenericError over QMP) exits 1, "
-                                       "not 2: the CLI cannot tell bad input from a refusal by the "
-                                       "QMP class alone (reported to the lead)")
 def test_tls_with_a_wrong_ca_exits_2(mount_factory: Any, tmp_path: Path) -> None:
     r, _ = _wrong_ca_attempt(mount_factory, tmp_path)
     assert r.returncode == 2, (r.returncode, r.stderr)
