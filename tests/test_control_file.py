@@ -159,12 +159,12 @@ def test_every_control_command_succeeds_and_is_recorded(mounted: Mount, tmp_path
 # (line, errno, message in the history) -- the failure of each command, with one job "a.img"
 # running slowly (not ready) and no job "nope.img".
 FAILURES = [
-    ("mirror a.img /tmp/elsewhere.img", errno.EBUSY, "job id 'a.img' is in use"),
-    ("mirror nope.img /tmp/x.img create=true", errno.EINVAL, "nope.img"),
+    ("mirror a.img {t}/elsewhere.img", errno.EBUSY, "job id 'a.img' is in use"),
+    ("mirror nope.img {t}/x.img create=true", errno.EINVAL, "nope.img"),
     ("mirror a.img", errno.EINVAL, "usage: mirror IMAGE TARGET"),
-    ("mirror a.img /tmp/x.img colour=blue", errno.EINVAL, "unknown option 'colour'"),
-    ("mirror a.img /tmp/x.img job-id=b sync=sideways", errno.EINVAL, "parameter 'sync' must be one of"),
-    ("mirror a.img /tmp/x.img job-id=b granularity=3K", errno.EINVAL, "power of two"),
+    ("mirror a.img {t}/x.img colour=blue", errno.EINVAL, "unknown option 'colour'"),
+    ("mirror a.img {t}/x.img job-id=b sync=sideways", errno.EINVAL, "parameter 'sync' must be one of"),
+    ("mirror a.img {t}/x.img job-id=b granularity=3K", errno.EINVAL, "power of two"),
     ("complete a.img", errno.EBUSY, "job 'a.img' cannot be completed: it is not ready yet"),
     ("complete a.img pivot=false", errno.EBUSY, "job 'a.img' cannot be completed: it is not ready yet"),
     ("complete a.img pivot=maybe", errno.EINVAL, "pivot='maybe': expected true or false"),
@@ -191,6 +191,7 @@ def test_every_control_command_fails_with_its_errno_and_changes_nothing(mounted:
     keys = ("status", "ready", "paused", "target", "speed", "io-status", "copy-mode")
     before = {k: jobs(mounted)["a.img"][k] for k in keys}
     for line, code, message in FAILURES:
+        line = line.format(t=tmp_path)
         got = control(mounted, line + "\n")
         assert got == code, f"{line!r}: errno {got}, expected {code}"
         outcome = last_outcome(mounted)
@@ -198,7 +199,7 @@ def test_every_control_command_fails_with_its_errno_and_changes_nothing(mounted:
         assert history(mounted)[-1].split(" ", 1)[1].startswith(line.strip())
         assert set(jobs(mounted)) == {"a.img"}
         assert {k: jobs(mounted)["a.img"][k] for k in keys} == before, line
-    assert not Path("/tmp/x.img").exists() and not Path("/tmp/elsewhere.img").exists()
+    assert not (tmp_path / "x.img").exists() and not (tmp_path / "elsewhere.img").exists()
     # A write with a bad line stops there: the lines after it do not run.
     assert control(mounted, "pause nope.img\npause a.img\n") == errno.EINVAL
     assert jobs(mounted)["a.img"]["paused"] is False

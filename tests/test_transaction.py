@@ -18,6 +18,7 @@ Transactions and the write gate are explained in ``docs/transactions.md``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -231,6 +232,17 @@ def test_transaction_with_a_job_not_ready_is_refused_and_changes_nothing(mounted
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("mirrorfs complete: ")
         assert "'slow.img' cannot be completed: it is not ready yet" in r.stderr
         assert "Traceback" not in r.stderr
+    # The same transaction through the control file: EBUSY, and the reason in its history.
+    fd = os.open(mounted.control / "control", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as refused:
+            os.write(fd, b"complete a.img slow.img pivot=false\n")
+    finally:
+        os.close(fd)
+    assert refused.value.errno == errno.EBUSY
+    last = (mounted.control / "control").read_text().splitlines()[-1]
+    assert ("complete a.img slow.img pivot=false -> error: job 'slow.img' cannot be completed: "
+            "it is not ready yet") in last
     after = {j["device"]: j for j in status_json(mounted)}
     keys = ("status", "ready", "paused", "target", "io-status", "speed", "len", "copy-mode")
     for device in ("a.img", "slow.img"):
