@@ -33,7 +33,9 @@ MiB = 1 << 20
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_server_killed_and_restarted_three_times_under_a_writer(mount_factory: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_server_killed_and_restarted_three_times_under_a_writer(mount_factory: Any, tmp_path: Path,
+                                                                copy_mode: str) -> None:
     size = 32 * MiB
     mount = mount_factory()
     mount.allow_log(r"WARNING")  # lost targets are logged as warnings, by design
@@ -44,7 +46,7 @@ def test_server_killed_and_restarted_three_times_under_a_writer(mount_factory: A
     writer = None
     with qemu_nbd(served, transport="unix") as server:
         try:
-            mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri)
+            mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri, "--copy-mode", copy_mode)
             with qmp(mount) as client:
                 wait_ready(client, "vm.raw")
                 writer = Writer(mount.mountpoint / "vm.raw", tmp_path, seed=7, fsync_every=64)
@@ -94,6 +96,64 @@ def test_server_killed_and_restarted_three_times_under_a_writer(mount_factory: A
         finally:
             if writer is not None:
                 writer.kill()
+            mount.unmount()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_hung_server_costs_a_writer_at_most_the_timeout(mount_factory: Any, tmp_path: Path,
+                                                        copy_mode: str) -> None:
+    """A server that stops answering (SIGSTOP) without closing the connection: in background mode
+    the writer never waits for it; in write-blocking mode one write waits, at most the documented
+    timeout, then the loss is declared and no write waits any more."""
+    size = 16 * MiB
+    mount = mount_factory()
+    mount.allow_log(r"WARNING")
+    source = mount.source / "vm.raw"
+    make_image(source, size)
+    served = tmp_path / "served.raw"
+    make_blank(served, size)
+    writer = None
+    with qemu_nbd(served, transport="unix") as server:
+        try:
+            with qmp(mount) as client:
+                mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri, "--copy-mode", copy_mode)
+                wait_ready(client, "vm.raw")
+                writer = Writer(mount.mountpoint / "vm.raw", tmp_path, seed=5, pause=0.005)
+                dup0 = wait_job(client, "vm.raw", lambda j: True, 5, "job")["__org.mirrorfs_duplicated-bytes"]
+                wait_job(client, "vm.raw", lambda j: j["__org.mirrorfs_duplicated-bytes"] > dup0 + 64 * 1024,
+                         30, "duplicated writes")
+                assert server.proc is not None
+                os.kill(server.proc.pid, signal.SIGSTOP)
+                try:
+                    frozen = time.monotonic()
+                    wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"],
+                             NBD_TIMEOUT + 10, "the hung server to count as lost")
+                    noticed = time.monotonic() - frozen
+                finally:
+                    os.kill(server.proc.pid, signal.SIGCONT)
+                assert NBD_TIMEOUT - 1 < noticed < NBD_TIMEOUT + 5, noticed
+                wait_ready(client, "vm.raw", timeout=60)
+                stats = writer.stop()
+                names = [e["event"] for e in client.poll_events(0.05)]
+                assert "MIRROR_TARGET_LOST" in names and "MIRROR_TARGET_RESTORED" in names, names
+            print(f"{copy_mode}: lost after {noticed:.1f} s; writer {stats['writes']} writes, "
+                  f"max pwrite {stats['max_latency']:.2f} s, slow (>1 s): {stats['slow']}")
+            assert stats["errors"] == [] and stats["writes"] > 20, stats
+            if copy_mode == "background":
+                assert stats["max_latency"] < 2.0 and stats["slow"] == [], stats
+            else:
+                # one write waited for the target, no longer than the timeout (plus scheduling)
+                assert len(stats["slow"]) == 1, stats["slow"]
+                assert NBD_TIMEOUT - 2 < stats["max_latency"] < NBD_TIMEOUT + 2, stats
+            mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
+            assert_identical(source, served)
+        finally:
+            if writer is not None:
+                writer.kill()
+            if server.proc is not None and server.proc.poll() is None:
+                os.kill(server.proc.pid, signal.SIGCONT)
             mount.unmount()
 
 
