@@ -16,9 +16,10 @@ on, then is stopped. Then:
 - a verifying guest booted on the target reports ``VERIFY ok`` with every record.
 
 Cases (Done when 1): raw with cache=none, raw with cache=writeback, qcow2 with cache=none, and a
-raw image mirrored to qemu-nbd on a UNIX socket whose server is SIGKILLed and restarted during
-the copy (the job goes lost → restored → ready on its own, seen as QMP events); after the
-pivot the guest's I/O goes to the NBD server through the mount.
+raw image and a fully preallocated qcow2 (an NBD export cannot grow) mirrored to qemu-nbd on a
+UNIX socket whose server is SIGKILLed and restarted during the copy (the job goes lost →
+restored → ready on its own, seen as QMP events); after the pivot the guest's I/O goes to the
+NBD server through the mount.
 
 The writer is slowed with ``interval_us`` so that the disk does not fill before the end.
 For qcow2 the writer opens with O_DSYNC (``sync=1``): QEMU keeps qcow2 L2 tables in its own
@@ -115,6 +116,7 @@ CASES = [
     pytest.param("raw", "writeback", "local", id="raw-cache-writeback"),
     pytest.param("qcow2", "none", "local", id="qcow2-cache-none"),
     pytest.param("raw", "none", "nbd", id="raw-nbd-server-restarted"),
+    pytest.param("qcow2", "none", "nbd", id="qcow2-preallocated-nbd-server-restarted"),
 ]
 
 
@@ -127,7 +129,10 @@ def test_live_migration_of_a_running_guest(tmp_path: Path, mount_factory: Any, g
     disk = mount.mountpoint / image
     source = mount.source / image
     # Created through the mount, as a user would.
-    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(disk), str(DISK_SIZE)], check=True)
+    # An NBD export has a fixed size: a qcow2 for one is fully preallocated, so it never grows.
+    prealloc = ["-o", "preallocation=full"] if fmt == "qcow2" and kind == "nbd" else []
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *prealloc, str(disk), str(DISK_SIZE)],
+                   check=True)
     params: dict[str, object] = {"interval_us": INTERVAL_US}
     if fmt == "qcow2":
         params["sync"] = 1
@@ -138,7 +143,7 @@ def test_live_migration_of_a_running_guest(tmp_path: Path, mount_factory: Any, g
             mount.allow_log(r"WARNING")  # a lost target is logged as a warning, by design
             served = tmp_path / "served.raw"
             with open(served, "wb") as f:
-                f.truncate(DISK_SIZE)
+                f.truncate(source.stat().st_size)
             server = stack.enter_context(qemu_nbd(served, transport="unix"))
             target, target_arg = served, server.uri
             client = stack.enter_context(QMPClient.connect(
