@@ -26,22 +26,59 @@ So threads cost ~150-250 us of hand-off per small request on this loaded box and
 requests. We keep threads for the concurrency guarantee. A follow-up could run I/O directly for
 descriptors on memory-backed filesystems (tmpfs never blocks), keeping threads everywhere else.
 
-``MIRRORFS_IO_MODE=direct`` in the environment selects the direct variant (for benchmarks only).
+That follow-up is the default now (``auto``): before each pread/pwrite, one ``fstatfs`` (~1 us)
+asks what the descriptor lives on; on a memory-backed filesystem (tmpfs, ramfs: no device, no
+network, the call costs a memory copy) the call runs directly on the trio thread, anywhere else
+in a worker thread as before. Asking per call, not per open, keeps it right when a descriptor
+number is reused for another file. (``RWF_NOWAIT``, the kernel's own "would this block" test,
+would be more general, but tmpfs answers it with EOPNOTSUPP.) Measured with ``scripts/bench``,
+see docs/performance.md.
+
+``MIRRORFS_IO_MODE`` in the environment: ``auto`` (default), ``thread`` (always a worker thread)
+or ``direct`` (never; benchmarks only).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 from typing import Any, Callable, TypeVar
 
 import trio
 
 T = TypeVar("T")
 
-#: "thread" (default) or "direct": where pread/pwrite run. fsync always runs in a thread.
-IO_MODE: str = os.environ.get("MIRRORFS_IO_MODE", "thread")
-if IO_MODE not in ("thread", "direct"):
-    IO_MODE = "thread"
+#: "auto" (default), "thread" or "direct": where pread/pwrite run. fsync always runs in a thread.
+IO_MODE: str = os.environ.get("MIRRORFS_IO_MODE", "auto")
+if IO_MODE not in ("auto", "thread", "direct"):
+    IO_MODE = "auto"
+
+#: statfs f_type of filesystems whose reads and writes never wait for a device: tmpfs, ramfs.
+_MEMORY_FS_TYPES = frozenset({0x01021994, 0x858458F6})
+try:
+    _fstatfs = ctypes.CDLL(None, use_errno=True).fstatfs
+    _fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    _fstatfs.restype = ctypes.c_int
+except (OSError, AttributeError):  # not Linux/glibc: always use threads
+    _fstatfs = None
+
+
+def memory_backed(fd: int) -> bool:
+    """True if ``fd`` is on tmpfs or ramfs, where I/O cannot block on a device (one syscall)."""
+    if _fstatfs is None:
+        return False
+    buf = ctypes.create_string_buffer(128)  # struct statfs is 120 bytes on 64-bit Linux
+    if _fstatfs(fd, buf) != 0:
+        return False
+    # f_type is the first member, a C long.
+    return struct.unpack_from("l", buf)[0] in _MEMORY_FS_TYPES
+
+
+def _direct(fd: int) -> bool:
+    if IO_MODE == "auto":
+        return memory_backed(fd)
+    return IO_MODE == "direct"
 
 #: Bounds the worker threads used by file I/O, so a burst of requests against a stalled source
 #: cannot create an unbounded number of threads; 32 covers QEMU's default of 16-64 in-flight
@@ -77,7 +114,7 @@ async def pread(fd: int, size: int, offset: int) -> bytes:
     Raises:
         OSError: the read failed; ``errno`` says why (EIO, EBADF, ...).
     """
-    if IO_MODE == "direct":
+    if _direct(fd):
         await trio.lowlevel.checkpoint()
         return os.pread(fd, size, offset)
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=LIMITER)
@@ -89,7 +126,7 @@ async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
     Raises:
         OSError: nothing could be written; ``errno`` says why (ENOSPC, EIO, EBADF, ...).
     """
-    if IO_MODE == "direct":
+    if _direct(fd):
         await trio.lowlevel.checkpoint()
         return _pwrite_all(fd, data, offset)
     return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
