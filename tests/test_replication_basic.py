@@ -127,3 +127,17 @@ def test_tls_with_a_wrong_ca_is_refused(mount_factory: Any, tmp_path: Path) -> N
 def test_tls_with_a_wrong_ca_exits_2(mount_factory: Any, tmp_path: Path) -> None:
     r, _ = _wrong_ca_attempt(mount_factory, tmp_path)
     assert r.returncode == 2, (r.returncode, r.stderr)
+
+
+def test_documented_timeout_and_backoff_match_the_code() -> None:
+    """docs/replication.md promises users a timeout and a backoff: they are the code's."""
+    import re
+
+    from mirrorfs.mirror.job import COMMIT_INTERVAL, RECONNECT_BACKOFF
+    from mirrorfs.nbd.client import DEFAULT_TIMEOUT
+
+    doc = (Path(__file__).parent.parent / "docs" / "replication.md").read_text()
+    assert re.search(rf"within \*\*{DEFAULT_TIMEOUT:g} s\*\*", doc), "timeout"
+    first, cap = RECONNECT_BACKOFF
+    assert f"first after {first:g} s, then" in doc and f"{cap:g}, {cap:g}, {cap:g} ... s" in doc, "backoff"
+    assert f"at least every {'second' if COMMIT_INTERVAL == 1 else f'{COMMIT_INTERVAL:g} s'}" in doc

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mirrorfs.control.qmp_client import QMPClient
+from mirrorfs.nbd.client import DEFAULT_TIMEOUT
 
-#: The NBD client's documented reply timeout (docs/replication.md), seconds.
-NBD_TIMEOUT = 10.0
+#: The NBD client's reply timeout, seconds (documented in docs/replication.md; a test checks that
+#: the page and the code agree).
+NBD_TIMEOUT = DEFAULT_TIMEOUT
 
 
 def make_image(path: Path, size: int, *, seed: int | None = None) -> None:
@@ -53,15 +55,6 @@ def assert_identical(a: Path, b: Path) -> None:
 def qmp(mount: Any, *, timeout: float = 60.0) -> QMPClient:
     """A negotiated QMP session with the mount (close it, or use ``with``)."""
     return QMPClient.connect((mount.control / "socket").read_text().strip(), timeout=timeout)
-
-
-def job_info(mount: Any, device: str) -> dict[str, Any] | None:
-    """The job's query-block-jobs entry, read through ``mirrorfs status --json`` (the CLI)."""
-    r = mount.cli("status", mount.mountpoint, "--json")
-    for job in json.loads(r.stdout):
-        if job["device"] == device:
-            return job
-    return None
 
 
 def wait_job(client: QMPClient, device: str, predicate: Callable[[dict[str, Any]], bool],
