@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from mounting import Mount, wait_for
+from mounting import Mount, process_alive, wait_for
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -699,6 +700,8 @@ def test_resume_after_unmount_with_sync_dirty_and_bitmap_clean_after_complete(mo
                 "--speed", "1M", "--buf-size", "256K")
     qemu_io(image, "write -P 0x81 3000 100000")
     wait_job(mounted, name, lambda j: 0 < j["offset"] < j["len"], "mid-copy")
+    with writers(image, [71, 72], tmp_path, count=200) as finish:
+        finish()
     qemu_io(image, "write -P 0x82 7654321 22222")
     mounted.unmount()  # mid-copy
     report = mounted.cli("bitmap", "inspect", bitmap, "--json", check=False)
@@ -714,5 +717,39 @@ def test_resume_after_unmount_with_sync_dirty_and_bitmap_clean_after_complete(mo
     mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
     assert_identical(source, target)
     assert read_at(target, 7654321, 22222) == b"\x82" * 22222
+    clean = mounted.cli("bitmap", "inspect", bitmap, check=False)
+    assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
+
+
+def test_resume_after_the_daemon_is_killed_mid_copy(mounted: Mount, tmp_path: Path) -> None:
+    """SIGKILL the mount daemon mid-copy, after concurrent writes: the bitmap (not cleanly shut
+    down) still holds every cluster that differs, so ``--sync dirty`` ends with identical images."""
+    size = 8 * MiB
+    name = "killed.raw"
+    source = mounted.source / name
+    target = tmp_path / "killed-target.raw"
+    bitmap = tmp_path / "killed.bitmap"
+    make_image(source, size, 9)
+    image = mounted.mountpoint / name
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--bitmap", bitmap,
+                "--speed", "1M", "--buf-size", "256K")
+    wait_job(mounted, name, lambda j: 0 < j["offset"] < j["len"], "mid-copy")
+    with writers(image, [81, 82, 83], tmp_path, count=300) as finish:
+        finish()
+    qemu_io(image, "write -P 0x91 5555555 77777")
+    pid = mounted.pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not process_alive(pid), 10, "the killed daemon to exit")
+    problems = mounted.close()  # the dead mount: lazy unmount, nothing left behind
+    assert not any("still alive" in p for p in problems), problems
+    report = mounted.cli("bitmap", "inspect", bitmap, "--json", check=False)
+    assert report.returncode == 1, report.stdout + report.stderr
+    assert json.loads(report.stdout)["clean-shutdown"] is False
+    mounted.start()
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--sync", "dirty", "--bitmap", bitmap)
+    wait_ready(mounted, name)
+    mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
+    assert_identical(source, target)
+    assert read_at(target, 5555555, 77777) == b"\x91" * 77777
     clean = mounted.cli("bitmap", "inspect", bitmap, check=False)
     assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
