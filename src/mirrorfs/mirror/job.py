@@ -453,6 +453,31 @@ class MirrorJob:
             await self.target.write_zeroes(offset, length)
             self.stats["zeroed-bytes"] += length
             return
+        # A chunk (4 MiB) is larger than the source's extents may be: copy its data extents and
+        # its holes each as they are, so the target stays as sparse as the source.
+        end = offset + length
+        pos = offset
+        while pos < end:
+            try:
+                data_at = min(end, os.lseek(self._source_fd, pos, os.SEEK_DATA))
+            except OSError as exc:  # ENXIO: no data up to the end of the file; else: assume data
+                data_at = end if exc.errno == errno.ENXIO else pos
+            if data_at > pos:
+                await self.target.write_zeroes(pos, data_at - pos)
+                self.stats["zeroed-bytes"] += data_at - pos
+                pos = data_at
+                continue
+            try:
+                hole_at = min(end, os.lseek(self._source_fd, pos, os.SEEK_HOLE))
+            except OSError:
+                hole_at = end
+            if hole_at <= pos:
+                hole_at = end
+            await self._copy_data(pos, hole_at - pos)
+            pos = hole_at
+
+    async def _copy_data(self, offset: int, length: int) -> None:
+        """Copy one source range with data (whole-zero buffers still become zero writes)."""
         data = await fileio.pread(self._source_fd, length, offset)
         if len(data) < length:
             # The source may not be shorter than the job's size while the job runs.
