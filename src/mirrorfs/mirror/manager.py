@@ -264,8 +264,15 @@ class JobManager:
                 # The state may have moved while draining (a target lost): check again.
                 self._check(actions, jobs)
                 plans = []
-                for action, job in zip(actions, jobs):
-                    plans.append(await self._prepare(action, job))
+                try:
+                    for action, job in zip(actions, jobs):
+                        plans.append(await self._prepare(action, job))
+                except BaseException:
+                    # A later action failed: undo what the earlier ones prepared (a pivot's
+                    # descriptors on its target), since their switch will never run.
+                    for plan in plans:
+                        getattr(plan, "discard", lambda: None)()
+                    raise
                 for plan in plans:
                     plan()
                 for job in jobs:  # auto-dismiss: ended jobs leave the list at once
@@ -325,6 +332,12 @@ class JobManager:
                 os.close(old)
             node.backing_path = target_path
             job.conclude("completed", pivoted=True)
+
+        def discard() -> None:
+            for fd in new_fds.values():
+                os.close(fd)
+            new_fds.clear()
+        switch_local.discard = discard  # type: ignore[attr-defined]
         return switch_local
 
     # ------------------------------------------------------------------ shutdown
