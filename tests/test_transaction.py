@@ -75,7 +75,11 @@ def slots(path: Path) -> list[int]:
             out.append(0)
             continue
         head = rec[:16]
-        assert head.isdigit() and rec == head * (REC // 16), f"{path}: slot {s} holds a torn record"
+        if not (head.isdigit() and rec == head * (REC // 16)):
+            pieces = [(i * 16, rec[i * 16:i * 16 + 16]) for i in range(REC // 16)
+                      if i == 0 or rec[i * 16:i * 16 + 16] != rec[i * 16 - 16:i * 16]]
+            raise AssertionError(f"{path}: slot {s} holds a torn record: (offset, bytes) where the "
+                                 f"content changes: {pieces[:8]}")
         out.append(int(head))
     return out
 
@@ -260,3 +264,48 @@ def test_transaction_with_a_job_not_ready_is_refused_and_changes_nothing(mounted
     assert r.returncode == 0, r.stderr
     assert status_json(mounted) == []
     assert (mounted.source / "slow.img").exists()
+
+
+def _fds_on(pid: int, path: Path) -> int:
+    """How many descriptors of process ``pid`` are open on ``path``."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def test_a_pivot_that_fails_for_one_image_switches_none(mounted: Mount, tmp_path: Path) -> None:
+    """All or nothing when an action fails late (while preparing, after the gates closed): b's
+    target has vanished, so b cannot pivot; a, prepared first, must not switch either, and must
+    not keep the descriptors it had opened on its target for the switch."""
+    make_zero_image(mounted.mountpoint / "a.img")
+    make_zero_image(mounted.mountpoint / "b.img")
+    ta, tb = tmp_path / "a-target.img", tmp_path / "b-target.img"
+    mounted.cli("mirror", mounted.mountpoint, "a.img", ta, "--create")
+    mounted.cli("mirror", mounted.mountpoint, "b.img", tb, "--create")
+    wait_jobs(mounted, lambda j: len(j) == 2 and all(x["ready"] for x in j.values()), "both ready")
+    with open(mounted.mountpoint / "a.img", "r+b", buffering=0) as fa, \
+            open(mounted.mountpoint / "a.img", "rb", buffering=0) as fa2, \
+            open(mounted.mountpoint / "b.img", "r+b", buffering=0) as fb:
+        held = _fds_on(mounted.pid, ta)
+        tb.unlink()  # b's job keeps its open target; a pivot to the path cannot open it
+        r = mounted.cli("complete", mounted.mountpoint, "a.img", "b.img", check=False)
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        assert "cannot pivot 'b.img'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        after = {j["device"]: j for j in status_json(mounted)}
+        assert {d: (j["status"], j["target"]) for d, j in after.items()} == \
+            {"a.img": ("ready", str(ta)), "b.img": ("ready", str(tb))}
+        # a still runs on its source, mirrored, through the handles that were open all along.
+        fa.write(b"still the source")
+        assert (mounted.source / "a.img").read_bytes()[:16] == b"still the source"
+        assert fa2.read(16) == b"still the source"
+        wait_for(lambda: ta.read_bytes()[:16] == b"still the source", 30, "the write mirrored to a's target")
+        assert _fds_on(mounted.pid, ta) == held, "a's pivot descriptors leaked"
+        fb.write(b"b too")
+        assert (mounted.source / "b.img").read_bytes()[:5] == b"b too"
+    r = mounted.cli("cancel", mounted.mountpoint, "a.img", "b.img", check=False)
+    assert r.returncode == 0, r.stderr
