@@ -128,18 +128,18 @@ def qemu_io(path: Path, *commands: str) -> str:
     return proc.stdout
 
 
-#: A writer process: random unaligned writes of random bytes until COUNT writes are done or the
-#: STOP file exists. Prints "bytes SECONDS" at the end; any error makes it exit non-zero.
+#: A writer process: random unaligned writes of random bytes (within [LO, HI) if given) until
+#: COUNT writes are done or the STOP file exists; ``replay_writes`` computes the same writes. Prints "bytes SECONDS" at the end; any error makes it exit non-zero.
 RANDOM_WRITER = r"""
 import os, random, sys, time
 path, seed, count, maxlen, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 rng = random.Random(seed)
-fd = os.open(path, os.O_RDWR)
-size = os.fstat(fd).st_size
+fd = os.open(path, os.O_RDWR | (os.O_DIRECT if os.environ.get("WRITER_O_DIRECT") else 0))
+lo, hi = (int(sys.argv[6]), int(sys.argv[7])) if len(sys.argv) > 7 else (0, os.fstat(fd).st_size)
 total, start, i = 0, time.monotonic(), 0
 while (count <= 0 or i < count) and not os.path.exists(stop):
     n = rng.randint(1, maxlen)
-    off = rng.randrange(0, size - n)
+    off = rng.randrange(lo, hi - n)
     data = rng.randbytes(n)
     assert os.pwrite(fd, data, off) == n
     total += n
@@ -173,16 +173,30 @@ for line in sys.stdin:
 """
 
 
+def replay_writes(seed: int, count: int, maxlen: int, lo: int, hi: int) -> Iterator[tuple[int, bytes]]:
+    """The (offset, data) writes RANDOM_WRITER does with these arguments, in order."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        n = rng.randint(1, maxlen)
+        off = rng.randrange(lo, hi - n)
+        yield off, rng.randbytes(n)
+
+
 @contextlib.contextmanager
-def writers(image: Path, seeds: list[int], tmp_path: Path, *, count: int = 0,
-            maxlen: int = 20000) -> Iterator[Callable[[], list[tuple[int, float, int]]]]:
-    """Run one RANDOM_WRITER per seed on ``image``; yields ``finish()`` which stops them (when
-    ``count`` is 0) and returns each writer's (bytes, seconds, writes). Always killed on exit."""
+def writers(image: Path, seeds: list[int], tmp_path: Path, *, count: int = 0, maxlen: int = 20000,
+            regions: list[tuple[int, int]] | None = None,
+            direct: bool = False) -> Iterator[Callable[[], list[tuple[int, float, int]]]]:
+    """Run one RANDOM_WRITER per seed on ``image`` (writer i within ``regions[i]`` if given,
+    opening it with O_DIRECT if ``direct``);
+    yields ``finish()`` which stops them (when ``count`` is 0) and returns each writer's
+    (bytes, seconds, writes). Always killed on exit."""
     stop = tmp_path / f"stop-{image.name}"
     stop.unlink(missing_ok=True)
     procs = [subprocess.Popen([sys.executable, "-c", RANDOM_WRITER, str(image), str(seed), str(count),
-                               str(maxlen), str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for seed in seeds]
+                               str(maxlen), str(stop), *(map(str, regions[i]) if regions else ())],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "WRITER_O_DIRECT": "1" if direct else ""})
+             for i, seed in enumerate(seeds)]
 
     def finish() -> list[tuple[int, float, int]]:
         if count <= 0:
@@ -753,3 +767,69 @@ def test_resume_after_the_daemon_is_killed_mid_copy(mounted: Mount, tmp_path: Pa
     assert read_at(target, 5555555, 77777) == b"\x91" * 77777
     clean = mounted.cli("bitmap", "inspect", bitmap, check=False)
     assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
+
+
+def _switch_points(src: bytes, initial: bytes, writes: list[tuple[int, bytes]], torn_ok: bool) -> list[int]:
+    """The k for which ``src`` is ``initial`` after the first k ``writes`` (offsets relative to
+    the region); with ``torn_ok``, write k+1 may also be partly there, page by page."""
+    page = 4 * KiB
+    model = bytearray(initial)
+    points = []
+    for k in range(len(writes) + 1):
+        if src == model:
+            points.append(k)
+        elif torn_ok and k < len(writes):
+            off, data = writes[k]
+            first, end = off - off % page, off + len(data)
+            after = bytearray(model)
+            after[off:end] = data
+            if src[:first] == model[:first] and src[end:] == model[end:] and all(
+                    src[p:min(p + page, end)] in (model[p:min(p + page, end)], after[p:min(p + page, end)])
+                    for p in range(first, end, page)):
+                points.append(k)
+        if k < len(writes):
+            off, data = writes[k]
+            model[off:off + len(data)] = data
+    return points
+
+
+@pytest.mark.parametrize("copy_mode,io", [("background", "o_direct"), ("write-blocking", "o_direct"),
+                                          ("background", "buffered")])
+def test_pivot_under_concurrent_writers_splits_their_writes_at_one_point(mounted: Mount, tmp_path: Path,
+                                                                       copy_mode: str, io: str) -> None:
+    """Four writer processes (each in its own 1 MiB region) keep writing while ``complete``
+    switches the image. None sees an error; the target holds every write of every writer; the
+    source holds, for each writer, exactly the writes before the switch (a prefix of its
+    sequence), nothing later.
+
+    With O_DIRECT (as QEMU with cache=none) each write() is one FUSE request, so the prefix is
+    exact. A buffered write() is split by the kernel into one FUSE request per page run, so a
+    buffered write in flight at the switch may be torn at a page boundary (part in the source);
+    no layer below the kernel can see that the requests belong to one syscall.
+    """
+    size, region, count, maxlen = 4 * MiB, 1 * MiB, 1500, 8000
+    name = "busy-pivot.raw"
+    source = mounted.source / name
+    target = tmp_path / "busy-pivot-target.raw"
+    initial = make_image(source, size, 12)
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--copy-mode", copy_mode)
+    wait_ready(mounted, name)
+    seeds = [501, 502, 503, 504]
+    regions = [(i * region, (i + 1) * region) for i in range(4)]
+    with writers(mounted.mountpoint / name, seeds, tmp_path, count=count, maxlen=maxlen,
+                 regions=regions, direct=io == "o_direct") as finish:
+        mounted.cli("complete", mounted.mountpoint, name)
+        results = finish()
+    assert all(n == count for _, _, n in results), results
+    src, tgt = source.read_bytes(), target.read_bytes()
+    points = []
+    for seed, (lo, hi) in zip(seeds, regions):
+        writes = [(off - lo, data) for off, data in replay_writes(seed, count, maxlen, lo, hi)]
+        model = bytearray(initial[lo:hi])
+        for off, data in writes:
+            model[off:off + len(data)] = data
+        assert tgt[lo:hi] == model, f"writer {seed}: the target lacks some of its writes"
+        found = _switch_points(src[lo:hi], initial[lo:hi], writes, torn_ok=io == "buffered")
+        assert found, f"writer {seed}: the source is not the image as it was at one point of its writes"
+        points.append(found[-1])
+    assert any(0 < k < count for k in points), f"the switch did not happen during the writes: {points}"
