@@ -855,3 +855,46 @@ def test_pivot_with_a_bitmap_marks_it_pivoted(mounted: Mount, tmp_path: Path) ->
     report = mounted.cli("bitmap", "inspect", bitmap, "--json", check=False)
     assert report.returncode == 0, report.stdout + report.stderr
     assert json.loads(report.stdout)["pivoted"] is True
+
+
+# ---------------------------------------------------------------------------- op blockers
+
+
+def test_a_mirrored_image_cannot_be_truncated_unlinked_or_replaced_while_its_job_runs(
+        mounted: Mount, tmp_path: Path) -> None:
+    """EBUSY (with a log line saying why) for truncate, O_TRUNC, unlink, rename of the image or
+    of its directory, and rename of another file over it; nothing changes; allowed again once
+    the job has ended."""
+    size = 4 * MiB
+    (mounted.source / "d").mkdir()
+    name = "d/img.raw"
+    source = mounted.source / name
+    make_image(source, size, 14)
+    (mounted.source / "other.raw").write_bytes(b"x" * 4096)
+    digest = sha(source)
+    mnt = mounted.mountpoint
+    mounted.cli("mirror", mnt, name, tmp_path / "blk-target.raw", "--create", "--speed", "256K",
+                "--buf-size", "64K")
+    wait_job(mounted, name, lambda j: j["status"] == "running", "running")
+    attempts = {
+        "truncate": ["truncate", "-s", "1M", str(mnt / name)],
+        "O_TRUNC": [sys.executable, "-c", f"open({str(mnt / name)!r}, 'wb')"],
+        "unlink": ["rm", "-f", str(mnt / name)],
+        "rename away": ["mv", "-T", str(mnt / name), str(mnt / "moved.raw")],
+        "rename over": ["mv", "-T", str(mnt / "other.raw"), str(mnt / name)],
+        "rename dir": ["mv", "-T", str(mnt / "d"), str(mnt / "e")],
+    }
+    for what, argv in attempts.items():
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0 and "busy" in proc.stderr.lower(), (what, proc.returncode, proc.stderr)
+    assert source.exists() and os.path.getsize(source) == size and sha(source) == digest
+    assert (mounted.source / "other.raw").read_bytes() == b"x" * 4096
+    assert not (mounted.source / "moved.raw").exists() and not (mounted.source / "e").exists()
+    assert "running on it" in mounted.read_log()
+    entry = job(mounted, name)
+    assert entry is not None and entry["status"] == "running"
+    mounted.cli("cancel", mnt, name)
+    subprocess.run(["truncate", "-s", "1M", str(mnt / name)], check=True, timeout=30)
+    assert os.path.getsize(source) == 1 * MiB
+    subprocess.run(["mv", "-T", str(mnt / "other.raw"), str(mnt / name)], check=True, timeout=30)
+    assert source.read_bytes() == b"x" * 4096
