@@ -898,3 +898,39 @@ def test_a_mirrored_image_cannot_be_truncated_unlinked_or_replaced_while_its_job
     assert os.path.getsize(source) == 1 * MiB
     subprocess.run(["mv", "-T", str(mnt / "other.raw"), str(mnt / name)], check=True, timeout=30)
     assert source.read_bytes() == b"x" * 4096
+
+
+def test_unmount_while_stopped_on_a_full_target_then_resume_with_the_bitmap(mount_factory: Callable[..., Mount],
+                                                                           tmp_path: Path) -> None:
+    """A job stopped by ENOSPC (``stop``) is unmounted; once the target file system has room,
+    ``--sync dirty --bitmap FILE`` on a new mount finishes it: identical, bitmap clean."""
+    mount = mount_factory()
+    mount.allow_log(r"target error")
+    size = 8 * MiB
+    name = "vm.raw"
+    source = mount.source / name
+    bitmap = tmp_path / "stopped.bitmap"
+    make_image(source, size, 15, holes=False)
+    problems: list[str] = []
+    with contextlib.ExitStack() as stack:
+        small = stack.enter_context(tiny_tmpfs(tmp_path / "tiny", "2M"))
+        stack.callback(lambda: problems.extend(mount.close()))
+        target = small / "target.raw"
+        mount.cli("mirror", mount.mountpoint, name, target, "--create", "--buf-size", "256K",
+                  "--on-target-error", "stop", "--bitmap", bitmap)
+        wait_job(mount, name, lambda j: j["io-status"] == "nospace" and j["paused"], "stopped on ENOSPC")
+        qemu_io(mount.mountpoint / name, "write -P 0x5c 1234567 89012")
+        mount.unmount()
+        report = mount.cli("bitmap", "inspect", bitmap, "--json", check=False)
+        assert report.returncode == 1 and json.loads(report.stdout)["clean-shutdown"] is True, report.stdout
+        subprocess.run(["mount", "-o", "remount,size=16M", str(small)], check=True, timeout=30)
+        mount.start()
+        mount.cli("mirror", mount.mountpoint, name, target, "--sync", "dirty", "--bitmap", bitmap,
+                  "--on-target-error", "stop")
+        wait_ready(mount, name)
+        mount.cli("complete", mount.mountpoint, name, "--no-pivot")
+        assert_identical(source, target)
+        assert read_at(target, 1234567, 89012) == b"\x5c" * 89012
+        clean = mount.cli("bitmap", "inspect", bitmap, check=False)
+        assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout
+    assert not problems, problems
