@@ -646,9 +646,11 @@ def tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
-@pytest.mark.parametrize("policy", ["enospc", "stop", "report"])
+@pytest.mark.parametrize("policy,copy_mode", [("enospc", "background"), ("stop", "background"),
+                                              ("report", "background"), ("stop", "write-blocking"),
+                                              ("report", "write-blocking")])
 def test_on_target_error_with_a_target_on_a_full_tmpfs(mount_factory: Callable[..., Mount], tmp_path: Path,
-                                                     policy: str) -> None:
+                                                     policy: str, copy_mode: str) -> None:
     """A target on a 2 MiB tmpfs for an 8 MiB image runs out of space. ``enospc``/``stop``: the
     job stops with io-status ``nospace``, and after the tmpfs grows ``resume`` reaches ready with
     identical images. ``report``: the job fails, ``status`` shows the error. The writer's I/O to
@@ -669,7 +671,7 @@ def test_on_target_error_with_a_target_on_a_full_tmpfs(mount_factory: Callable[.
         # Writer processes run while the job starts and meets the full target: none may fail.
         with writers(image, [61, 62], tmp_path, count=300) as finish:
             mount.cli("mirror", mount.mountpoint, name, target, "--create", "--buf-size", "256K",
-                      "--on-target-error", policy)
+                      "--on-target-error", policy, "--copy-mode", copy_mode)
             assert all(n == 300 for _, _, n in finish())
         if policy == "report":
             entry = wait_job(mount, name, lambda j: j["status"] == "concluded", "failed")
