@@ -938,3 +938,38 @@ def test_unmount_while_stopped_on_a_full_target_then_resume_with_the_bitmap(moun
         clean = mount.cli("bitmap", "inspect", bitmap, check=False)
         assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout
     assert not problems, problems
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_duplicates_meeting_a_full_target_after_ready_stop_the_job_not_the_writers(
+        mount_factory: Callable[..., Mount], tmp_path: Path, copy_mode: str) -> None:
+    """A ready job whose target fills up under the writers' duplicates (``stop``): every write
+    succeeds, the job goes to standby with io-status nospace, and once there is room ``resume``
+    brings it back to ready with identical images."""
+    mount = mount_factory()
+    mount.allow_log(r"target error")
+    size = 8 * MiB
+    name = "sparse.raw"
+    source = mount.source / name
+    with open(source, "wb") as f:  # 1 MiB of data, the rest holes
+        f.truncate(size)
+        f.write(random.Random(17).randbytes(1 * MiB))
+    problems: list[str] = []
+    with contextlib.ExitStack() as stack:
+        small = stack.enter_context(tiny_tmpfs(tmp_path / "tiny", "2M"))
+        stack.callback(lambda: problems.extend(mount.close()))
+        target = small / "target.raw"
+        mount.cli("mirror", mount.mountpoint, name, target, "--create", "--on-target-error", "stop",
+                  "--copy-mode", copy_mode)
+        wait_ready(mount, name)
+        with writers(mount.mountpoint / name, [91, 92], tmp_path, count=300) as finish:
+            assert all(n == 300 for _, _, n in finish())
+        entry = wait_job(mount, name, lambda j: j["io-status"] == "nospace", "io-status nospace")
+        # standby: stopped after ready (QEMU keeps ``ready`` true while a ready job stands by)
+        assert entry["paused"] and entry["status"] == "standby" and entry["ready"] is True, entry
+        subprocess.run(["mount", "-o", "remount,size=16M", str(small)], check=True, timeout=30)
+        mount.cli("resume", mount.mountpoint, name)
+        wait_ready(mount, name)
+        mount.cli("complete", mount.mountpoint, name, "--no-pivot")
+        assert_identical(source, target)
+    assert not problems, problems
