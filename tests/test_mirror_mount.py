@@ -83,12 +83,16 @@ def wait_job(mount: Mount, device: str, pred: Callable[[dict[str, Any]], bool], 
 
 
 def wait_ready(mount: Mount, device: str, timeout: float = 60.0, *, writes_idle: bool = True) -> dict[str, Any]:
-    """Wait for the job to be ready. With ``writes_idle`` (no writer running) it must also have
-    nothing dirty; a writer's write in flight dirties its clusters for a moment."""
-    entry = wait_job(mount, device, lambda j: j["ready"], "ready", timeout)
-    assert entry["status"] == "ready"
-    if writes_idle:
-        assert entry["offset"] == entry["len"] and entry["dirty-bytes"] == 0, entry
+    """Wait for the job to be ready. With ``writes_idle`` (no writer running) also wait until
+    nothing is dirty (offset == len): a ready job stays ready while the copy task cleans what
+    writes dirtied (clusters a split write left dirty, or all written while it was paused in
+    standby), as QEMU's ready is sticky; a writer's write in flight dirties its clusters for a
+    moment."""
+    def done(j: dict[str, Any]) -> bool:
+        return j["ready"] and (not writes_idle or (j["offset"] == j["len"] and j["dirty-bytes"] == 0))
+
+    entry = wait_job(mount, device, done, "ready" + (" and clean" if writes_idle else ""), timeout)
+    assert entry["status"] == "ready", entry
     return entry
 
 
