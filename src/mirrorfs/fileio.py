@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import time
 from typing import Any, Callable, TypeVar
 
 import trio
@@ -80,6 +81,24 @@ def _direct(fd: int) -> bool:
         return memory_backed(fd)
     return IO_MODE == "direct"
 
+
+#: A direct call yields to the trio scheduler at most every YIELD_INTERVAL seconds (else it only
+#: checks for cancellation): a scheduler pass costs more than a 4 KiB tmpfs write, yet a loop of
+#: direct calls (the copy task) must still let the FUSE requests in.
+#: ``MIRRORFS_YIELD_INTERVAL=0`` yields on every call (for benchmarks).
+YIELD_INTERVAL = float(os.environ.get("MIRRORFS_YIELD_INTERVAL", "0.001"))
+_last_yield = 0.0
+
+
+async def _direct_checkpoint() -> None:
+    global _last_yield
+    now = time.monotonic()
+    if now - _last_yield >= YIELD_INTERVAL:
+        _last_yield = now
+        await trio.lowlevel.checkpoint()
+    else:
+        await trio.lowlevel.checkpoint_if_cancelled()
+
 #: Bounds the worker threads used by file I/O, so a burst of requests against a stalled source
 #: cannot create an unbounded number of threads; 32 covers QEMU's default of 16-64 in-flight
 #: requests without queuing most of them behind each other.
@@ -115,7 +134,7 @@ async def pread(fd: int, size: int, offset: int) -> bytes:
         OSError: the read failed; ``errno`` says why (EIO, EBADF, ...).
     """
     if _direct(fd):
-        await trio.lowlevel.checkpoint()
+        await _direct_checkpoint()
         return os.pread(fd, size, offset)
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=LIMITER)
 
@@ -127,7 +146,7 @@ async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
         OSError: nothing could be written; ``errno`` says why (ENOSPC, EIO, EBADF, ...).
     """
     if _direct(fd):
-        await trio.lowlevel.checkpoint()
+        await _direct_checkpoint()
         return _pwrite_all(fd, data, offset)
     return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
 
