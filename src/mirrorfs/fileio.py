@@ -99,6 +99,7 @@ async def _direct_checkpoint() -> None:
     else:
         await trio.lowlevel.checkpoint_if_cancelled()
 
+
 #: Bounds the worker threads used by file I/O, so a burst of requests against a stalled source
 #: cannot create an unbounded number of threads; 32 covers QEMU's default of 16-64 in-flight
 #: requests without queuing most of them behind each other.
