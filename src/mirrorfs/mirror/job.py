@@ -100,6 +100,9 @@ class MirrorJob:
         self._ended = trio.Event()
         self._end_request: tuple[str, str | None] | None = None
         self._zero = bytes(self.chunk_size)
+        # The source's last data extent found by SEEK_HOLE: tmpfs scans page by page to the end of
+        # the extent, so a fully written image would be rescanned for every chunk (quadratic).
+        self._data_extent = (0, 0)
         self._fsync_lock = trio.Lock()
         self._durable_requested = 0
         self._durable_done = 0
@@ -467,12 +470,20 @@ class MirrorJob:
                 self.stats["zeroed-bytes"] += data_at - pos
                 pos = data_at
                 continue
-            try:
-                hole_at = min(end, os.lseek(self._source_fd, pos, os.SEEK_HOLE))
-            except OSError:
-                hole_at = end
-            if hole_at <= pos:
-                hole_at = end
+            lo, hi = self._data_extent
+            if lo <= pos < hi:
+                # Still known data (if the source changed since, a punched range reads as zeroes
+                # and becomes a zero write: never wrong, at worst less sparse).
+                hole_at = min(end, hi)
+            else:
+                try:
+                    hole_at = os.lseek(self._source_fd, pos, os.SEEK_HOLE)
+                except OSError:
+                    hole_at = end
+                if hole_at <= pos:
+                    hole_at = end
+                self._data_extent = (pos, hole_at)
+                hole_at = min(end, hole_at)
             await self._copy_data(pos, hole_at - pos)
             pos = hole_at
 
