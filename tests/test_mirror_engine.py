@@ -405,3 +405,29 @@ async def test_image_that_grows_during_the_job_is_mirrored_whole(tmp_path: Path,
             assert bm.count() == 0
         finally:
             bm.close()
+
+
+async def test_write_in_flight_when_the_job_attaches_reaches_the_target(tmp_path: Path) -> None:
+    """A write that began before the job attached bypassed the write path: the job marks its
+    range and lets it land before copying (regression: test_e2e_pivot_writes lost such a block)."""
+    async with engine(tmp_path, random_content(MiB, holes=False)) as env:
+        token = env.node.begin_passthrough_write(70000, 5000)  # as the FUSE layer does
+        target = tmp_path / "target.img"
+        async with trio.open_nursery() as nursery:
+            started = trio.Event()
+
+            async def start() -> None:
+                await env.mirror(target, sync="none")
+                started.set()
+
+            nursery.start_soon(start)
+            await started.wait()
+            job = env.node.job
+            assert job is not None and job.bitmap.is_dirty(70000, 5000)
+            await trio.sleep(0.05)
+            assert job.stats["copied-bytes"] == 0  # nothing copied while the write is in flight
+            os.pwrite(env.handle.fd, b"z" * 5000, 70000)
+            env.node.end_passthrough_write(token)
+        await env.wait_event("BLOCK_JOB_READY")
+        await env.manager.complete(["img"], pivot=False)
+        assert target.read_bytes()[70000:75000] == b"z" * 5000

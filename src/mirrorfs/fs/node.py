@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 #: Flags the kernel passes to open() that must not be stored on (or passed to) the source fd.
 #: O_CREAT/O_EXCL/O_TRUNC act once at open time; O_DIRECT would make unaligned Python buffers fail
 #: with EINVAL (the FUSE ``direct_io`` flag keeps the page cache out instead).
@@ -48,6 +50,32 @@ class ImageNode:
     backing_path: str
     handles: dict[int, "OpenHandle"] = field(default_factory=dict)
     job: Any | None = None
+    #: writes in flight that bypass the engine (no job was attached when they began):
+    #: token -> (offset, length). A job that attaches marks these ranges dirty and waits for
+    #: them before it copies, or a copy could read the source before such a write lands there
+    #: and call the cluster clean.
+    passthrough_writes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _passthrough_idle: trio.Event | None = None
+    _next_token: int = 0
+
+    def begin_passthrough_write(self, offset: int, length: int) -> int:
+        """Record a write that goes straight to the backing file; returns its token."""
+        self._next_token += 1
+        self.passthrough_writes[self._next_token] = (offset, length)
+        return self._next_token
+
+    def end_passthrough_write(self, token: int) -> None:
+        del self.passthrough_writes[token]
+        if not self.passthrough_writes and self._passthrough_idle is not None:
+            self._passthrough_idle.set()
+            self._passthrough_idle = None
+
+    async def wait_passthrough_idle(self) -> None:
+        """Wait until every write that bypassed the engine has finished."""
+        while self.passthrough_writes:
+            if self._passthrough_idle is None:
+                self._passthrough_idle = trio.Event()
+            await self._passthrough_idle.wait()
 
     @property
     def unlinked(self) -> bool:

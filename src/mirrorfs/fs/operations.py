@@ -623,10 +623,15 @@ class Operations(pyfuse3.Operations):
             await vh.vfile.write(bytes(buf), vh.ctx)
             return len(buf)
         handle = self._get_handle(fh)
-        job = handle.node.job
+        node = handle.node
+        job = node.job
         if job is not None:
             return await job.write(handle, off, buf)
-        return await fileio.pwrite(handle.fd, buf, off)
+        token = node.begin_passthrough_write(off, len(buf))  # seen by a job that attaches now
+        try:
+            return await fileio.pwrite(handle.fd, buf, off)
+        finally:
+            node.end_passthrough_write(token)
 
     @_guard
     async def flush(self, fh: int) -> None:

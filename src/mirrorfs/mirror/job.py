@@ -118,7 +118,16 @@ class MirrorJob:
                 self._nursery = nursery
                 self._set_status("running")
                 self.node.job = self
+                # Writes that began before we attached bypass the write path: mark their ranges
+                # and let them land before the first copy reads the source.
+                for offset, length in list(getattr(self.node, "passthrough_writes", {}).values()):
+                    end = min(offset + length, self.size)
+                    if end > offset:
+                        self.bitmap.mark(offset, end - offset)
                 task_status.started()
+                wait_idle = getattr(self.node, "wait_passthrough_idle", None)
+                if wait_idle is not None:
+                    await wait_idle()
                 with trio.CancelScope() as scope:
                     self._cancel_scope = scope
                     await self._copy_loop(nursery)
