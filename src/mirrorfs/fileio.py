@@ -76,9 +76,15 @@ def memory_backed(fd: int) -> bool:
     return struct.unpack_from("l", buf)[0] in _MEMORY_FS_TYPES
 
 
-def _direct(fd: int) -> bool:
+#: In ``auto`` mode, larger calls (the copy task's chunks) still go to a worker thread: the hop
+#: is small next to copying megabytes, and a read and a write can then use two cores while the
+#: trio thread keeps serving requests.
+DIRECT_MAX = int(os.environ.get("MIRRORFS_DIRECT_MAX", str(1 << 20)))
+
+
+def _direct(fd: int, size: int) -> bool:
     if IO_MODE == "auto":
-        return memory_backed(fd)
+        return size <= DIRECT_MAX and memory_backed(fd)
     return IO_MODE == "direct"
 
 
@@ -134,7 +140,7 @@ async def pread(fd: int, size: int, offset: int) -> bytes:
     Raises:
         OSError: the read failed; ``errno`` says why (EIO, EBADF, ...).
     """
-    if _direct(fd):
+    if _direct(fd, size):
         await _direct_checkpoint()
         return os.pread(fd, size, offset)
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=LIMITER)
@@ -146,7 +152,7 @@ async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
     Raises:
         OSError: nothing could be written; ``errno`` says why (ENOSPC, EIO, EBADF, ...).
     """
-    if _direct(fd):
+    if _direct(fd, len(data)):
         await _direct_checkpoint()
         return _pwrite_all(fd, data, offset)
     return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
