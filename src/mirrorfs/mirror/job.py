@@ -618,6 +618,10 @@ class MirrorJob:
         self.user_paused = False
         self.error_paused = False
         self.io_status = "ok"
+        if self.ready and self.bitmap.count():
+            # Writes made while paused are not on the target: ready (len == offset) must be
+            # earned again, and BLOCK_JOB_READY says when, as after a lost target.
+            self.ready = False
         self._set_status("ready" if self.ready else "running")
         self._poke()
 
