@@ -89,8 +89,11 @@ def slots(path: Path) -> list[int]:
         if not (head.isdigit() and rec == head * (REC // 16)):
             pieces = [(i * 16, rec[i * 16:i * 16 + 16]) for i in range(REC // 16)
                       if i == 0 or rec[i * 16:i * 16 + 16] != rec[i * 16 - 16:i * 16]]
+            time.sleep(1)  # diagnosis: is something still writing there, or is it torn for good?
+            again = path.read_bytes()[s * REC:(s + 1) * REC]
             raise AssertionError(f"{path}: slot {s} holds a torn record: (offset, bytes) where the "
-                                 f"content changes: {pieces[:8]}")
+                                 f"content changes: {pieces[:8]}; 1 s later "
+                                 f"{'the same' if again == rec else 'it changed to ' + repr(again[:16])}")
         out.append(int(head))
     return out
 
