@@ -38,6 +38,8 @@ EmitFn = Callable[[str, dict], None]
 
 #: Largest single copy request; bigger buf-sizes run more requests in parallel instead.
 MAX_CHUNK = 4 * 1024 * 1024
+#: A source hole is copied (zeroed/punched on the target) in one operation of up to this size.
+MAX_HOLE_SPAN = 1024 * 1024 * 1024
 #: Reconnect backoff for a lost target: doubles from the first value up to the cap (seconds).
 RECONNECT_BACKOFF = (0.25, 8.0)
 #: How often a ready job commits lazily cleared bits (target flush + bitmap commit), seconds.
@@ -394,7 +396,7 @@ class MirrorJob:
                 # leave every bit set in the file and --sync dirty would redo the whole copy.
                 await self._durable_point()
                 last_commit = trio.current_time()
-            length = min(length, self.chunk_size)
+            length = min(length, max(self.chunk_size, self._hole_span(offset, length)))
             cursor = offset + length  # past the end, next_dirty() says None: the pass is over
             if self.inflight.overlaps(offset, length):
                 # Busy: its operation clears or re-dirties it. Come back on the next pass.
@@ -508,6 +510,17 @@ class MirrorJob:
         else:
             await self.target.pwrite(offset, data)
             self.stats["copied-bytes"] += length
+
+    def _hole_span(self, offset: int, length: int) -> int:
+        """How much of ``offset .. offset+length`` is a source hole from ``offset`` on, in whole
+        clusters and at most MAX_HOLE_SPAN: such a span is copied as one zero write (one punch)
+        instead of one per chunk."""
+        try:
+            data_at = os.lseek(self._source_fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            data_at = offset + length if exc.errno == errno.ENXIO else offset
+        span = min(length, data_at - offset, MAX_HOLE_SPAN)
+        return max(0, span - span % self.params.granularity)
 
     def _is_hole(self, offset: int, length: int) -> bool:
         try:
