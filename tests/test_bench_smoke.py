@@ -95,7 +95,7 @@ def test_tiny_run_measures_every_configuration_and_leaves_nothing(tmp_path: Path
     assert all(0 < rss < 1 << 30 for rss in res["peak_rss"].values())
     # The printed table carries the ratios to the QEMU references.
     assert "mirrorfs-wb / qsd-mirror" in proc.stdout and "| rand write 4k, QD1 |" in proc.stdout
-    assert list(scratch.iterdir()) == []
+    assert list(scratch.iterdir()) == [], proc.stderr[-3000:]
     assert mounts_under(tmp_path) == [] and processes_naming(scratch) == []
 
 
@@ -106,8 +106,19 @@ def test_ctrl_c_during_the_run_stops_everything(tmp_path: Path) -> None:
                              "rand-write-4k-qd1", "--reps", "3", "--runtime", "3", "--size", "16M", "--no-ready",
                              "--dir", str(scratch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Interrupt once both the mirrorfs mount and QEMU's front FUSE export are up.
-        wait_for(lambda: len(mounts_under(scratch)) >= 2 or proc.poll() is not None, 90, "the bench's mounts")
+        # Interrupt once both the mirrorfs mount and QEMU's front FUSE export are up and fio runs
+        # (fio forks its job processes: they must go too).
+        def fio_running() -> bool:
+            for pid in processes_naming(scratch):
+                try:
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"fio\0"):
+                        return True
+                except OSError:
+                    pass
+            return False
+
+        wait_for(lambda: (len(mounts_under(scratch)) >= 2 and fio_running()) or proc.poll() is not None, 90,
+                 "the bench's mounts and fio")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -119,4 +130,4 @@ def test_ctrl_c_during_the_run_stops_everything(tmp_path: Path) -> None:
     assert "interrupted: cleaning up" in err
     assert mounts_under(scratch) == []
     wait_for(lambda: processes_naming(scratch) == [], 10, "the bench's daemons to be gone")
-    assert list(scratch.iterdir()) == []
+    assert list(scratch.iterdir()) == [], err[-3000:]
