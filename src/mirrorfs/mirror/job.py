@@ -396,13 +396,17 @@ class MirrorJob:
                 # leave every bit set in the file and --sync dirty would redo the whole copy.
                 await self._durable_point()
                 last_commit = trio.current_time()
-            length = min(length, max(self.chunk_size, self._hole_span(offset, length)))
+            chunk = self.limiter.chunk_size(self.params.granularity, self.chunk_size)
+            length = min(length, max(chunk, self._hole_span(offset, length)))
             cursor = offset + length  # past the end, next_dirty() says None: the pass is over
             if self.inflight.overlaps(offset, length):
                 # Busy: its operation clears or re-dirties it. Come back on the next pass.
                 skipped = True
                 await trio.lowlevel.checkpoint()
                 continue
+            # Pay for the chunk before issuing it, so a rate limit also holds for the first
+            # chunks (progress then advances smoothly instead of in one early jump).
+            await self.limiter.take(length)
             await self._copy_slots.acquire()
             if not self._copy_allowed():
                 self._copy_slots.release()
@@ -410,7 +414,6 @@ class MirrorJob:
             self._copies.enter()
             op = self.inflight.register(offset, length, is_copy=True)
             nursery.start_soon(self._copy_chunk, op, offset, length)
-            await self.limiter.take(length)
 
     def _copy_allowed(self) -> bool:
         return (self._target_ok and not self.paused and self._copy_holds == 0

@@ -314,6 +314,9 @@ class JobManager:
         target_path = job.params.target
         new_fds: dict[int, int] = {}
         try:
+            # The target must still be there and writable even when no handle is open now:
+            # every later open of the image goes to it.
+            os.close(os.open(target_path, os.O_RDWR | os.O_CLOEXEC))
             for fh, handle in node.handles.items():
                 # As the FUSE layer opens the source: O_APPEND is the kernel's business (it
                 # passes the end-of-file offset), and with pwrite it would misplace every write.

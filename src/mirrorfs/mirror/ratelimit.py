@@ -9,20 +9,37 @@ class RateLimiter:
     def __init__(self, rate: int = 0) -> None:
         self.rate = rate
         self._next = 0.0
+        self._changed = trio.Event()
 
     def set_rate(self, rate: int) -> None:
+        """Change the rate; a task waiting in ``take`` re-plans at once (``set-speed 0`` frees it)."""
         self.rate = rate
         self._next = 0.0
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def chunk_size(self, granularity: int, largest: int) -> int:
+        """A request size that keeps progress smooth: about a quarter second's worth at the
+        current rate, a whole number of clusters, at most ``largest``."""
+        if self.rate <= 0:
+            return largest
+        quarter = (self.rate // 4) // granularity * granularity
+        return max(granularity, min(largest, quarter))
 
     async def take(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more may be sent without exceeding the rate."""
-        if self.rate <= 0:
+        while self.rate > 0:
+            now = trio.current_time()
+            start = max(self._next, now)
+            if start <= now:
+                self._next = now + nbytes / self.rate
+                return
+            changed = self._changed
+            with trio.move_on_at(start):
+                await changed.wait()
+                continue  # the rate changed: plan again
+            self._next = start + nbytes / self.rate
             return
-        now = trio.current_time()
-        start = max(self._next, now)
-        self._next = start + nbytes / self.rate
-        if start > now:
-            await trio.sleep_until(start)
 
 
 class RateMeter:
