@@ -230,6 +230,8 @@ class MirrorJob:
             return await fileio.pwrite(handle.fd, data, offset)
         if offset + length > self.size:
             await self._grow(offset + length)
+            if offset + length > self.size:  # could not grow: the job is failing; the source
+                return await fileio.pwrite(handle.fd, data, offset)  # write must still happen
         bitmap = self.bitmap
         shift = self.params.granularity.bit_length() - 1
         first, last = offset >> shift, (offset + length - 1) >> shift
