@@ -20,7 +20,9 @@ def test_fio_verify(mounted: Mount, rw: str, bs: str, iodepth: int, direct: int)
         f"--direct={direct}", "--ioengine=libaio", f"--iodepth={iodepth}", "--verify=crc32c",
         "--do_verify=1", "--verify_fatal=1", "--randrepeat=0", "--output-format=json",
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    # In the test's own directory: fio leaves a verify state file in its working directory.
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240,
+                          cwd=mounted.mountpoint.parent)
     assert proc.returncode == 0, f"fio failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0
