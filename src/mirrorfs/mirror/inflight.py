@@ -80,6 +80,11 @@ class InflightOps:
         last = (offset + max(length, 1) - 1) >> self._shift
         return any(o.first <= last and first <= o.last for o in self._ops)
 
+    def lone_guest_writes(self) -> list[tuple[int, int]]:
+        """Cluster ranges [first, last] of guest writes in flight that no other operation
+        overlapped: each will clear its clusters when its duplicate lands."""
+        return [(o.first, o.last) for o in self._ops if not o.is_copy and not o.conflicted]
+
     def __len__(self) -> int:
         return len(self._ops)
 

@@ -40,6 +40,10 @@ EmitFn = Callable[[str, dict], None]
 MAX_CHUNK = 4 * 1024 * 1024
 #: A source hole is copied (zeroed/punched on the target) in one operation of up to this size.
 MAX_HOLE_SPAN = 1024 * 1024 * 1024
+#: Background duplicates in flight at most. On a slow link a byte bound alone lets thousands of
+#: small duplicates queue up; each holds its clusters busy, so the copy task would skip them and
+#: overlapping duplicates would keep them dirty. Past this, writes stay dirty for the copy task.
+MAX_BACKGROUND_DUPLICATES = 16
 #: Reconnect backoff for a lost target: doubles from the first value up to the cap (seconds).
 RECONNECT_BACKOFF = (0.25, 8.0)
 #: How often a ready job commits lazily cleared bits (target flush + bitmap commit), seconds.
@@ -260,7 +264,8 @@ class MirrorJob:
         payload = data if written == length else data[:written]
         if self.params.copy_mode == "write-blocking":
             await self._duplicate(op, offset, payload, edges)
-        elif self._dup_bytes + written <= self.params.buf_size and self._nursery is not None:
+        elif (self._dup_bytes + written <= self.params.buf_size
+              and self._duplicates.count < MAX_BACKGROUND_DUPLICATES and self._nursery is not None):
             self._dup_bytes += written
             self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges)
         else:
@@ -376,7 +381,7 @@ class MirrorJob:
                     cursor = 0
                     if not skipped:
                         continue
-                if self.bitmap.count() == 0:
+                if self._settled():
                     if not self.ready:
                         await self._durable_point()
                         # As QEMU: ready once a flush followed a moment with nothing dirty. Writes
@@ -406,16 +411,38 @@ class MirrorJob:
                 skipped = True
                 await trio.lowlevel.checkpoint()
                 continue
-            # Pay for the chunk before issuing it, so a rate limit also holds for the first
-            # chunks (progress then advances smoothly instead of in one early jump).
-            await self.limiter.take(length)
             await self._copy_slots.acquire()
             if not self._copy_allowed():
                 self._copy_slots.release()
                 continue
+            if self.inflight.overlaps(offset, length):
+                # A write began while we waited: copying now would only conflict with it.
+                self._copy_slots.release()
+                skipped = True
+                continue
             self._copies.enter()
             op = self.inflight.register(offset, length, is_copy=True)
             nursery.start_soon(self._copy_chunk, op, offset, length)
+            # Paid after issuing: no await between the overlap check and the registration.
+            # (Chunks are a quarter second's worth at the rate, so progress stays smooth.)
+            await self.limiter.take(length)
+
+    def _settled(self) -> bool:
+        """True when nothing is dirty but clusters that guest duplicates in flight, each alone on
+        its clusters, are about to clear. Under a steady writer some duplicate is nearly always
+        in flight, so demanding an empty bitmap would put off ready for ever on a slow link."""
+        count = self.bitmap.count()
+        if count == 0:
+            return True
+        writes = self.inflight.lone_guest_writes()
+        if count > sum(last - first + 1 for first, last in writes):
+            return False
+        shift = self.params.granularity.bit_length() - 1
+        for offset, length in self.bitmap.runs():
+            for cluster in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+                if not any(first <= cluster <= last for first, last in writes):
+                    return False
+        return True
 
     def _copy_allowed(self) -> bool:
         return (self._target_ok and not self.paused and self._copy_holds == 0
