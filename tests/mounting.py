@@ -28,7 +28,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
+
+import pytest
 
 #: Every (mountpoint, pid) a test started, for the session-end leak check.
 STARTED: list[tuple[Path, int | None]] = []
@@ -241,3 +243,28 @@ def leftovers(started: Iterable[tuple[Path, int | None]] = None) -> list[str]:  
         for pid in daemon_pids(mountpoint):
             found.append(f"mirrorfs process {pid} ({mountpoint}) still running")
     return found
+
+
+@contextlib.contextmanager
+def qsd_fuse_export(blockdev: str, mountpoint: Path, *, writable: bool = False) -> Iterator[None]:
+    """qemu-storage-daemon exporting one block node as a FUSE file at ``mountpoint`` (an
+    existing regular file): a source with injected latency or errors for the tests. Skips the
+    test where the daemon cannot export FUSE; always stops its own daemon and unmounts."""
+    export = f"type=fuse,id=e,node-name=n,mountpoint={mountpoint}" + (",writable=on" if writable else "")
+    proc = subprocess.Popen(["qemu-storage-daemon", "--blockdev", blockdev, "--export", export],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: is_mounted(mountpoint) or proc.poll() is not None, 30,
+                 "qemu-storage-daemon's FUSE export")
+        if proc.poll() is not None:
+            pytest.skip(f"qemu-storage-daemon cannot export FUSE here: {proc.stdout.read() if proc.stdout else ''}")
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from conftest import MountFactory
-from mounting import is_mounted, wait_for
+from mounting import qsd_fuse_export, wait_for
 
 LATENCY = 3.0
 
@@ -32,25 +31,9 @@ def slow_source(tmp_path: Path) -> Iterator[Path]:
     (source / "sub" / "x.raw").write_bytes(b"x")
     slow = source / "slow.raw"
     slow.touch()
-    proc = subprocess.Popen([
-        "qemu-storage-daemon",
-        "--blockdev", f"driver=null-co,node-name=n,size={64 << 20},latency-ns={int(LATENCY * 1e9)},read-zeroes=on",
-        "--export", f"type=fuse,id=e,node-name=n,mountpoint={slow}",
-    ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: is_mounted(slow) or proc.poll() is not None, 30, "qemu-storage-daemon's FUSE export")
-        if proc.poll() is not None:
-            pytest.skip(f"qemu-storage-daemon cannot export FUSE here: {proc.stdout.read() if proc.stdout else ''}")
+    node = f"driver=null-co,node-name=n,size={64 << 20},latency-ns={int(LATENCY * 1e9)},read-zeroes=on"
+    with qsd_fuse_export(node, slow):
         yield source
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if is_mounted(slow):
-            subprocess.run(["fusermount3", "-u", "-z", str(slow)], capture_output=True)
 
 
 def test_slow_read_does_not_stall_other_requests(slow_source: Path, mount_factory: MountFactory) -> None:

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from conftest import MountFactory
-from mounting import is_mounted, wait_for
+from mounting import qsd_fuse_export
 
 
 @pytest.fixture
@@ -100,23 +100,8 @@ def eio_source(tmp_path: Path) -> Iterator[Path]:
     node = ('{"driver":"blkdebug","node-name":"n","image":{"driver":"null-co","size":%d,"read-zeroes":true},'
             '"inject-error":[{"event":"none","iotype":"read","errno":5,"sector":2048},'
             '{"event":"none","iotype":"write","errno":5,"sector":4096}]}' % (16 << 20))
-    proc = subprocess.Popen(["qemu-storage-daemon", "--blockdev", node, "--export",
-                             f"type=fuse,id=e,node-name=n,mountpoint={image},writable=on"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: is_mounted(image) or proc.poll() is not None, 30, "qemu-storage-daemon's export")
-        if proc.poll() is not None:
-            pytest.skip(f"qemu-storage-daemon cannot export FUSE here: {proc.stdout.read() if proc.stdout else ''}")
+    with qsd_fuse_export(node, image, writable=True):
         yield source
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if is_mounted(image):
-            subprocess.run(["fusermount3", "-u", "-z", str(image)], capture_output=True)
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
