@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +24,7 @@ from typing import Any, Iterator
 import pytest
 import trio
 
+from qmp_thread import QMPServerThread
 from mirrorfs.cli import main
 from mirrorfs.control.render import (format_eta, job_eta, job_percent, render_status_table,
                                      status_row)
@@ -124,47 +124,12 @@ class FakeEngine:
         raise AssertionError(name)
 
 
-class ServerThread:
+class ServerThread(QMPServerThread):
     """A QMPServer with a FakeEngine in its own thread and trio loop."""
 
     def __init__(self, path: str) -> None:
         self.engine = FakeEngine()
-        self.server = QMPServer(path, self.engine)
-        self.engine.server = self.server
-        self._started = threading.Event()
-        self._token: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        async def run() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.server.run)
-                self._started.set()
-        try:
-            trio.run(run)
-        except BaseException as exc:
-            self._error = exc
-            self._started.set()
-
-    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` in the server's thread (the engine is not thread-safe)."""
-        return trio.from_thread.run_sync(lambda: fn(*args, **kwargs), trio_token=self._token)
-
-    def __enter__(self) -> "ServerThread":
-        self._thread.start()
-        assert self._started.wait(10), "server did not start"
-        if self._error:
-            raise self._error
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        trio.from_thread.run_sync(self.server.stop, trio_token=self._token)
-        self._thread.join(10)
-        assert not self._thread.is_alive()
-        if self._error:
-            raise self._error
+        super().__init__(path, self.engine)
 
 
 @pytest.fixture

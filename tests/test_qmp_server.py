@@ -16,7 +16,6 @@ import socket
 import stat
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +24,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qmp_thread import QMPServerThread
 from mirrorfs.control.qmp_server import QMPServer
 from mirrorfs.errors import ControlError, MountError
 
@@ -340,43 +340,12 @@ async def test_emit_without_clients_and_before_run(sockdir: str) -> None:
 
 # ---------------------------------------------------------------------------- socket fuzz
 
-class ServerThread:
+class ServerThread(QMPServerThread):
     """A QMPServer in its own thread and trio loop, for blocking (sync) clients."""
 
     def __init__(self, path: str) -> None:
         self.handler = FakeHandler()
-        self.server = QMPServer(path, self.handler)
-        self.handler.server = self.server
-        self._started = threading.Event()
-        self._token: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        async def run() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.server.run)
-                self._started.set()
-        try:
-            trio.run(run)
-        except BaseException as exc:  # surfaced by __enter__/__exit__
-            self._error = exc
-            self._started.set()
-
-    def __enter__(self) -> "ServerThread":
-        self._thread.start()
-        assert self._started.wait(10), "server did not start"
-        if self._error:
-            raise self._error
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        trio.from_thread.run_sync(self.server.stop, trio_token=self._token)
-        self._thread.join(10)
-        assert not self._thread.is_alive()
-        if self._error:
-            raise self._error
+        super().__init__(path, self.handler)
 
 
 def _blocking_session(path: str) -> tuple[socket.socket, Any]:
