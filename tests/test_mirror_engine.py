@@ -227,13 +227,23 @@ async def _stress_round(tmp_path: Path, seed: int, copy_mode: str, slow: bool) -
         return env.source.read_bytes() == target.read_bytes()
 
 
+@pytest.fixture(params=["thread", "direct"])
+def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with file I/O in worker threads (awaited, as on a disk) and on the trio thread
+    (the inline write paths, as on tmpfs), wherever its files are."""
+    monkeypatch.setattr(fileio, "IO_MODE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
-async def test_stress_concurrent_unaligned_writers_converge_identical(tmp_path: Path, copy_mode: str) -> None:
+async def test_stress_concurrent_unaligned_writers_converge_identical(tmp_path: Path, copy_mode: str,
+                                                                      io_mode: str) -> None:
     for seed in range(6):
         assert await _stress_round(tmp_path, seed, copy_mode, slow=True), f"seed {seed} differs"
 
 
-async def test_stress_detects_race_when_serialisation_is_disabled(tmp_path: Path, monkeypatch) -> None:
+async def test_stress_detects_race_when_serialisation_is_disabled(tmp_path: Path, monkeypatch,
+                                                                  io_mode: str) -> None:
     """The stress test has teeth: with conflict detection off, the target ends up stale."""
     original = inflight.InflightOps.register
 
@@ -271,7 +281,7 @@ async def test_write_blocking_converges_under_a_writer_faster_than_the_copy(tmp_
         assert_identical(env.source, target)
 
 
-async def test_pivot_switches_open_handle_to_target(tmp_path: Path) -> None:
+async def test_pivot_switches_open_handle_to_target(tmp_path: Path, io_mode: str) -> None:
     async with engine(tmp_path, random_content(2 * MiB)) as env:
         target = tmp_path / "target.img"
         await env.mirror(target)
@@ -289,7 +299,7 @@ async def test_pivot_switches_open_handle_to_target(tmp_path: Path) -> None:
         assert target.read_bytes()[:12] == b"before-pivot"
 
 
-async def test_pause_leaves_target_unchanged_and_resume_converges(tmp_path: Path) -> None:
+async def test_pause_leaves_target_unchanged_and_resume_converges(tmp_path: Path, io_mode: str) -> None:
     async with engine(tmp_path, random_content(4 * MiB)) as env:
         target = tmp_path / "target.img"
         job = await env.mirror(target)
@@ -329,7 +339,7 @@ async def test_cancel_before_ready_and_after_ready(tmp_path: Path) -> None:
         assert_identical(env.source, target)
 
 
-async def test_persistent_bitmap_full_sync_then_clean_after_complete(tmp_path: Path) -> None:
+async def test_persistent_bitmap_full_sync_then_clean_after_complete(tmp_path: Path, io_mode: str) -> None:
     from mirrorfs.bitmap.persistent import PersistentBitmap
 
     async with engine(tmp_path, random_content(4 * MiB)) as env:
@@ -381,7 +391,7 @@ async def test_bad_parameters_change_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("persistent", [False, True])
-async def test_image_that_grows_during_the_job_is_mirrored_whole(tmp_path: Path, persistent: bool) -> None:
+async def test_image_that_grows_during_the_job_is_mirrored_whole(tmp_path: Path, persistent: bool, io_mode: str) -> None:
     """A qcow2 file grows as it allocates; the job grows its bitmap and the target with it."""
     from mirrorfs.bitmap.persistent import PersistentBitmap
 
@@ -407,7 +417,7 @@ async def test_image_that_grows_during_the_job_is_mirrored_whole(tmp_path: Path,
             bm.close()
 
 
-async def test_write_in_flight_when_the_job_attaches_reaches_the_target(tmp_path: Path) -> None:
+async def test_write_in_flight_when_the_job_attaches_reaches_the_target(tmp_path: Path, io_mode: str) -> None:
     """A write that began before the job attached bypassed the write path: the job marks its
     range and lets it land before copying (regression: test_e2e_pivot_writes lost such a block)."""
     async with engine(tmp_path, random_content(MiB, holes=False)) as env:

@@ -88,6 +88,33 @@ def _direct(fd: int, size: int) -> bool:
     return IO_MODE == "direct"
 
 
+def inline_capable(fd: int) -> bool:
+    """Whether calls on ``fd`` of up to ``DIRECT_MAX`` bytes may run on the trio thread.
+
+    For the request fast paths, which ask once per descriptor (at open, at a pivot, at a target's
+    connect) instead of once per call, and then call ``pread_now``/``pwrite_now``: the owner of
+    the descriptor keeps the answer together with the number, so a reused number is asked anew.
+    """
+    if IO_MODE == "auto":
+        return memory_backed(fd)
+    return IO_MODE == "direct"
+
+
+def pread_now(fd: int, size: int, offset: int) -> bytes:
+    """``pread`` on the trio thread, for a descriptor ``inline_capable`` said yes to.
+
+    No checkpoint: a FUSE request handler that calls this finishes without yielding, and
+    pyfuse3's request loop yields between requests anyway.
+    """
+    return os.pread(fd, size, offset)
+
+
+def pwrite_now(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """``pwrite`` of all of ``data`` on the trio thread (see ``pread_now``; short count as
+    ``pwrite``)."""
+    return _pwrite_all(fd, data, offset)
+
+
 #: A direct call yields to the trio scheduler at most every YIELD_INTERVAL seconds (else it only
 #: checks for cancellation): a scheduler pass costs more than a 4 KiB tmpfs write, yet a loop of
 #: direct calls (the copy task) must still let the FUSE requests in.

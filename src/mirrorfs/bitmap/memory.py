@@ -420,6 +420,10 @@ class DirtyBitmap(_BitmapCore):
         UsageError: bad granularity or negative size.
     """
 
+    #: Only memory holds it: nothing outside the process can see a change before the next yield
+    #: (a persistent bitmap's marks reach its file at once, for a crash to find).
+    volatile: bool = True
+
     def __init__(self, size: int, granularity: int = DEFAULT_GRANULARITY) -> None:
         check_granularity(granularity)
         if size < 0:

@@ -239,6 +239,7 @@ class PersistentBitmap(DirtyBitmap):
         was_clean: whether the file had been closed cleanly before this open.
     """
 
+    volatile = False
     path: str
     header: fmt.BitmapHeader
     was_clean: bool

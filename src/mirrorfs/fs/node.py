@@ -25,6 +25,8 @@ from typing import Any
 
 import trio
 
+from .. import fileio
+
 #: Flags the kernel passes to open() that must not be stored on (or passed to) the source fd.
 #: O_CREAT/O_EXCL/O_TRUNC act once at open time; O_DIRECT would make unaligned Python buffers fail
 #: with EINVAL (the FUSE ``direct_io`` flag keeps the page cache out instead).
@@ -83,7 +85,6 @@ class ImageNode:
         return self.relpath == ""
 
 
-@dataclass(eq=False)
 class OpenHandle:
     """One ``open()`` of an ``ImageNode``.
 
@@ -95,13 +96,32 @@ class OpenHandle:
         fd: the descriptor of the backing file, opened with this handle's own access mode; the
             engine may swap it (pivot).
         direct: the opener asked for O_DIRECT (served with FUSE ``direct_io``).
+        inline_io: requests of up to ``fileio.DIRECT_MAX`` bytes may run ``fd``'s I/O on the trio
+            thread (``fileio.inline_capable``); kept with ``fd``, so a swapped descriptor is
+            asked anew.
     """
 
-    fh: int
-    node: ImageNode
-    flags: int
-    fd: int
-    direct: bool = False
+    __slots__ = ("fh", "node", "flags", "direct", "_fd", "inline_io")
+
+    def __init__(self, fh: int, node: ImageNode, flags: int, fd: int, direct: bool = False) -> None:
+        self.fh = fh
+        self.node = node
+        self.flags = flags
+        self.direct = direct
+        self.fd = fd
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @fd.setter
+    def fd(self, fd: int) -> None:
+        self._fd = fd
+        self.inline_io = fileio.inline_capable(fd)
+
+    def runs_inline(self, size: int) -> bool:
+        """Whether a request of ``size`` bytes on this handle runs its I/O on the trio thread."""
+        return self.inline_io and size <= fileio.DIRECT_MAX
 
     @property
     def writable(self) -> bool:

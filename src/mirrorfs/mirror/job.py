@@ -197,12 +197,21 @@ class MirrorJob:
     # ------------------------------------------------------------------ the FUSE seam
 
     async def read(self, handle: Any, offset: int, size: int) -> bytes:
+        if not self.gate.closed and self.successor is None and handle.runs_inline(size):
+            # Nothing else runs until this returns, so the open gate needs no holding.
+            return fileio.pread_now(handle.fd, size, offset)
         async with self.gate.hold():
             if self.successor is not None:
                 return await self.successor.read(handle, offset, size)
             return await fileio.pread(handle.fd, size, offset)
 
     async def write(self, handle: Any, offset: int, data: bytes) -> int:
+        if not self.gate.closed and self.successor is None and handle.runs_inline(len(data)):
+            if self.finished:
+                return fileio.pwrite_now(handle.fd, data, offset)
+            written = self._write_inline(handle, offset, data)
+            if written is not None:
+                return written
         async with self.gate.hold():
             if self.successor is not None:  # pivoted to NBD: handle.fd is still the source
                 return await self.successor.write(handle, offset, data)
@@ -228,6 +237,122 @@ class MirrorJob:
     def _duplicating(self) -> bool:
         return self._target_ok and not self.paused and self._end_request is None
 
+    def _begin_write(self, offset: int, length: int) -> tuple[Operation, set[int]]:
+        """Register a guest write of [offset, offset+length) and mark its clusters dirty.
+
+        Returns:
+            the operation, and the partially covered edge clusters that are clean now: these
+            stay clean once the duplicate lands (the rest of such a cluster is untouched, so
+            source and target still agree on it). Whole clusters are cleared by ``clear`` itself;
+            so is a partial last cluster of the image.
+        """
+        bitmap = self.bitmap
+        g = self.params.granularity
+        shift = g.bit_length() - 1
+        end = offset + length
+        edges = set()
+        if offset & (g - 1) and not bitmap.is_dirty(offset & ~(g - 1), 1):
+            edges.add(offset >> shift)
+        if end & (g - 1) and end < self.size and not bitmap.is_dirty(end & ~(g - 1), 1):
+            edges.add((end - 1) >> shift)
+        op = self.inflight.register(offset, length)
+        try:
+            bitmap.mark(offset, length)
+        except BaseException:
+            self.inflight.unregister(op)
+            raise
+        return op, edges
+
+    def _abandon(self, op: Operation) -> None:
+        """End a guest write that will not clear its clusters (no duplicate, or it failed)."""
+        self.inflight.unregister(op)
+        self._dirtied.set()
+
+    def _duplicated(self, op: Operation, offset: int, length: int, edges: set[int]) -> None:
+        """The guest's bytes reached the target: clear what is now known identical."""
+        self.stats["duplicated-bytes"] += length
+        if op.conflicted:
+            self.stats["conflicts"] += 1
+            self._dirtied.set()
+        else:
+            self.bitmap.clear(offset, length)
+            g = self.params.granularity
+            for cluster in edges:
+                self.bitmap.clear(cluster * g, g)
+            if not self.ready and self.bitmap.count() == 0:
+                # A steady writer keeps a duplicate in flight most of the time: the moment the
+                # last one lands and nothing is dirty is when the job can become ready.
+                self._dirtied.set()
+        self.inflight.unregister(op)
+
+    def _write_inline(self, handle: Any, offset: int, data: bytes) -> int | None:
+        """The whole intercepted write without yielding, where nothing in it has to wait: the
+        source and the target are in memory (tmpfs). None, having done nothing, where it cannot.
+
+        Without a yield no other request or transaction can run in between, so this needs
+        neither the gate nor the in-flight counters; it also duplicates in background mode,
+        since writing the target now costs less than scheduling a task to do it.
+        """
+        length = len(data)
+        if length == 0 or offset + length > self.size:
+            return None
+        duplicate = self._duplicating()
+        if duplicate and not self.target.can_write_now(length):
+            return None
+        if self.bitmap.volatile and not self.inflight:
+            return self._write_inline_alone(handle, offset, data, duplicate)
+        op, edges = self._begin_write(offset, length)
+        try:
+            written = fileio.pwrite_now(handle.fd, data, offset)
+        except BaseException:
+            self._abandon(op)
+            raise
+        if not duplicate:
+            self._abandon(op)
+            return written
+        payload = data if written == length else data[:written]
+        try:
+            self.target.pwrite_now(offset, payload)
+        except TargetError as exc:
+            self._abandon(op)
+            self._on_target_error(exc)
+            return written
+        self._duplicated(op, offset, written, edges)
+        return written
+
+    def _write_inline_alone(self, handle: Any, offset: int, data: bytes, duplicate: bool) -> int:
+        """``_write_inline`` with nothing else in flight and a bitmap only memory holds.
+
+        Nothing can look at the bitmap before this returns, so only the outcome must be right,
+        and it needs no registration: where the duplicate landed, the write's whole clusters are
+        clean and its partial edge clusters as they were (their other bytes are untouched on both
+        sides); anywhere else, every cluster it touched is dirty.
+        """
+        length = len(data)
+        try:
+            written = fileio.pwrite_now(handle.fd, data, offset)
+        except BaseException:
+            self._mark_after(offset, length)
+            raise
+        if not duplicate or written != length:
+            self._mark_after(offset, length)
+            return written
+        try:
+            self.target.pwrite_now(offset, data)
+        except TargetError as exc:
+            self._mark_after(offset, length)
+            self._on_target_error(exc)
+            return written
+        self.stats["duplicated-bytes"] += length
+        self.bitmap.clear(offset, length)
+        if not self.ready and self.bitmap.count() == 0:
+            self._dirtied.set()
+        return written
+
+    def _mark_after(self, offset: int, length: int) -> None:
+        self.bitmap.mark(offset, length)
+        self._dirtied.set()
+
     async def _intercepted_write(self, handle: Any, offset: int, data: bytes) -> int:
         length = len(data)
         if length == 0:
@@ -236,30 +361,14 @@ class MirrorJob:
             await self._grow(offset + length)
             if offset + length > self.size:  # could not grow: the job is failing; the source
                 return await fileio.pwrite(handle.fd, data, offset)  # write must still happen
-        bitmap = self.bitmap
-        shift = self.params.granularity.bit_length() - 1
-        first, last = offset >> shift, (offset + length - 1) >> shift
-        # Partially covered edge clusters that are clean now stay clean once the duplicate lands
-        # (the rest of such a cluster is untouched, so source and target still agree on it).
-        # Whole clusters are cleared by ``clear`` itself; so is a partial last cluster of the image.
-        g = self.params.granularity
-        end = offset + length
-        edges = set()
-        if offset & (g - 1) and not bitmap.is_dirty(first << shift, 1):
-            edges.add(first)
-        if end & (g - 1) and end < self.size and not bitmap.is_dirty(last << shift, 1):
-            edges.add(last)
-        op = self.inflight.register(offset, length)
+        op, edges = self._begin_write(offset, length)
         try:
-            bitmap.mark(offset, length)
             written = await fileio.pwrite(handle.fd, data, offset)
         except BaseException:
-            self.inflight.unregister(op)
-            self._dirtied.set()
+            self._abandon(op)
             raise
         if not self._duplicating():
-            self.inflight.unregister(op)
-            self._dirtied.set()
+            self._abandon(op)
             return written
         payload = data if written == length else data[:written]
         if self.params.copy_mode == "write-blocking":
@@ -270,8 +379,7 @@ class MirrorJob:
             self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges)
         else:
             self.stats["skipped-duplicates"] += 1
-            self.inflight.unregister(op)
-            self._dirtied.set()
+            self._abandon(op)
         return written
 
     async def _background_duplicate(self, op: Operation, offset: int, data: bytes,
@@ -287,26 +395,12 @@ class MirrorJob:
         try:
             await self.target.pwrite(offset, data)
         except TargetError as exc:
-            self.inflight.unregister(op)
-            self._dirtied.set()
+            self._abandon(op)
             self._on_target_error(exc)
             return
         finally:
             self._duplicates.leave()
-        self.stats["duplicated-bytes"] += len(data)
-        if op.conflicted:
-            self.stats["conflicts"] += 1
-            self._dirtied.set()
-        else:
-            self.bitmap.clear(offset, len(data))
-            g = self.params.granularity
-            for cluster in edges:
-                self.bitmap.clear(cluster * g, g)
-            if not self.ready and self.bitmap.count() == 0:
-                # A steady writer keeps a duplicate in flight most of the time: the moment the
-                # last one lands and nothing is dirty is when the job can become ready.
-                self._dirtied.set()
-        self.inflight.unregister(op)
+        self._duplicated(op, offset, len(data), edges)
 
     async def _grow(self, new_size: int) -> None:
         """The image grows (a qcow2 file allocating clusters): grow the bitmap and the target.

@@ -49,6 +49,20 @@ class Target(abc.ABC):
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``."""
 
+    def can_write_now(self, length: int) -> bool:
+        """Whether ``pwrite_now`` can write ``length`` bytes without waiting (a local file on
+        tmpfs); most targets cannot, and the engine then uses ``pwrite``."""
+        return False
+
+    def pwrite_now(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset`` without yielding; only after ``can_write_now``
+        said yes for this length, with no await in between.
+
+        Raises:
+            TargetError: as ``pwrite``.
+        """
+        raise NotImplementedError(f"target {self.description} cannot write without waiting")
+
     @abc.abstractmethod
     async def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zero, deallocating them where possible."""

@@ -67,6 +67,7 @@ class LocalFileTarget(Target):
         self._idle = trio.Event()
         self._idle.set()
         self._punch = True  # until the file system says it cannot
+        self._inline = False  # writes may run on the trio thread (fileio.inline_capable)
 
     @classmethod
     def create(cls, path: str | os.PathLike, size: int) -> LocalFileTarget:
@@ -127,6 +128,7 @@ class LocalFileTarget(Target):
                                    f"expected: give a target of the image's size")
         self._size = size
         self._fd = fd
+        self._inline = fileio.inline_capable(fd)
         self._punch = True
 
     async def resize(self, size: int) -> None:
@@ -192,6 +194,25 @@ class LocalFileTarget(Target):
             raise self._error(exc, "write") from None
         finally:
             self._end()
+
+    def can_write_now(self, length: int) -> bool:
+        return self._inline and self._fd is not None and length <= fileio.DIRECT_MAX
+
+    def pwrite_now(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_range("write", offset, len(data))
+        fd = self._fd
+        if fd is None:
+            raise TargetRetryableError(f"target {self.path} is not open")
+        try:
+            done = fileio.pwrite_now(fd, data, offset)
+            while done < len(data):
+                # short only when an error stopped it: writing the rest reports that error
+                n = fileio.pwrite_now(fd, memoryview(data).cast("B")[done:], offset + done)
+                if n <= 0:
+                    raise OSError(_errno.EIO, "short write")
+                done += n
+        except OSError as exc:
+            raise self._error(exc, "write") from None
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_range("write-zeroes", offset, length)
