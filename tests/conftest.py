@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -79,6 +81,18 @@ def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
             problems.append(f"{mount.log_file} has unexpected lines:\n" + "\n".join(bad[:20]))
     if problems:
         pytest.fail("mount teardown: " + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def shm_path() -> Iterator[Path]:
+    """A fresh directory on tmpfs (``/dev/shm``), removed afterwards: where mirrorfs runs file I/O
+    on the trio thread and its inline request paths (``fileio.inline_capable``) are taken;
+    ``tmp_path`` is on a disk file system here."""
+    path = Path(tempfile.mkdtemp(prefix="mirrorfs-test-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

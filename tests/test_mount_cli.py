@@ -136,3 +136,22 @@ def test_checklogs_flags_tracebacks(tmp_path: Path) -> None:
     assert len(mount.bad_log_lines()) == 3
     mount.allow_log(r"expected by this test")
     assert len(mount.bad_log_lines()) == 2
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "10000001"])
+def test_bad_poll_max_ns_is_refused_and_mounts_nothing(tmp_path: Path, value: str) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    proc = mirrorfs_cli("mount", tmp_path / "src", tmp_path / "mnt", "--poll-max-ns", value, check=False)
+    assert_one_line_error(proc, "--poll-max-ns", repr(value))
+    assert not is_mounted(tmp_path / "mnt")
+
+
+@pytest.mark.parametrize("value", ["0", "1000000"])
+def test_poll_max_ns_mounts_serve_data(mount_factory: MountFactory, value: str) -> None:
+    """Polling off, and a long window: both serve writes and reads byte for byte."""
+    mount = mount_factory(extra_args=("--poll-max-ns", value))
+    data = os.urandom(1 << 20)
+    (mount.mountpoint / "f").write_bytes(data)
+    assert (mount.mountpoint / "f").read_bytes() == data
+    assert (mount.source / "f").read_bytes() == data

@@ -39,6 +39,21 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+#: The largest ``--poll-max-ns``: past a few milliseconds polling only burns a core.
+MAX_POLL_NS = 10_000_000
+
+
+def _poll_ns(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_POLL_NS:
+        raise argparse.ArgumentTypeError(
+            f"--poll-max-ns must be an integer from 0 to {MAX_POLL_NS} (nanoseconds), not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mirrorfs", description="Live mirroring of disk images beneath a FUSE mount.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -49,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--socket", help="path of the QMP socket")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    p.add_argument("--poll-max-ns", type=_poll_ns, metavar="NS",
+                   help="longest time the request loop polls for the next request before it "
+                        "sleeps, adapted to the load as QEMU's IOThread poll-max-ns "
+                        "(default 32768; 0: never poll)")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="log verbosity")
 

@@ -37,7 +37,9 @@ from typing import Callable
 import trio
 
 from ..errors import MirrorfsError, MountError
+from . import fuseloop
 from .control_dir import CONTROL_DIR_NAME, VirtualFile
+from .fuseloop import DEFAULT_POLL_MAX_NS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class MountService:
         mountpoint: where to mount it.
         allow_other: let other users access the mount (FUSE ``allow_other``).
         socket_path: the QMP socket path (stored for the QMP server, which is started later).
+        poll_max_ns: the request loop's largest polling window (``fuseloop``); 0: never poll.
 
     Attributes:
         operations: the pyfuse3 ``Operations`` (``operations.control_dir`` for ``.mirrorfs/``).
@@ -65,12 +68,13 @@ class MountService:
     """
 
     def __init__(self, source_dir: str, mountpoint: str, *, allow_other: bool = False,
-                 socket_path: str | None = None) -> None:
+                 socket_path: str | None = None, poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
         from .operations import Operations  # pyfuse3 only where a mount really runs
 
         self.source_dir = os.path.abspath(source_dir)
         self.mountpoint = os.path.abspath(mountpoint)
         self.allow_other = allow_other
+        self.poll_max_ns = poll_max_ns
         self.socket_path = os.path.abspath(socket_path) if socket_path else None
         self.operations = Operations(self.source_dir)
         self.nursery: trio.Nursery | None = None
@@ -121,7 +125,11 @@ class MountService:
         import pyfuse3
 
         try:
-            await pyfuse3.main()
+            fuseloop.install(self.poll_max_ns)
+            try:
+                await pyfuse3.main()
+            finally:
+                fuseloop.uninstall()
         finally:
             done.set()
 
@@ -289,13 +297,15 @@ def _run_service(service: MountService, on_ready: Callable[[], None] | None) -> 
 
 
 def cli_mount(args: argparse.Namespace) -> int:
-    """``mirrorfs mount SOURCE_DIR MOUNTPOINT [--foreground] [--socket P] [--allow-other] [--log-level L]``.
+    """``mirrorfs mount SOURCE_DIR MOUNTPOINT [--foreground] [--socket P] [--allow-other]
+    [--poll-max-ns NS] [--log-level L]``.
 
     Raises:
         MountError: the mount cannot be made (one line for the user, exit 2).
     """
     source, mnt = check_mount_args(args.source_dir, args.mountpoint)
-    service = MountService(source, mnt, allow_other=args.allow_other, socket_path=args.socket)
+    service = MountService(source, mnt, allow_other=args.allow_other, socket_path=args.socket,
+                           poll_max_ns=DEFAULT_POLL_MAX_NS if args.poll_max_ns is None else args.poll_max_ns)
     if args.foreground:
         _setup_logging(args.log_level, sys.stderr)
         _run_service(service, None)
