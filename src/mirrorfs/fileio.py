@@ -173,6 +173,30 @@ async def pread(fd: int, size: int, offset: int) -> bytes:
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=LIMITER)
 
 
+def _preadinto_all(fd: int, view: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:  # end of file
+            break
+        done += n
+    return done
+
+
+async def preadinto(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` (a byte memoryview) at ``offset``; returns the bytes read, fewer only
+    at end of file. For loops that reuse one buffer: a fresh multi-megabyte ``bytes`` per read
+    costs its page faults every time.
+
+    Raises:
+        OSError: the read failed; ``errno`` says why.
+    """
+    if _direct(fd, len(view)):
+        await _direct_checkpoint()
+        return _preadinto_all(fd, view, offset)
+    return await trio.to_thread.run_sync(_preadinto_all, fd, view, offset, limiter=LIMITER)
+
+
 async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     """Write ``data`` at ``offset``; returns the number of bytes written (all unless an error).
 

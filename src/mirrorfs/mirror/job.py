@@ -106,6 +106,8 @@ class MirrorJob:
         self._ended = trio.Event()
         self._end_request: tuple[str, str | None] | None = None
         self._zero = bytes(self.chunk_size)
+        #: copy buffers, one per copy in flight, reused (see ``_copy_data``)
+        self._copy_buffers: list[bytearray] = []
         # The source's last data extent found by SEEK_HOLE: tmpfs scans page by page to the end of
         # the extent, so a fully written image would be rescanned for every chunk (quadratic).
         self._data_extent = (0, 0)
@@ -625,17 +627,44 @@ class MirrorJob:
             pos = hole_at
 
     async def _copy_data(self, offset: int, length: int) -> None:
-        """Copy one source range with data (whole-zero buffers still become zero writes)."""
-        data = await fileio.pread(self._source_fd, length, offset)
-        if len(data) < length:
-            # The source may not be shorter than the job's size while the job runs.
-            data = data + bytes(length - len(data))
-        if data == self._zero[:length] if length <= len(self._zero) else data.count(0) == length:
-            await self.target.write_zeroes(offset, length)
-            self.stats["zeroed-bytes"] += length
+        """Copy one source range with data (whole-zero buffers still become zero writes).
+
+        Reads go into reused buffers: a fresh 4 MiB ``bytes`` per chunk paid its page faults
+        on every read (0.80 against 0.52 ms per 4 MiB on tmpfs).
+        """
+        buffers = self._copy_buffers
+        if length > self.chunk_size:  # not from the copy loop's chunks: a one-off buffer
+            buf = bytearray(length)
         else:
-            await self.target.pwrite(offset, data)
-            self.stats["copied-bytes"] += length
+            buf = buffers.pop() if buffers else bytearray(self.chunk_size)
+        try:
+            view = memoryview(buf)[:length]
+            n = await fileio.preadinto(self._source_fd, view, offset)
+            if n < length:
+                # The source may not be shorter than the job's size while the job runs.
+                view[n:] = bytes(length - n)
+            if self._all_zero(buf, length):
+                await self.target.write_zeroes(offset, length)
+                self.stats["zeroed-bytes"] += length
+            else:
+                # Targets use the buffer only until pwrite returns (NBDClient.pwrite's contract).
+                await self.target.pwrite(offset, view)
+                self.stats["copied-bytes"] += length
+        finally:
+            if len(buf) == self.chunk_size:
+                buffers.append(buf)
+
+    def _all_zero(self, buf: bytearray, length: int) -> bool:
+        """Whether ``buf[:length]`` is all zeroes (bytes comparisons are one memcmp that stops at
+        the first difference; memoryview comparisons go byte by byte, 50x slower)."""
+        if length == len(buf) == len(self._zero):
+            return buf == self._zero
+        head = min(length, 4096)
+        if buf[:head] != self._zero[:head]:  # data seldom starts with a zero page: no big copy
+            return False
+        if length <= len(self._zero):
+            return buf[:length] == self._zero[:length]
+        return buf.count(0, 0, length) == length
 
     def _hole_span(self, offset: int, length: int) -> int:
         """How much of ``offset .. offset+length`` is a source hole from ``offset`` on, in whole
