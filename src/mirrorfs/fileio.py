@@ -34,6 +34,11 @@ number is reused for another file. (``RWF_NOWAIT``, the kernel's own "would this
 would be more general, but tmpfs answers it with EOPNOTSUPP.) Measured with ``scripts/bench``,
 see docs/performance.md.
 
+The FUSE request paths go one step further (``inline_capable``, ``pread_now``/``pwrite_now``):
+the owner of a descriptor asks once (an ``OpenHandle`` at open and at a pivot, a local target at
+connect) and keeps the answer with the descriptor, and a request on tmpfs then runs its whole I/O
+without an ``await``, so it needs no gate and no in-flight bookkeeping (``MirrorJob.write``).
+
 ``MIRRORFS_IO_MODE`` in the environment: ``auto`` (default), ``thread`` (always a worker thread)
 or ``direct`` (never; benchmarks only).
 """
@@ -146,8 +151,11 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> i
     write(2) does, so the caller sees exactly what reached the file; an error before any byte was
     written is raised.
     """
-    view = memoryview(data)
-    done = 0
+    n = os.pwrite(fd, data, offset)  # almost always all of it: no view, no loop
+    if n == len(data) or n == 0:
+        return n
+    view = memoryview(data).cast("B")
+    done = n
     while done < len(view):
         try:
             n = os.pwrite(fd, view[done:], offset + done)

@@ -199,10 +199,11 @@ class LocalFileTarget(Target):
         return self._inline and self._fd is not None and length <= fileio.DIRECT_MAX
 
     def pwrite_now(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_range("write", offset, len(data))
         fd = self._fd
         if fd is None:
             raise TargetRetryableError(f"target {self.path} is not open")
+        if offset < 0 or offset + len(data) > self._size:  # connected: _size is known
+            self._check_range("write", offset, len(data))
         try:
             done = fileio.pwrite_now(fd, data, offset)
             while done < len(data):
