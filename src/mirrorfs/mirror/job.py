@@ -414,18 +414,20 @@ class MirrorJob:
             if new_size <= self.size or self.finished:
                 return
             old_size = self.size
+            # The target first: the copy task takes its ranges from the bitmap, so the bitmap
+            # must not show the new range before the target has it (a copy past the target's
+            # end fails the job).
+            if self._target_ok:
+                try:
+                    await self.target.resize(new_size)
+                except TargetError as exc:
+                    self._on_target_error(exc)
             try:
                 # Synchronous on purpose: no other task may mark while the file is rewritten.
                 self.bitmap.resize(new_size)
             except MirrorfsError as exc:
                 self._fail(f"cannot grow the bitmap with the image: {exc}")
                 return
-            if self._target_ok:
-                try:
-                    await self.target.resize(new_size)
-                except TargetError as exc:
-                    self._on_target_error(exc)
-            # Only now: the copy task must not see the new range before the target has it.
             self.size = new_size
             self.bitmap.mark(old_size, new_size - old_size)
             self._dirtied.set()
