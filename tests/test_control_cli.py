@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from mounting import Mount, mirrorfs_cli, wait_for
+from mounting import Mount, mirrorfs_argv, mirrorfs_cli, wait_for
 
 MiB = 1 << 20
 
@@ -217,6 +217,23 @@ def test_a_cli_refusal_leaves_no_traceback_and_the_console_script_agrees(mounted
                        text=True, timeout=60, env=mounted.env())
     assert r.returncode == 2 and r.stderr.startswith("mirrorfs pause: no mirror job 'nope.img'")
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_output_into_a_closed_pipe_ends_quietly_as_sigpipe(mounted: Mount, tmp_path: Path) -> None:
+    """``mirrorfs status --json | grep -q ...``: the reader may be gone before we write."""
+    image(mounted, "p.img")
+    mirrorfs_cli("mirror", mounted.mountpoint, "p.img", tmp_path / "p-target.img", "--create",
+                 env=mounted.env())
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        r = subprocess.run([*mirrorfs_argv(), "status", str(mounted.mountpoint), "--json"],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+                           env=mounted.env())
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert r.stderr == ""
 
 
 def test_mirror_to_a_missing_target_is_bad_input(mounted: Mount, tmp_path: Path) -> None:
