@@ -202,6 +202,14 @@ class Mount:
         self.start()
 
 
+def random_image(mount: Mount, name: str, size: int = 2 << 20) -> bytes:
+    """Write ``size`` random bytes as ``name`` through the mount; returns them."""
+    data = os.urandom(size)
+    with open(mount.mountpoint / name, "wb") as f:
+        f.write(data)
+    return data
+
+
 def start_mount(source: Path, mountpoint: Path, log_file: Path, extra_args: Iterable[str] = ()) -> Mount:
     """Mount ``source`` at ``mountpoint`` with the real CLI; the caller must ``close()`` it."""
     mount = Mount(source=source, mountpoint=mountpoint, log_file=log_file, extra_args=tuple(extra_args))

@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from mounting import Mount, mirrorfs_argv, mirrorfs_cli, wait_for
+from mounting import Mount, mirrorfs_argv, mirrorfs_cli, random_image, wait_for
 
-MiB = 1 << 20
 
 
 def jobs(mount: Mount) -> dict[str, dict[str, Any]]:
@@ -46,16 +45,9 @@ def fails(mount: Mount | None, code: int, message: str, *args: Any) -> None:
     assert message in r.stderr, (args, message, r.stderr)
 
 
-def image(mount: Mount, name: str, size: int = 2 * MiB) -> bytes:
-    data = os.urandom(size)
-    with open(mount.mountpoint / name, "wb") as f:
-        f.write(data)
-    return data
-
-
 def test_mirror_pause_resume_set_speed_complete_no_pivot(mounted: Mount, tmp_path: Path) -> None:
     m = mounted.mountpoint
-    data = image(mounted, "a.img")
+    data = random_image(mounted, "a.img")
     target = tmp_path / "a-target.img"
     out = ok(mounted, "mirror", m, "a.img", target, "--create", "--speed", "64K", "--buf-size", "256K",
              "--granularity", "64K", "--copy-mode", "write-blocking", "--on-target-error", "stop",
@@ -108,8 +100,8 @@ def test_mirror_pause_resume_set_speed_complete_no_pivot(mounted: Mount, tmp_pat
 
 def test_complete_with_pivot_cancel_and_cancel_force(mounted: Mount, tmp_path: Path) -> None:
     m = mounted.mountpoint
-    data = image(mounted, "a.img")
-    image(mounted, "b.img")
+    data = random_image(mounted, "a.img")
+    random_image(mounted, "b.img")
     ta, tb = tmp_path / "ta.img", tmp_path / "tb.img"
 
     # cancel after ready: an exact copy, the mount stays on the source.
@@ -142,7 +134,7 @@ def test_status_qmp_and_their_failures(mounted: Mount, tmp_path: Path) -> None:
     m = mounted.mountpoint
     assert ok(mounted, "status", m) == "no jobs\n"
     assert json.loads(ok(mounted, "status", m, "--json")) == []
-    image(mounted, "a.img")
+    random_image(mounted, "a.img")
     ok(mounted, "mirror", m, "a.img", tmp_path / "t.img", "--create", "--sync", "none")
     wait_ready(mounted, "a.img")
     table = ok(mounted, "status", m)
@@ -177,7 +169,7 @@ def test_status_qmp_and_their_failures(mounted: Mount, tmp_path: Path) -> None:
 
 def test_bitmap_inspect_clean_dirty_and_invalid(mounted: Mount, tmp_path: Path) -> None:
     m = mounted.mountpoint
-    data = image(mounted, "a.img")
+    data = random_image(mounted, "a.img")
     bitmap, target = tmp_path / "a.bitmap", tmp_path / "a-target.img"
     ok(mounted, "mirror", m, "a.img", target, "--create", "--bitmap", bitmap)
     wait_ready(mounted, "a.img")
@@ -221,7 +213,7 @@ def test_a_cli_refusal_leaves_no_traceback_and_the_console_script_agrees(mounted
 
 def test_output_into_a_closed_pipe_ends_quietly_as_sigpipe(mounted: Mount, tmp_path: Path) -> None:
     """``mirrorfs status --json | grep -q ...``: the reader may be gone before we write."""
-    image(mounted, "p.img")
+    random_image(mounted, "p.img")
     mirrorfs_cli("mirror", mounted.mountpoint, "p.img", tmp_path / "p-target.img", "--create",
                  env=mounted.env())
     read_end, write_end = os.pipe()
@@ -238,7 +230,7 @@ def test_output_into_a_closed_pipe_ends_quietly_as_sigpipe(mounted: Mount, tmp_p
 
 def test_mirror_to_a_missing_target_is_bad_input(mounted: Mount, tmp_path: Path) -> None:
     m = mounted.mountpoint
-    image(mounted, "b.img")
+    random_image(mounted, "b.img")
     fails(mounted, 2, "does not exist; pass --create", "mirror", m, "b.img", tmp_path / "other.img")
     fails(mounted, 2, "does not exist", "mirror", m, "b.img", tmp_path / "no-dir" / "other.img", "--create")
     assert jobs(mounted) == {}

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from mounting import Mount, wait_for
+from mounting import Mount, random_image, wait_for
 
 MiB = 1 << 20
 
@@ -73,13 +73,6 @@ def wait_jobs(mount: Mount, pred: Any, what: str, timeout: float = 60.0) -> dict
     return seen[0]
 
 
-def image(mount: Mount, name: str, size: int = 2 * MiB) -> bytes:
-    data = os.urandom(size)
-    with open(mount.mountpoint / name, "wb") as f:
-        f.write(data)
-    return data
-
-
 def qmp(sock_path: str, name: str, arguments: dict | None = None) -> dict[str, Any]:
     """One command on a fresh raw connection; returns the reply (``return`` or ``error``)."""
     with socket.socket(socket.AF_UNIX) as s:
@@ -105,7 +98,7 @@ def sock_of(mount: Mount) -> str:
 
 
 def test_every_control_command_succeeds_and_is_recorded(mounted: Mount, tmp_path: Path) -> None:
-    data = image(mounted, "a.img")
+    data = random_image(mounted, "a.img")
     target = tmp_path / "a-target.img"
     # mirror with keys: slow, small chunks, so pause / set-speed meet a running job.
     assert control(mounted, f"mirror a.img {target} create=true speed=64K buf-size=256K "
@@ -185,7 +178,7 @@ FAILURES = [
 
 
 def test_every_control_command_fails_with_its_errno_and_changes_nothing(mounted: Mount, tmp_path: Path) -> None:
-    image(mounted, "a.img")
+    random_image(mounted, "a.img")
     target = tmp_path / "a-target.img"
     assert control(mounted, f"mirror a.img {target} create=true speed=32K buf-size=256K\n") == 0
     keys = ("status", "ready", "paused", "target", "speed", "io-status", "copy-mode")
@@ -212,8 +205,8 @@ def test_every_control_command_fails_with_its_errno_and_changes_nothing(mounted:
 def test_status_files_match_the_cli_and_qmp(mounted: Mount, tmp_path: Path) -> None:
     assert (mounted.control / "status").read_text() == "no jobs\n"
     assert json.loads((mounted.control / "status.json").read_text()) == []
-    image(mounted, "a.img")
-    image(mounted, "b.img", 4 * MiB)
+    random_image(mounted, "a.img")
+    random_image(mounted, "b.img", 4 * MiB)
     assert control(mounted, f"mirror a.img {tmp_path / 'ta.img'} create=true sync=none\n") == 0
     assert control(mounted, f"mirror b.img {tmp_path / 'tb.img'} create=true\n") == 0
     assert control(mounted, "pause b.img\n") == 0
@@ -245,7 +238,7 @@ ESCAPES = ["../../etc/passwd", "/etc/passwd", "../escape.img", "a/../../escape.i
 
 
 def test_names_that_leave_the_mount_are_refused_everywhere(mounted: Mount, tmp_path: Path) -> None:
-    image(mounted, "a.img")
+    random_image(mounted, "a.img")
     (mounted.mountpoint / "a").mkdir()
     sock = sock_of(mounted)
     target = tmp_path / "escape-target.img"
@@ -292,7 +285,7 @@ def test_only_the_owner_may_write_control_and_use_the_socket(public_dir: Path, m
     (public_dir / "mnt").mkdir()
     mount = mount_factory(source=public_dir / "source", mountpoint=public_dir / "mnt",
                           extra_args=["--allow-other"])
-    image(mount, "a.img")
+    random_image(mount, "a.img")
     os.chmod(mount.source / "a.img", 0o666)
     nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     probe = r"""

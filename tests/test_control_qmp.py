@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from mounting import Mount, wait_for
+from mounting import Mount, random_image, wait_for
 
-MiB = 1 << 20
 QMP_SHELL = str(Path(sys.executable).with_name("qmp-shell"))
 
 
@@ -34,17 +32,10 @@ def jobs(mount: Mount) -> dict[str, dict[str, Any]]:
     return {j["device"]: j for j in json.loads((mount.control / "status.json").read_text())}
 
 
-def image(mount: Mount, name: str, size: int = 2 * MiB) -> bytes:
-    data = os.urandom(size)
-    with open(mount.mountpoint / name, "wb") as f:
-        f.write(data)
-    return data
-
-
 def test_qemu_qmp_transactions_start_refuse_and_pivot(mounted: Mount, tmp_path: Path) -> None:
     from qemu.qmp import ExecuteError, QMPClient
 
-    a, b = image(mounted, "a.img"), image(mounted, "b.img")
+    a, b = random_image(mounted, "a.img"), random_image(mounted, "b.img")
     ta, tb = tmp_path / "ta.img", tmp_path / "tb.img"
     sock = (mounted.control / "socket").read_text().strip()
 
@@ -133,7 +124,7 @@ def test_qemu_qmp_transactions_start_refuse_and_pivot(mounted: Mount, tmp_path: 
 
 
 def test_qmp_shell_changes_a_real_job(mounted: Mount, tmp_path: Path) -> None:
-    image(mounted, "a.img")
+    random_image(mounted, "a.img")
     mounted.cli("mirror", mounted.mountpoint, "a.img", tmp_path / "t.img", "--create", "--speed", "64K",
                 "--buf-size", "256K")
     sock = (mounted.control / "socket").read_text().strip()
