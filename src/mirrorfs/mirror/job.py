@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Any, Callable
+from typing import AbstractSet, Any, Callable
 
 import trio
 
@@ -49,6 +49,8 @@ MAX_HOLE_SPAN = 1024 * 1024 * 1024
 #: small duplicates queue up; each holds its clusters busy, so the copy task would skip them and
 #: overlapping duplicates would keep them dirty. Past this, writes stay dirty for the copy task.
 MAX_BACKGROUND_DUPLICATES = 16
+#: The edge clusters of a write that ``_duplicated`` need not clear.
+_NO_EDGES: frozenset[int] = frozenset()
 #: Reconnect backoff for a lost target: doubles from the first value up to the cap (seconds).
 RECONNECT_BACKOFF = (0.25, 8.0)
 #: How often a ready job commits lazily cleared bits (target flush + bitmap commit), seconds.
@@ -270,15 +272,22 @@ class MirrorJob:
             raise
         return op, edges
 
-    def _abandon(self, op: Operation) -> None:
-        """End a guest write that will not clear its clusters (no duplicate, or it failed)."""
-        self.inflight.unregister(op)
+    def _abandon(self, op: Operation | None, offset: int = 0, length: int = 0) -> None:
+        """End a guest write that will not clear its clusters (no duplicate, or it failed).
+
+        ``op`` None: an unregistered inline write (``_write_inline``), whose clusters are
+        marked only now."""
+        if op is None:
+            self.bitmap.mark(offset, length)
+        else:
+            self.inflight.unregister(op)
         self._dirtied.set()
 
-    def _duplicated(self, op: Operation, offset: int, length: int, edges: set[int]) -> None:
+    def _duplicated(self, op: Operation | None, offset: int, length: int,
+                    edges: AbstractSet[int]) -> None:
         """The guest's bytes reached the target: clear what is now known identical."""
         self.stats["duplicated-bytes"] += length
-        if op.conflicted:
+        if op is not None and op.conflicted:
             self.stats["conflicts"] += 1
             self._dirtied.set()
         else:
@@ -290,7 +299,8 @@ class MirrorJob:
                 # A steady writer keeps a duplicate in flight most of the time: the moment the
                 # last one lands and nothing is dirty is when the job can become ready.
                 self._dirtied.set()
-        self.inflight.unregister(op)
+        if op is not None:
+            self.inflight.unregister(op)
 
     def _write_inline(self, handle: Any, offset: int, data: bytes) -> int | None:
         """The whole intercepted write without yielding, where nothing in it has to wait: the
@@ -299,6 +309,12 @@ class MirrorJob:
         Without a yield no other request or transaction can run in between, so this needs
         neither the gate nor the in-flight counters; it also duplicates in background mode,
         since writing the target now costs less than scheduling a task to do it.
+
+        With nothing else in flight and a bitmap only memory holds, it is not even registered:
+        nothing can look at the bitmap before this returns, so only the outcome must be right.
+        Where the duplicate landed, the write's whole clusters are clean and its partial edge
+        clusters as they were (their other bytes are untouched on both sides); anywhere else,
+        every cluster it touched is dirty (``_abandon`` marks them).
         """
         length = len(data)
         if length == 0 or offset + length > self.size:
@@ -306,59 +322,28 @@ class MirrorJob:
         duplicate = self._duplicating()
         if duplicate and not self.target.can_write_now(length):
             return None
+        op: Operation | None
         if self.bitmap.volatile and not self.inflight:
-            return self._write_inline_alone(handle, offset, data, duplicate)
-        op, edges = self._begin_write(offset, length)
+            op, edges = None, _NO_EDGES
+        else:
+            op, edges = self._begin_write(offset, length)
         try:
             written = fileio.pwrite_now(handle.fd, data, offset)
         except BaseException:
-            self._abandon(op)
+            self._abandon(op, offset, length)
             raise
         if not duplicate:
-            self._abandon(op)
+            self._abandon(op, offset, length)
             return written
         payload = data if written == length else data[:written]
         try:
             self.target.pwrite_now(offset, payload)
         except TargetError as exc:
-            self._abandon(op)
+            self._abandon(op, offset, length)
             self._on_target_error(exc)
             return written
         self._duplicated(op, offset, written, edges)
         return written
-
-    def _write_inline_alone(self, handle: Any, offset: int, data: bytes, duplicate: bool) -> int:
-        """``_write_inline`` with nothing else in flight and a bitmap only memory holds.
-
-        Nothing can look at the bitmap before this returns, so only the outcome must be right,
-        and it needs no registration: where the duplicate landed, the write's whole clusters are
-        clean and its partial edge clusters as they were (their other bytes are untouched on both
-        sides); anywhere else, every cluster it touched is dirty.
-        """
-        length = len(data)
-        try:
-            written = fileio.pwrite_now(handle.fd, data, offset)
-        except BaseException:
-            self._mark_after(offset, length)
-            raise
-        if not duplicate or written != length:
-            self._mark_after(offset, length)
-            return written
-        try:
-            self.target.pwrite_now(offset, data)
-        except TargetError as exc:
-            self._mark_after(offset, length)
-            self._on_target_error(exc)
-            return written
-        self.stats["duplicated-bytes"] += length
-        self.bitmap.clear(offset, length)
-        if not self.ready and self.bitmap.count() == 0:
-            self._dirtied.set()
-        return written
-
-    def _mark_after(self, offset: int, length: int) -> None:
-        self.bitmap.mark(offset, length)
-        self._dirtied.set()
 
     async def _intercepted_write(self, handle: Any, offset: int, data: bytes) -> int:
         length = len(data)
