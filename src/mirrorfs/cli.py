@@ -86,6 +86,10 @@ ON_TARGET_ERROR_HELP = {
 }
 
 
+def _add_mountpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .fs.mount_options import MountOptionsAction, option_spellings
     from .mirror.params import (COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY, ERROR_POLICIES,
@@ -124,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("unmount", help="stop jobs cleanly and unmount",
                        description="Stop the mount's jobs cleanly and unmount; returns once the "
                                    "mount process has exited.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+    _add_mountpoint(p)
 
     p = sub.add_parser("mirror", help="start mirroring IMAGE to TARGET",
                        description="Start a drive-mirror job copying IMAGE to TARGET while it is in use.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+    _add_mountpoint(p)
     p.add_argument("image", metavar="IMAGE", help="the image, as a path relative to the mount")
     p.add_argument("target", metavar="TARGET",
                    help="a file path (outside the mount) or an NBD URI: nbd://HOST[:PORT]/EXPORT or "
@@ -159,13 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the jobs",
                        description="Show the jobs: a table, JSON, or live progress bars.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+    _add_mountpoint(p)
     p.add_argument("--json", action="store_true", help="print query-block-jobs as JSON instead of a table")
     p.add_argument("--watch", action="store_true", help="draw live progress bars until Ctrl-C")
 
     p = sub.add_parser("complete", help="complete jobs (pivot by default); several images: one transaction",
                        description="Complete ready jobs and return once they have ended.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+    _add_mountpoint(p)
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="the image(s) whose job to complete; several switch at the same instant")
     p.add_argument("--no-pivot", action="store_true",
@@ -174,26 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="cancel jobs; several images: one transaction",
                        description="Cancel jobs and return once they have ended.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+    _add_mountpoint(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="the image(s) whose job to cancel")
     p.add_argument("--force", action="store_true",
                    help="after ready, stop at once instead of leaving an exact copy")
 
     for name in ("pause", "resume"):
         p = sub.add_parser(name, help=f"{name} a job", description=f"{name.capitalize()} a job's background copy.")
-        p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+        _add_mountpoint(p)
         p.add_argument("image", metavar="IMAGE", help="the image whose job to " + name)
 
     p = sub.add_parser("set-speed", help="change a job's rate limit (bytes/s, 0 = unlimited)",
                        description="Change a job's rate limit.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+    _add_mountpoint(p)
     p.add_argument("image", metavar="IMAGE", help="the image whose job to change")
     p.add_argument("rate", metavar="RATE", help="bytes per second, e.g. 50M; 0: unlimited")
 
     p = sub.add_parser("qmp", help="send one raw QMP command, or an interactive prompt without one",
                        description="Send one QMP command and print the reply (exit 1 on an error "
                                    "reply), or without COMMAND an interactive prompt.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+    _add_mountpoint(p)
     p.add_argument("json", nargs="?", metavar="COMMAND",
                    help='a QMP command as JSON, e.g. \'{"execute": "query-block-jobs"}\'')
 
