@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mounting import FUSE_DEVICE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,7 @@ def test_check_fuse_fails_with_a_reason_when_the_device_is_missing(tmp_path: Pat
     assert f"{missing} is missing" in r.stderr and "CI fails" in r.stderr
 
 
+@pytest.mark.fuse
 def test_check_fuse_passes_here() -> None:
     r = subprocess.run([str(ROOT / ".ci" / "check-fuse")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

@@ -110,5 +110,7 @@ def test_mount_helper_arguments() -> None:
     assert helper_argv(["-f", "/srv/img", "/mnt/x"]) == []
     with pytest.raises(ValueError, match="usage: mount.fuse.mirrorfs"):
         helper_argv(["/srv/img"])
+    with pytest.raises(ValueError, match="-o foreground is for 'mirrorfs mount'"):
+        helper_argv(["/srv/img", "/mnt/x", "-o", "rw,foreground"])
     with pytest.raises(ValueError, match="unknown argument '-x'"):
         helper_argv(["-x", "/srv/img", "/mnt/x"])

@@ -116,7 +116,8 @@ def helper_argv(argv: Sequence[str]) -> list[str]:
     mount(8) chose.
 
     Raises:
-        ValueError: the arguments are not in that form (the message is the usage line).
+        ValueError: the arguments are not in that form (the message is the usage line), or
+            they ask for ``foreground``.
     """
     usage = "usage: mount.fuse.mirrorfs SOURCE_DIR MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]"
     positional: list[str] = []
@@ -139,6 +140,9 @@ def helper_argv(argv: Sequence[str]) -> list[str]:
             positional.append(arg)
     if len(positional) != 2:
         raise ValueError(usage)
+    if any(key == "foreground" for text in options for key, _ in split_options(text)):
+        # mount(8) waits for its helper: a foreground mount would hold it (and boot) for ever.
+        raise ValueError("-o foreground is for 'mirrorfs mount' under a service manager, not for mount(8)")
     if fake:
         return []
     result = ["mount", *positional]
