@@ -3,8 +3,9 @@
 - ``mounted``: a fresh mount of ``tmp_path/source`` at ``tmp_path/mnt`` (see ``mounting.Mount``).
 - ``mount_factory``: ``mount_factory(source=None, mountpoint=None, extra_args=())`` for tests that
   need their own source directory or options; every mount it made is closed at teardown.
-- ``fuse`` marker / ``requires_fuse``: skip where /dev/fuse or fusermount3 is missing. Tests
-  that use the fixtures get the skip automatically.
+- ``fuse`` marker / ``requires_fuse``: skip where /dev/fuse or fusermount3 is missing; under
+  ``CI=true`` (``.ci/run``) such a test FAILS instead, so a machine without FUSE is never green.
+  Tests that use the fixtures get the marker automatically.
 - Session-end check (Done-when 8): the suite fails if any mount or mirrorfs process it started is
   still there when it ends.
 - checklogs: a test fails if its mount's log holds a traceback, an ERROR line or a handler BUG
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +26,12 @@ import pytest
 import mounting
 
 _FUSE_OK, _FUSE_WHY = mounting.fuse_available()
-requires_fuse = pytest.mark.skipif(not _FUSE_OK, reason=f"no FUSE: {_FUSE_WHY}")
+requires_fuse = pytest.mark.fuse
+
+
+def in_ci() -> bool:
+    """CI runs (``.ci/run`` sets ``CI=true``, as most CI services do) may not skip FUSE tests."""
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,8 +39,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = getattr(item, "fixturenames", ())
         if "mounted" in fixtures or "mount_factory" in fixtures or item.get_closest_marker("fuse"):
             item.add_marker(pytest.mark.fuse)
-            if not _FUSE_OK:
-                item.add_marker(pytest.mark.skip(reason=f"no FUSE: {_FUSE_WHY}"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _FUSE_OK or item.get_closest_marker("fuse") is None:
+        return
+    if in_ci():
+        pytest.fail(f"no FUSE: {_FUSE_WHY}; CI=true, so this FUSE test fails instead of being "
+                    f"skipped (run CI on a machine with /dev/fuse and fusermount3)", pytrace=False)
+    pytest.skip(f"no FUSE: {_FUSE_WHY}")
 
 
 @pytest.fixture(scope="session", autouse=True)

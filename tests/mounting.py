@@ -59,12 +59,17 @@ def mirrorfs_cli(*args: str | os.PathLike[str], check: bool = True, timeout: flo
     return proc
 
 
+#: Tests of the no-FUSE path point this at a missing device.
+FUSE_DEVICE_ENV = "MIRRORFS_TEST_FUSE_DEVICE"
+
+
 def fuse_available() -> tuple[bool, str]:
     """Whether real FUSE mounts can be made here, and why not."""
-    if not os.path.exists("/dev/fuse"):
-        return False, "/dev/fuse is missing"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return False, "/dev/fuse is not accessible"
+    device = os.environ.get(FUSE_DEVICE_ENV, "/dev/fuse")
+    if not os.path.exists(device):
+        return False, f"{device} is missing"
+    if not os.access(device, os.R_OK | os.W_OK):
+        return False, f"{device} is not accessible"
     if shutil.which("fusermount3") is None:
         return False, "fusermount3 is not installed"
     return True, ""

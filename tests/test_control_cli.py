@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -202,9 +203,9 @@ def test_bitmap_inspect_clean_dirty_and_invalid(mounted: Mount, tmp_path: Path) 
 
 def test_a_cli_refusal_leaves_no_traceback_and_the_console_script_agrees(mounted: Mount) -> None:
     """The installed console script (not ``python -m``) gives the same one-line answer."""
-    exe = Path(os.environ.get("VIRTUAL_ENV", "/work/main/.venv")) / "bin" / "mirrorfs"
-    if not exe.exists():
-        exe = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "mirrorfs"
+    # The script pip installed next to the interpreter that runs the tests.
+    exe = Path(sys.executable).parent / "mirrorfs"
+    assert exe.exists(), f"no console script at {exe}: install the package (pip install -e .)"
     r = subprocess.run([str(exe), "pause", str(mounted.mountpoint), "nope.img"], capture_output=True,
                        text=True, timeout=60, env=mounted.env())
     assert r.returncode == 2 and r.stderr.startswith("mirrorfs pause: no mirror job 'nope.img'")

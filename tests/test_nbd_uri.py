@@ -1,4 +1,4 @@
-"""NBD URI parsing: the forms SPEC.md and libnbd name, and one-line errors for everything else."""
+"""NBD URI parsing: the forms docs/reference.md and libnbd name, and one-line errors for everything else."""
 
 import pytest
 

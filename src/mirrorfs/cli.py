@@ -1,6 +1,6 @@
 """The ``mirrorfs`` command line: parses arguments and hands each subcommand to its module.
 
-Exit codes (SPEC): 0 done; 1 refused by state; 2 bad input. Every expected failure is a
+Exit codes: 0 done; 1 refused by state; 2 bad input. Every expected failure is a
 ``MirrorfsError`` and becomes one line on stderr; no traceback reaches the user for those.
 Subcommand modules are imported lazily so that ``mirrorfs bitmap inspect`` does not pay for
 pyfuse3, and a missing optional piece breaks only its own subcommand.
@@ -34,7 +34,7 @@ _HANDLERS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line and exit code 2 (SPEC)."""
+    """argparse that reports usage errors as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
@@ -56,74 +56,158 @@ def _poll_ns(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mirrorfs", description="Live mirroring of disk images beneath a FUSE mount.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _version() -> str:
+    from . import __version__
 
-    p = sub.add_parser("mount", help="expose SOURCE_DIR at MOUNTPOINT")
-    p.add_argument("source_dir")
-    p.add_argument("mountpoint")
-    p.add_argument("--foreground", action="store_true", help="stay in the foreground")
-    p.add_argument("--socket", help="path of the QMP socket")
-    p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    return f"mirrorfs {__version__}"
+
+
+def _choices_help(choices: Sequence[str], descriptions: dict[str, str], default: str) -> str:
+    # Indexing by the validator's choices: a new choice without a description fails loudly.
+    return "; ".join(f"{name}: {descriptions[name]}" for name in choices) + f" (default {default})"
+
+
+#: What each choice of ``mirror`` does; the choices themselves come from ``mirror.params``.
+SYNC_HELP = {
+    "full": "copy the whole image",
+    "top": "copy only the allocated extents of the source file (holes stay holes)",
+    "dirty": "copy only the clusters set in --bitmap FILE, to finish an interrupted job",
+    "none": "copy nothing now, only what is written from now on",
+}
+COPY_MODE_HELP = {
+    "background": "writes go to the source and are copied later",
+    "write-blocking": "once ready, a write returns only when it is on the source and the target",
+}
+ON_TARGET_ERROR_HELP = {
+    "report": "the job fails",
+    "ignore": "the job goes on; the cluster stays dirty and is copied again",
+    "stop": "the job pauses with io-status failed until 'resume'",
+    "enospc": "stop on ENOSPC, report on any other error",
+}
+
+
+def _add_mountpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .fs.mount_options import MountOptionsAction, option_spellings
+    from .mirror.params import (COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY, ERROR_POLICIES,
+                                SYNC_MODES)
+
+    parser = _Parser(prog="mirrorfs", description="Live mirroring of disk images beneath a FUSE mount. "
+                     "Exit codes: 0 done, 1 refused in the current state, 2 bad input or cannot mount.")
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("mount", help="expose SOURCE_DIR at MOUNTPOINT",
+                       description="Mount SOURCE_DIR at MOUNTPOINT; returns once the mount answers requests.")
+    p.add_argument("source_dir", metavar="SOURCE_DIR", help="the directory of images to expose")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory outside SOURCE_DIR")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr (for systemd; sends READY=1 to "
+                        "$NOTIFY_SOCKET once the mount answers requests)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="path of the QMP socket (default $XDG_RUNTIME_DIR/mirrorfs/NAME-HASH.qmp, "
+                        "else /run/mirrorfs/NAME-HASH.qmp)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users access the mount (FUSE allow_other; for non-root users it "
+                        "needs user_allow_other in /etc/fuse.conf)")
     p.add_argument("--poll-max-ns", type=_poll_ns, metavar="NS",
                    help="longest time the request loop polls for the next request before it "
                         "sleeps, adapted to the load as QEMU's IOThread poll-max-ns "
-                        "(default 32768; 0: never poll)")
-    p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"], help="log verbosity")
+                        f"(default 32768; 0: never poll; at most {MAX_POLL_NS})")
+    p.add_argument("--log-level", default="warning", metavar="LEVEL",
+                   choices=["debug", "info", "warning", "error"],
+                   help="log verbosity: debug, info, warning or error (default warning)")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", action=MountOptionsAction,
+                   help="mount options as mount(8) and fstab pass them, comma-separated: "
+                        + ", ".join(option_spellings(p))
+                        + "; generic ones (rw, nofail, _netdev, x-*, ...) are ignored")
 
-    p = sub.add_parser("unmount", help="stop jobs cleanly and unmount")
-    p.add_argument("mountpoint")
+    p = sub.add_parser("unmount", help="stop jobs cleanly and unmount",
+                       description="Stop the mount's jobs cleanly and unmount; returns once the "
+                                   "mount process has exited.")
+    _add_mountpoint(p)
 
-    p = sub.add_parser("mirror", help="start mirroring IMAGE to TARGET")
-    p.add_argument("mountpoint")
-    p.add_argument("image")
-    p.add_argument("target")
-    p.add_argument("--sync", default="full", choices=["full", "top", "dirty", "none"])
-    p.add_argument("--granularity")
-    p.add_argument("--bitmap")
-    p.add_argument("--speed")
-    p.add_argument("--buf-size")
-    p.add_argument("--create", action="store_true", help="create the target (sparse, same size)")
-    p.add_argument("--copy-mode", default="background", choices=["background", "write-blocking"])
-    p.add_argument("--on-target-error", default="report", choices=["report", "ignore", "stop", "enospc"])
-    p.add_argument("--job-id")
+    p = sub.add_parser("mirror", help="start mirroring IMAGE to TARGET",
+                       description="Start a drive-mirror job copying IMAGE to TARGET while it is in use.")
+    _add_mountpoint(p)
+    p.add_argument("image", metavar="IMAGE", help="the image, as a path relative to the mount")
+    p.add_argument("target", metavar="TARGET",
+                   help="a file path (outside the mount) or an NBD URI: nbd://HOST[:PORT]/EXPORT or "
+                        "nbd+unix:///EXPORT?socket=PATH")
+    p.add_argument("--sync", default="full", choices=SYNC_MODES,
+                   help="what to copy: " + _choices_help(SYNC_MODES, SYNC_HELP, "full"))
+    p.add_argument("--granularity", metavar="SIZE",
+                   help="size of a dirty-bitmap cluster, a power of two from 4K to 64M "
+                        f"(default {DEFAULT_GRANULARITY >> 10}K)")
+    p.add_argument("--bitmap", metavar="FILE",
+                   help="keep the dirty bitmap in FILE so the job's remaining work survives a "
+                        "restart or crash (default: in memory only); with --sync dirty, the "
+                        "bitmap of the interrupted job")
+    p.add_argument("--speed", metavar="RATE",
+                   help="limit the background copy to RATE bytes/s, e.g. 100M (default 0: unlimited)")
+    p.add_argument("--buf-size", metavar="SIZE",
+                   help="bytes the background copy keeps in flight, at least the granularity "
+                        f"(default {DEFAULT_BUF_SIZE >> 20}M)")
+    p.add_argument("--create", action="store_true",
+                   help="create the target file (sparse, the image's size); without it the target "
+                        "must exist and be at least as large as the image")
+    p.add_argument("--copy-mode", default="background", choices=COPY_MODES,
+                   help="how writes reach the target: " + _choices_help(COPY_MODES, COPY_MODE_HELP, "background"))
+    p.add_argument("--on-target-error", default="report", choices=ERROR_POLICIES,
+                   help="what a target write error does (a lost NBD connection is retried instead): "
+                        + _choices_help(ERROR_POLICIES, ON_TARGET_ERROR_HELP, "report"))
+    p.add_argument("--job-id", metavar="ID", help="name of the job in QMP and events (default IMAGE)")
 
-    p = sub.add_parser("status", help="show the jobs")
-    p.add_argument("mountpoint")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", action="store_true")
+    p = sub.add_parser("status", help="show the jobs",
+                       description="Show the jobs: a table, JSON, or live progress bars.")
+    _add_mountpoint(p)
+    p.add_argument("--json", action="store_true", help="print query-block-jobs as JSON instead of a table")
+    p.add_argument("--watch", action="store_true", help="draw live progress bars until Ctrl-C")
 
-    p = sub.add_parser("complete", help="complete jobs (pivot by default); several images: one transaction")
-    p.add_argument("mountpoint")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--no-pivot", action="store_true")
+    p = sub.add_parser("complete", help="complete jobs (pivot by default); several images: one transaction",
+                       description="Complete ready jobs and return once they have ended.")
+    _add_mountpoint(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="the image(s) whose job to complete; several switch at the same instant")
+    p.add_argument("--no-pivot", action="store_true",
+                   help="leave an exact copy and keep the mount on the source (default: the mount "
+                        "switches the image to the target)")
 
-    p = sub.add_parser("cancel", help="cancel jobs; several images: one transaction")
-    p.add_argument("mountpoint")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("cancel", help="cancel jobs; several images: one transaction",
+                       description="Cancel jobs and return once they have ended.")
+    _add_mountpoint(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="the image(s) whose job to cancel")
+    p.add_argument("--force", action="store_true",
+                   help="after ready, stop at once instead of leaving an exact copy")
 
     for name in ("pause", "resume"):
-        p = sub.add_parser(name, help=f"{name} a job")
-        p.add_argument("mountpoint")
-        p.add_argument("image")
+        p = sub.add_parser(name, help=f"{name} a job", description=f"{name.capitalize()} a job's background copy.")
+        _add_mountpoint(p)
+        p.add_argument("image", metavar="IMAGE", help="the image whose job to " + name)
 
-    p = sub.add_parser("set-speed", help="change a job's rate limit (bytes/s, 0 = unlimited)")
-    p.add_argument("mountpoint")
-    p.add_argument("image")
-    p.add_argument("rate")
+    p = sub.add_parser("set-speed", help="change a job's rate limit (bytes/s, 0 = unlimited)",
+                       description="Change a job's rate limit.")
+    _add_mountpoint(p)
+    p.add_argument("image", metavar="IMAGE", help="the image whose job to change")
+    p.add_argument("rate", metavar="RATE", help="bytes per second, e.g. 50M; 0: unlimited")
 
-    p = sub.add_parser("qmp", help="send one raw QMP command, or an interactive prompt without one")
-    p.add_argument("mountpoint")
-    p.add_argument("json", nargs="?")
+    p = sub.add_parser("qmp", help="send one raw QMP command, or an interactive prompt without one",
+                       description="Send one QMP command and print the reply (exit 1 on an error "
+                                   "reply), or without COMMAND an interactive prompt.")
+    _add_mountpoint(p)
+    p.add_argument("json", nargs="?", metavar="COMMAND",
+                   help='a QMP command as JSON, e.g. \'{"execute": "query-block-jobs"}\'')
 
-    p = sub.add_parser("bitmap", help="persistent bitmap tools")
-    bsub = p.add_subparsers(dest="bitmap_command", required=True, parser_class=_Parser)
-    q = bsub.add_parser("inspect", help="describe a bitmap file and say whether the target is good")
-    q.add_argument("file")
-    q.add_argument("--json", action="store_true")
+    p = sub.add_parser("bitmap", help="persistent bitmap tools", description="Persistent bitmap tools.")
+    bsub = p.add_subparsers(dest="bitmap_command", required=True, parser_class=_Parser, metavar="COMMAND")
+    q = bsub.add_parser("inspect", help="describe a bitmap file and say whether the target is good",
+                        description="Describe a bitmap file. Exit 0: clean or pivoted (the target is "
+                                    "good); 1: dirty; 2: invalid or unreadable.")
+    q.add_argument("file", metavar="FILE", help="the bitmap file of a job (--bitmap)")
+    q.add_argument("--json", action="store_true", help="print the description as JSON")
     return parser
 
 

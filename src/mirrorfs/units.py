@@ -1,4 +1,4 @@
-"""Parsing of the SIZE and RATE arguments of SPEC: ``65536``, ``64K``, ``64KiB``, ``1M``, ``1G``.
+"""Parsing of the SIZE and RATE arguments (docs/reference.md): ``65536``, ``64K``, ``64KiB``, ``1M``, ``1G``.
 
 Multiples are binary (K = 1024) as in QEMU; RATE is bytes per second and 0 means unlimited.
 """

@@ -24,6 +24,7 @@ import time
 from typing import Any, Iterable
 
 from ..errors import QMPCommandError, QMPConnectError, UsageError
+from ..mirror.params import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY
 from ..units import parse_size
 from .qmp_client import QMPClient, socket_timeout_default
 from .render import format_eta, format_rate, job_eta, job_state, render_status_table
@@ -31,9 +32,6 @@ from .render import format_eta, format_rate, job_eta, job_state, render_status_t
 __all__ = ["cli_mirror", "cli_status", "cli_complete", "cli_cancel", "cli_pause", "cli_resume",
            "cli_set_speed", "cli_qmp", "socket_path_for", "validate_image", "mirror_arguments"]
 
-DEFAULT_GRANULARITY = 64 << 10  # SPEC: "default 64 KiB"
-MIN_GRANULARITY = 4 << 10
-MAX_GRANULARITY = 64 << 20
 _URI_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _NBD_SCHEMES = {"nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp"}
 _END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")

@@ -37,7 +37,7 @@ from typing import Callable
 import trio
 
 from ..errors import MirrorfsError, MountError
-from . import fuseloop
+from . import fuseloop, sdnotify
 from .control_dir import CONTROL_DIR_NAME, VirtualFile
 from .fuseloop import DEFAULT_POLL_MAX_NS
 
@@ -308,7 +308,7 @@ def cli_mount(args: argparse.Namespace) -> int:
                            poll_max_ns=DEFAULT_POLL_MAX_NS if args.poll_max_ns is None else args.poll_max_ns)
     if args.foreground:
         _setup_logging(args.log_level, sys.stderr)
-        _run_service(service, None)
+        _run_service(service, sdnotify.ready_notifier())
         return 0
 
     log_file = default_log_file(mnt)

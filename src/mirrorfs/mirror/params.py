@@ -84,7 +84,7 @@ class MirrorParams:
         if not isinstance(target, str) or not target:
             raise UsageError("parameter 'target' must be a non-empty path or NBD URI")
 
-        sync = _choice(args, "sync", ("full", "top", "dirty", "none", *SYNC_ALIASES), "full")
+        sync = _choice(args, "sync", (*SYNC_MODES, *SYNC_ALIASES), "full")
         sync = SYNC_ALIASES.get(sync, sync)
         granularity = _size(args, "granularity", DEFAULT_GRANULARITY)
         if granularity & (granularity - 1) or not MIN_GRANULARITY <= granularity <= MAX_GRANULARITY:

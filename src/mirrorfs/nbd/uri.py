@@ -1,4 +1,4 @@
-"""NBD URIs: parse the forms SPEC.md names into an :class:`NBDAddress`.
+"""NBD URIs: parse the forms docs/reference.md names into an :class:`NBDAddress`.
 
 Accepted (the names libnbd uses):
 
