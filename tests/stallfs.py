@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 #: Operations a test may stall (the names of the ``CTL`` files).
 STALLABLE = ("lookup", "getattr", "setattr", "readlink", "mkdir", "rmdir", "unlink", "rename",
-             "statfs", "opendir", "create")
+             "statfs", "opendir", "create", "flush")
 
 
 class Stall:
@@ -120,7 +120,10 @@ def _serve(backing: str, mountpoint: str, ctl: str) -> None:
             return pyfuse3.ROOT_INODE if st.st_ino == self.root_ino else st.st_ino
 
         def _attr(self, path: str) -> pyfuse3.EntryAttributes:
-            st = os.lstat(path)
+            return self._fattr(None, path)
+
+        def _fattr(self, fd: int | None, path: str) -> pyfuse3.EntryAttributes:
+            st = os.lstat(path) if fd is None else os.fstat(fd)
             entry = pyfuse3.EntryAttributes()
             for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
                          "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
@@ -128,7 +131,8 @@ def _serve(backing: str, mountpoint: str, ctl: str) -> None:
             entry.st_ino = self._ino(st)
             entry.st_blksize, entry.st_blocks = 4096, st.st_blocks
             entry.entry_timeout = entry.attr_timeout = 0
-            self.path_of[entry.st_ino] = path
+            if fd is None:
+                self.path_of[entry.st_ino] = path
             return entry
 
         def _path(self, inode: int) -> str:
@@ -151,19 +155,19 @@ def _serve(backing: str, mountpoint: str, ctl: str) -> None:
         @guarded("setattr")
         async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
             path = self._path(inode)
+            target = path if fh is None else fh  # a call on a descriptor stays on its file
             if fields.update_size:
-                os.truncate(path, attr.st_size)
+                os.truncate(target, attr.st_size)
             if fields.update_mode:
-                os.chmod(path, stat.S_IMODE(attr.st_mode))
+                os.chmod(target, stat.S_IMODE(attr.st_mode))
             if fields.update_uid or fields.update_gid:
-                os.chown(path, attr.st_uid if fields.update_uid else -1,
-                         attr.st_gid if fields.update_gid else -1, follow_symlinks=False)
+                os.chown(target, attr.st_uid if fields.update_uid else -1,
+                         attr.st_gid if fields.update_gid else -1)
             if fields.update_atime or fields.update_mtime:
-                cur = os.lstat(path)
-                os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
-                                   attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns),
-                         follow_symlinks=False)
-            return self._attr(path)
+                cur = os.stat(target)
+                os.utime(target, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                                     attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns))
+            return self._attr(path) if fh is None else self._fattr(fh, path)
 
         @guarded("readlink")
         async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -227,6 +231,10 @@ def _serve(backing: str, mountpoint: str, ctl: str) -> None:
 
         async def write(self, fd: int, off: int, buf: bytes) -> int:
             return os.pwrite(fd, buf, off)
+
+        @guarded("flush")
+        async def flush(self, fd: int) -> None:
+            return None
 
         async def release(self, fd: int) -> None:
             os.close(fd)
