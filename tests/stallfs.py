@@ -136,10 +136,10 @@ def _serve(backing: str, mountpoint: str, ctl: str) -> None:
             return entry
 
         def _path(self, inode: int) -> str:
-            try:
-                return self.path_of[inode]
-            except KeyError:
-                raise FUSEError(errno.ENOENT) from None
+            path = self.path_of.get(inode)
+            if path is None:
+                raise FUSEError(errno.ENOENT)
+            return path
 
         def _child(self, parent: int, name: bytes) -> str:
             return os.path.join(self._path(parent), os.fsdecode(name))

@@ -1,8 +1,9 @@
 """Blocking file I/O for the trio world: the one place that decides where pread/pwrite/fsync run.
 
 Every component that touches a file descriptor of an image (the FUSE passthrough, the mirror
-engine, local targets) goes through ``pread``/``pwrite``/``fsync``, and the FUSE layer runs its
-source lookups, stats and opens through ``call``, so the choice below is made once.
+engine, local targets) goes through ``pread``/``pwrite``/``fsync``, and the FUSE layer runs every
+metadata call on the source (lookup, stat, open, create, rename, unlink, truncate, statfs,
+directory listing, close) through ``call``, so the choice below is made once.
 
 The choice (measured, see below): plain ``pread``/``pwrite`` run in a worker thread through
 ``trio.to_thread.run_sync`` with a shared ``CapacityLimiter``. Running them directly on the trio

@@ -14,10 +14,10 @@ Invariants:
 - Each open gets its own source descriptor with its own access mode and never O_DIRECT.
 - No call on the source runs on the trio thread, metadata included (``fileio.call``): a source
   directory may be, or hold, a slow filesystem (NFS, another FUSE), and a request it holds must
-  hold only itself. The exceptions are the inline read/write paths of descriptors on tmpfs
-  (``fileio.inline_capable``), ``dup`` and ``close`` of descriptors the FUSE layer owns. The
-  kernel keeps the directories a request names locked until it is answered, so the inode table
-  may be updated after the ``await``.
+  hold only itself. The exceptions: the inline read/write paths of descriptors on tmpfs
+  (``fileio.inline_capable``), and ``dup``, which asks no filesystem. The kernel keeps the
+  directories a request names locked until it is answered, so the inode table may be updated
+  after the ``await``.
 - Files and directories created for another user (the daemon runs as root) get their owner and
   mode through the new descriptor, never by path: the name may point elsewhere by then.
 - Writes are never cached by the kernel (no writeback cache): each one reaches a handler, so the
@@ -41,9 +41,9 @@ from pyfuse3 import FUSEError
 
 from .. import fileio
 from ..errors import MirrorfsError, UsageError
-from .rename2 import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
 from .control_dir import CONTROL_DIR_INODE, CONTROL_DIR_NAME, FIRST_DYNAMIC_INODE, ControlDir, VirtualFile
 from .node import STRIPPED_OPEN_FLAGS, ImageNode, OpenHandle
+from .rename2 import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
 
 log = logging.getLogger(__name__)
 
