@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mirrorfs.fs.rename2 import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
 from mounting import Mount
 
 
@@ -86,6 +87,48 @@ def test_file_and_directory_operations_match_source(mounted: Mount) -> None:
     sv_m, sv_s = os.statvfs(mnt), os.statvfs(src)
     assert (sv_m.f_bsize, sv_m.f_blocks, sv_m.f_files, sv_m.f_namemax) == \
         (sv_s.f_bsize, sv_s.f_blocks, sv_s.f_files, sv_s.f_namemax)
+
+
+def test_rename_noreplace_and_exchange(mounted: Mount) -> None:
+    """renameat2's flags reach the source: NOREPLACE refuses an existing name and changes nothing;
+    EXCHANGE swaps two names (files or a file and a directory) and their inode numbers."""
+    mnt, src = mounted.mountpoint, mounted.source
+    (mnt / "a.raw").write_bytes(b"A")
+    (mnt / "b.raw").write_bytes(b"B")
+    (mnt / "d").mkdir()
+    (mnt / "d" / "inner").write_bytes(b"I")
+    ino = {name: (mnt / name).stat().st_ino for name in ("a.raw", "b.raw", "d")}
+    inner = (mnt / "d" / "inner").stat().st_ino
+
+    with pytest.raises(OSError) as exc:
+        rename2(mnt / "a.raw", mnt / "b.raw", RENAME_NOREPLACE)
+    assert exc.value.errno == errno.EEXIST
+    assert (src / "a.raw").read_bytes() == b"A" and (src / "b.raw").read_bytes() == b"B"
+    rename2(mnt / "a.raw", mnt / "c.raw", RENAME_NOREPLACE)
+    assert (src / "c.raw").read_bytes() == b"A" and not (src / "a.raw").exists()
+    assert (mnt / "c.raw").stat().st_ino == ino["a.raw"]
+
+    fd = os.open(mnt / "c.raw", os.O_RDWR)
+    try:
+        rename2(mnt / "c.raw", mnt / "b.raw", RENAME_EXCHANGE)
+        assert (src / "b.raw").read_bytes() == b"A" and (src / "c.raw").read_bytes() == b"B"
+        assert (mnt / "b.raw").read_bytes() == b"A" and (mnt / "c.raw").read_bytes() == b"B"
+        assert (mnt / "b.raw").stat().st_ino == ino["a.raw"] and (mnt / "c.raw").stat().st_ino == ino["b.raw"]
+        os.pwrite(fd, b"a", 0)  # an open handle follows its file to the new name
+        assert (src / "b.raw").read_bytes() == b"a"
+    finally:
+        os.close(fd)
+    rename2(mnt / "d", mnt / "c.raw", RENAME_EXCHANGE)  # a directory and a file trade places
+    assert (src / "d").read_bytes() == b"B" and (src / "c.raw" / "inner").read_bytes() == b"I"
+    assert (mnt / "c.raw").stat().st_ino == ino["d"] and (mnt / "d").stat().st_ino == ino["b.raw"]
+    assert (mnt / "c.raw" / "inner").stat().st_ino == inner
+    with pytest.raises(OSError) as exc:
+        rename2(mnt / "d", mnt / "missing", RENAME_EXCHANGE)
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as exc:
+        rename2(mnt / "d", mnt / "x", RENAME_EXCHANGE | RENAME_NOREPLACE)
+    assert exc.value.errno == errno.EINVAL
+    assert_same_view(mounted)
 
 
 def test_errors_have_the_source_errno(mounted: Mount) -> None:

@@ -256,6 +256,80 @@ def test_read_reply_must_cover_the_request():
         drain(conn)
 
 
+def _data(offset: int, payload: bytes) -> bytes:
+    return struct.pack(">Q", offset) + payload
+
+
+def _hole(offset: int, length: int) -> bytes:
+    return struct.pack(">QI", offset, length)
+
+
+@pytest.mark.parametrize("chunks", [
+    # the second chunk repeats the first half: the lengths add up, [4, 8) is never sent
+    [(p.NBD_REPLY_TYPE_OFFSET_DATA, _data(0, b"abcd")), (p.NBD_REPLY_TYPE_OFFSET_DATA, _data(0, b"wxyz"))],
+    [(p.NBD_REPLY_TYPE_OFFSET_DATA, _data(0, b"abcd")), (p.NBD_REPLY_TYPE_OFFSET_HOLE, _hole(2, 4))],
+    [(p.NBD_REPLY_TYPE_OFFSET_HOLE, _hole(4, 4)), (p.NBD_REPLY_TYPE_OFFSET_DATA, _data(2, b"abcd"))],
+    [(p.NBD_REPLY_TYPE_OFFSET_HOLE, _hole(0, 2)), (p.NBD_REPLY_TYPE_OFFSET_HOLE, _hole(4, 2)),
+     (p.NBD_REPLY_TYPE_OFFSET_DATA, _data(1, b"abcd"))],
+])
+def test_overlapping_read_chunks_are_refused(chunks):
+    conn, _ = handshake()
+    cookie, _ = conn.send_request(p.NBD_CMD_READ, 0, 8)
+    conn.receive_data(b"".join(chunk(cookie, kind, payload, done=i == len(chunks) - 1)
+                               for i, (kind, payload) in enumerate(chunks)))
+    with pytest.raises(RemoteProtocolError, match="overlap"):
+        drain(conn)
+    assert conn.state == "closed"
+
+
+def test_read_chunks_in_any_order_that_tile_the_request():
+    conn, _ = handshake()
+    cookie, _ = conn.send_request(p.NBD_CMD_READ, 100, 12)
+    conn.receive_data(chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, _data(108, b"CCCC"))
+                      + chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, _data(100, b"AA"))
+                      + chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_HOLE, _hole(104, 4))
+                      + chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, _data(102, b"BB"), done=True))
+    (reply,) = drain(conn)
+    assert reply.data == b"AABB" + bytes(4) + b"CCCC" and reply.error == 0
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_read_chunks_must_tile_the_request_exactly(data):
+    """Any tiling in any order reads back right; any set of chunks that misses a byte (however
+    their lengths add up) is refused."""
+    length = 64
+    cuts = sorted(data.draw(st.sets(st.integers(1, length - 1), max_size=12)))
+    pieces = list(zip([0, *cuts], [*cuts, length]))
+    if data.draw(st.booleans(), label="break the tiling"):
+        i = data.draw(st.integers(0, len(pieces) - 1))
+        a, b = pieces[i]
+        shift = data.draw(st.integers(-a, length - b).filter(bool)) if (a, b) != (0, length) else 0
+        if not shift:
+            return
+        pieces[i] = (a + shift, b + shift)  # same length, now overlapping a neighbour
+    order = data.draw(st.permutations(pieces))
+    holes = data.draw(st.lists(st.booleans(), min_size=len(order), max_size=len(order)))
+    expect = bytearray(length)
+    stream = b""
+    conn, _ = handshake()
+    cookie, _ = conn.send_request(p.NBD_CMD_READ, 0, length)
+    for n, ((a, b), hole) in enumerate(zip(order, holes)):
+        done = n == len(order) - 1
+        if hole:
+            stream += chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_HOLE, _hole(a, b - a), done=done)
+        else:
+            stream += chunk(cookie, p.NBD_REPLY_TYPE_OFFSET_DATA, _data(a, bytes(range(a + 1, b + 1))), done=done)
+            expect[a:b] = range(a + 1, b + 1)
+    conn.receive_data(stream)
+    if sorted(order) == list(zip([0, *cuts], [*cuts, length])):
+        (reply,) = drain(conn)
+        assert reply.data == expect
+    else:
+        with pytest.raises(RemoteProtocolError, match="overlap"):
+            drain(conn)
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda c: simple(c + 100), "unknown cookie"),
     (lambda c: b"\xde\xad\xbe\xef" + b"\0" * 16, "bad reply magic"),

@@ -35,3 +35,20 @@ def test_chunk_size_is_a_quarter_second_of_whole_clusters() -> None:
     assert RateLimiter(0).chunk_size(65536, 4 << 20) == 4 << 20
     assert RateLimiter(1 << 20).chunk_size(65536, 4 << 20) == 256 << 10
     assert RateLimiter(1000).chunk_size(65536, 4 << 20) == 65536
+
+
+async def test_set_speed_zero_as_the_wait_ends(autojump_clock: trio.abc.Clock) -> None:
+    """``set-speed 0`` in the same instant as a waiting task's slot comes: the task is let go,
+    whichever of the two trio runs first (the task used to divide by the new rate, 0)."""
+    for _ in range(30):  # trio orders tasks woken together at random
+        limiter = RateLimiter(10)
+        await limiter.take(10)  # the next slot is 1 s away
+        slot = trio.current_time() + 1
+
+        async def clear_at_slot() -> None:
+            await trio.sleep_until(slot)
+            limiter.set_rate(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(clear_at_slot)
+            nursery.start_soon(limiter.take, 10)

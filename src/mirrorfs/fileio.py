@@ -1,8 +1,9 @@
 """Blocking file I/O for the trio world: the one place that decides where pread/pwrite/fsync run.
 
 Every component that touches a file descriptor of an image (the FUSE passthrough, the mirror
-engine, local targets) goes through ``pread``/``pwrite``/``fsync``, and the FUSE layer runs its
-source lookups, stats and opens through ``call``, so the choice below is made once.
+engine, local targets) goes through ``pread``/``pwrite``/``fsync``, and the FUSE layer runs every
+metadata call on the source (lookup, stat, open, create, rename, unlink, truncate, statfs,
+directory listing, close) through ``call``, so the choice below is made once.
 
 The choice (measured, see below): plain ``pread``/``pwrite`` run in a worker thread through
 ``trio.to_thread.run_sync`` with a shared ``CapacityLimiter``. Running them directly on the trio
@@ -217,8 +218,26 @@ async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
     return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
 
 
+async def pread_thread(fd: int, size: int, offset: int) -> bytes:
+    """``pread`` in a worker thread, for a descriptor ``inline_capable`` said no to.
+
+    Skips the per-call ``fstatfs`` of ``pread``: on a FUSE or NFS descriptor that call is itself a
+    request to the (possibly stalled) filesystem, and it would run on the trio thread.
+    """
+    return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=LIMITER)
+
+
+async def pwrite_thread(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """``pwrite`` of all of ``data`` in a worker thread (see ``pread_thread``)."""
+    return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
+
+
 async def call(func: Callable[..., T], *args: Any) -> T:
-    """Run a blocking metadata call (stat, open, ...) on the source where file I/O runs.
+    """Run a blocking metadata call (stat, open, rename, ...) on the source in a worker thread.
+
+    Always a thread, even when the source directory is on tmpfs: a path can lead onto another
+    filesystem (a mount below the source, a symlink), which one ``fstatfs`` cannot foresee, and
+    a call on a stalled one would hold every request of the mount.
 
     Raises:
         whatever ``func`` raises (OSError with the source's errno).

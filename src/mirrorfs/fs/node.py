@@ -103,12 +103,17 @@ class OpenHandle:
 
     __slots__ = ("fh", "node", "flags", "direct", "_fd", "inline_io")
 
-    def __init__(self, fh: int, node: ImageNode, flags: int, fd: int, direct: bool = False) -> None:
+    def __init__(self, fh: int, node: ImageNode, flags: int, fd: int, direct: bool = False,
+                 inline_io: bool | None = None) -> None:
         self.fh = fh
         self.node = node
         self.flags = flags
         self.direct = direct
-        self.fd = fd
+        if inline_io is None:
+            self.fd = fd
+        else:  # asked already, off the trio thread (fstatfs of a FUSE or NFS file can hang)
+            self._fd = fd
+            self.inline_io = inline_io
 
     @property
     def fd(self) -> int:

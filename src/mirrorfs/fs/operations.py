@@ -12,12 +12,21 @@ Invariants:
   ``errno`` attribute, and anything else is a bug that is logged with its traceback and answered
   with EIO, because any other exception would end ``pyfuse3.main()`` and leave a dead mount.
 - Each open gets its own source descriptor with its own access mode and never O_DIRECT.
+- No call on the source runs on the trio thread, metadata included (``fileio.call``): a source
+  directory may be, or hold, a slow filesystem (NFS, another FUSE), and a request it holds must
+  hold only itself. The exceptions: the inline read/write paths of descriptors on tmpfs
+  (``fileio.inline_capable``), and ``dup``, which asks no filesystem. The kernel keeps the
+  directories a request names locked until it is answered, so the inode table may be updated
+  after the ``await``.
+- Files and directories created for another user (the daemon runs as root) get their owner and
+  mode through the new descriptor, never by path: the name may point elsewhere by then.
 - Writes are never cached by the kernel (no writeback cache): each one reaches a handler, so the
   mirror engine sees every write before it returns to the writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -34,6 +43,7 @@ from .. import fileio
 from ..errors import MirrorfsError, UsageError
 from .control_dir import CONTROL_DIR_INODE, CONTROL_DIR_NAME, FIRST_DYNAMIC_INODE, ControlDir, VirtualFile
 from .node import STRIPPED_OPEN_FLAGS, ImageNode, OpenHandle
+from .rename2 import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +214,23 @@ class Operations(pyfuse3.Operations):
                 if not node.handles:
                     del self._nodes[inode]
 
+    def _move_paths(self, moves: list[tuple[str, str]]) -> None:
+        """Give every entry at or below each ``old`` the path below ``new`` instead, all moves at
+        once (so ``[(a, b), (b, a)]`` swaps two names)."""
+        moved = []
+        for old, new in moves:
+            prefix = old + "/"
+            moved += [(rel, new + rel[len(old):]) for rel in self._inode_of if rel == old or rel.startswith(prefix)]
+        inodes = [self._inode_of.pop(rel) for rel, _ in moved]
+        for (rel, target), inode in zip(moved, inodes):
+            self._inode_of[target] = inode
+            self._path_of[inode] = target
+            node = self._nodes.get(inode)
+            if node is not None:
+                if node.backing_path == self._abspath(rel):
+                    node.backing_path = self._abspath(target)
+                node.relpath = target
+
     def _check_modify(self, relpath: str, op: str, *, subtree: bool = False) -> None:
         """Ask the job of every node at (or, for directories, below) ``relpath`` to allow ``op``."""
         inode = self._inode_of.get(relpath)
@@ -261,18 +288,24 @@ class Operations(pyfuse3.Operations):
         """The blocking stat of what backs ``inode`` (decided here, run by the caller).
 
         The backing file for a node (after a pivot: the target), else the source path. An
-        unlinked node is only reachable through an open descriptor: fstat it now, on this thread,
-        because another request may close (and the kernel reuse) that descriptor meanwhile.
+        unlinked node is only reachable through an open descriptor (see ``_fd_of_unlinked``).
         """
         node = self._nodes.get(inode)
         if node is not None:
             if node.unlinked:
-                for handle in node.handles.values():
-                    st = os.fstat(handle.fd)
-                    return lambda: st
-                raise FUSEError(errno.ENOENT)
+                return functools.partial(_fstat_and_close, self._fd_of_unlinked(node))
             return functools.partial(os.stat, node.backing_path)
         return functools.partial(os.lstat, self._abspath(self._relpath(inode)))
+
+    def _fd_of_unlinked(self, node: ImageNode) -> int:
+        """A descriptor of the unlinked ``node`` for a call in a worker thread, which must close it.
+
+        A copy (``dup``, which asks no filesystem): another request may close the handle's own
+        descriptor, and the kernel reuse its number, while the thread works.
+        """
+        for handle in node.handles.values():
+            return os.dup(handle.fd)
+        raise FUSEError(errno.ENOENT)
 
     def _virtual_getattr(self, inode: int) -> pyfuse3.EntryAttributes | None:
         """Attributes of ``.mirrorfs`` and its files; None for any other inode."""
@@ -336,21 +369,37 @@ class Operations(pyfuse3.Operations):
                 return await self._getattr(inode)
             raise FUSEError(errno.EPERM)
         node = self._nodes.get(inode)
-        # An unlinked file can only be reached through a descriptor.
-        fd: int | None = None
-        if node is not None and node.unlinked:
-            if not node.handles:
-                raise FUSEError(errno.ENOENT)
-            fd = next(iter(node.handles.values())).fd
-            path = ""
-        elif node is not None:
-            path = node.backing_path
-        else:
+        if fields.update_size and node is not None and node.job is not None:
+            node.job.check_modify("truncate")
+        path = ""
+        if node is None:
             path = self._abspath(self._relpath(inode))
+        elif not node.unlinked:
+            path = node.backing_path
+        # An unlinked file can only be reached through a descriptor.
+        fd = self._fd_of_unlinked(node) if node is not None and node.unlinked else None
+        st = await fileio.call(self._apply_setattr, path, fd, node is not None, attr, fields)
+        return self._attr(inode, st)
 
+    @staticmethod
+    def _apply_setattr(path: str, fd: int | None, follow: bool, attr: pyfuse3.EntryAttributes,
+                       fields: pyfuse3.SetattrFields) -> os.stat_result:
+        """The blocking part of ``setattr``, on ``fd`` (which it closes) if given, else on
+        ``path``; returns the new attributes (``follow``: stat through a symlink, as getattr does
+        for image nodes)."""
+        try:
+            Operations._apply_setattr_fields(path, fd, attr, fields)
+            if fd is not None:
+                return os.fstat(fd)
+            return os.stat(path) if follow else os.lstat(path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    @staticmethod
+    def _apply_setattr_fields(path: str, fd: int | None, attr: pyfuse3.EntryAttributes,
+                              fields: pyfuse3.SetattrFields) -> None:
         if fields.update_size:
-            if node is not None and node.job is not None:
-                node.job.check_modify("truncate")
             if fd is not None:
                 os.ftruncate(fd, attr.st_size)
             else:
@@ -376,29 +425,43 @@ class Operations(pyfuse3.Operations):
                 os.utime(fd, ns=(atime, mtime))
             else:
                 os.utime(path, ns=(atime, mtime), follow_symlinks=False)
-        return await self._getattr(inode)
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         if self.control_dir.is_reserved(inode):
             raise FUSEError(errno.EINVAL)
-        return os.fsencode(os.readlink(self._abspath(self._relpath(inode))))
+        return os.fsencode(await fileio.call(os.readlink, self._abspath(self._relpath(inode))))
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_not_control(parent_inode, name)
         relpath = self._child(parent_inode, name)
-        path = self._abspath(relpath)
-        os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask)
-        self._chown_to_caller(path, ctx)
-        return self._attr(self._inode_for(relpath), os.lstat(path))
+        st = await fileio.call(self._make_dir, self._abspath(relpath), self._new_mode(mode, ctx),
+                               self._new_owner(ctx))
+        return self._attr(self._inode_for(relpath), st)
+
+    @staticmethod
+    def _make_dir(path: str, mode: int, owner: tuple[int, int] | None) -> os.stat_result:
+        os.mkdir(path, mode)
+        try:
+            # Not by path: between mkdir and chown the name could be renamed away and replaced.
+            # O_NOFOLLOW | O_DIRECTORY: whatever took the name, never a symlink or a file.
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                return _set_owner_and_mode(fd, owner, mode)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only if still empty: nothing of anyone else's goes
+            raise
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_not_control(parent_inode, name)
         relpath = self._child(parent_inode, name)
-        os.rmdir(self._abspath(relpath))
+        await fileio.call(os.rmdir, self._abspath(relpath))
         self._forget_path(relpath)
 
     @_guard
@@ -406,7 +469,7 @@ class Operations(pyfuse3.Operations):
         self._check_not_control(parent_inode, name)
         relpath = self._child(parent_inode, name)
         self._check_modify(relpath, "unlink")
-        os.unlink(self._abspath(relpath))
+        await fileio.call(os.unlink, self._abspath(relpath))
         self._forget_path(relpath)
 
     @_guard
@@ -416,33 +479,24 @@ class Operations(pyfuse3.Operations):
         self._check_not_control(parent_inode_new, name_new)
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise FUSEError(errno.EINVAL)
-        old_path, new_path = self._abspath(old), self._abspath(new)
-        if flags & pyfuse3.RENAME_NOREPLACE and os.path.lexists(new_path):
-            raise FUSEError(errno.EEXIST)
-        # Both sides: the file moved away and the one it replaces.
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FUSEError(errno.EINVAL)  # RENAME_WHITEOUT: for overlay filesystems only
+        # Both sides: the file moved away and the one it replaces (or trades places with).
         self._check_modify(old, "rename", subtree=True)
         self._check_modify(new, "rename", subtree=True)
-        os.rename(old_path, new_path)
+        # The flags go to the kernel: "is the new name free?" is answered atomically there.
+        await fileio.call(rename2, self._abspath(old), self._abspath(new), flags)
         if old == new:
             return
-        self._forget_path(new)
-        prefix = old + "/"
-        for rel in [r for r in self._inode_of if r == old or r.startswith(prefix)]:
-            moved = new + rel[len(old):]
-            inode = self._inode_of.pop(rel)
-            self._inode_of[moved] = inode
-            self._path_of[inode] = moved
-            node = self._nodes.get(inode)
-            if node is not None:
-                if node.backing_path == self._abspath(rel):
-                    node.backing_path = self._abspath(moved)
-                node.relpath = moved
+        if flags & RENAME_EXCHANGE:
+            self._move_paths([(old, new), (new, old)])
+        else:
+            self._forget_path(new)
+            self._move_paths([(old, new)])
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = os.statvfs(self.source_dir)
+        sv = await fileio.call(os.statvfs, self.source_dir)
         data = pyfuse3.StatvfsData()
         for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                      "f_files", "f_ffree", "f_favail", "f_namemax"):
@@ -466,12 +520,11 @@ class Operations(pyfuse3.Operations):
             entries = []
             if inode == ROOT_INODE:
                 entries.append((_CONTROL_NAME_B, CONTROL_DIR_INODE))
-            with os.scandir(self._abspath(relpath)) as it:
-                for de in it:
-                    if inode == ROOT_INODE and de.name == CONTROL_DIR_NAME:
-                        continue  # the source's own .mirrorfs never shows through
-                    rel = f"{relpath}/{de.name}" if relpath else de.name
-                    entries.append((os.fsencode(de.name), self._inode_for(rel)))
+            for name in await fileio.call(_list_dir, self._abspath(relpath)):
+                if inode == ROOT_INODE and name == CONTROL_DIR_NAME:
+                    continue  # the source's own .mirrorfs never shows through
+                rel = f"{relpath}/{name}" if relpath else name
+                entries.append((os.fsencode(name), self._inode_for(rel)))
         fh = next(self._fh_counter)
         self._dirs[fh] = entries
         return fh
@@ -519,24 +572,38 @@ class Operations(pyfuse3.Operations):
 
     async def _open_source(self, node: ImageNode, flags: int) -> OpenHandle:
         """Open the node's backing file with this open's own access mode (see node.py)."""
-        fd_flags = (flags & ~STRIPPED_OPEN_FLAGS & ~os.O_APPEND & ~os.O_NOCTTY) | os.O_CLOEXEC
+        fd_flags = self._fd_flags(flags)
         if flags & os.O_TRUNC:
             if node.job is not None:
                 node.job.check_modify("truncate")
             fd_flags |= os.O_TRUNC
         # O_APPEND is left to the kernel, which passes the end-of-file offset with each write.
-        fd = await fileio.call(os.open, node.backing_path, fd_flags)
+        fd, inline_io = await fileio.call(_open_classified, node.backing_path, fd_flags)
+        return self._add_handle(node, flags, fd, inline_io)
+
+    @staticmethod
+    def _fd_flags(flags: int) -> int:
+        """The flags of the source descriptor for an open with ``flags`` (see node.py)."""
+        return (flags & ~STRIPPED_OPEN_FLAGS & ~os.O_APPEND & ~os.O_NOCTTY) | os.O_CLOEXEC
+
+    def _add_handle(self, node: ImageNode, flags: int, fd: int, inline_io: bool) -> OpenHandle:
         fh = next(self._fh_counter)
         handle = OpenHandle(fh=fh, node=node, flags=flags & ~STRIPPED_OPEN_FLAGS, fd=fd,
-                            direct=bool(flags & _O_DIRECT))
+                            direct=bool(flags & _O_DIRECT), inline_io=inline_io)
         node.handles[fh] = handle
         self._handles[fh] = handle
         return handle
 
-    def _chown_to_caller(self, path: str, ctx: pyfuse3.RequestContext) -> None:
-        # As root the daemon creates files for the caller, as the kernel would for a local fs.
+    def _new_owner(self, ctx: pyfuse3.RequestContext) -> tuple[int, int] | None:
+        """Who gets what a request creates: as root the daemon creates for the caller, as the
+        kernel would on a local filesystem; otherwise everything is the daemon's user's."""
         if self._is_root and (ctx.uid, ctx.gid) != (0, 0):
-            os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+            return ctx.uid, ctx.gid
+        return None
+
+    @staticmethod
+    def _new_mode(mode: int, ctx: pyfuse3.RequestContext) -> int:
+        return stat.S_IMODE(mode) & ~ctx.umask
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -576,25 +643,27 @@ class Operations(pyfuse3.Operations):
         if parent_inode == CONTROL_DIR_INODE:
             raise FUSEError(errno.EACCES)
         relpath = self._child(parent_inode, name)
-        path = self._abspath(relpath)
-        existed = os.path.lexists(path)
-        if existed and flags & os.O_EXCL:
-            raise FUSEError(errno.EEXIST)
-        if not existed:
+        created = await fileio.call(_create_file, self._abspath(relpath), self._fd_flags(flags),
+                                    self._new_mode(mode, ctx), self._new_owner(ctx))
+        if created is None:
+            # The name exists (or appeared since the kernel's lookup): an O_EXCL open fails,
+            # any other opens the file that is there, as open(2) would.
+            if flags & os.O_EXCL:
+                raise FUSEError(errno.EEXIST)
+            node = self._node_for(self._inode_for(relpath), relpath)
+            handle = await self._open_source(node, flags & ~(os.O_CREAT | os.O_EXCL))
+            try:
+                st = await fileio.call(os.fstat, handle.fd)
+            except BaseException:
+                await self._release_handle(handle.fh)
+                raise
+        else:
+            fd, inline_io, st = created
             if relpath in self._inode_of:
                 self._forget_path(relpath)  # a stale entry: the file was removed behind our back
-            # Create it here (O_EXCL: never clobber a racing creator), then open it like any open.
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
-                         stat.S_IMODE(mode) & ~ctx.umask)
-            os.close(fd)
-            self._chown_to_caller(path, ctx)
-        node = self._node_for(self._inode_for(relpath), relpath)
-        handle = await self._open_source(node, flags & ~(os.O_CREAT | os.O_EXCL))
-        try:
-            attr = self._attr(node.inode, os.fstat(handle.fd))
-        except BaseException:
-            self._close_handle(handle.fh)
-            raise
+            node = self._node_for(self._inode_for(relpath), relpath)
+            handle = self._add_handle(node, flags, fd, inline_io)
+        attr = self._attr(node.inode, st)
         return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct, keep_cache=False), attr
 
     def _get_handle(self, fh: int) -> OpenHandle:
@@ -614,7 +683,7 @@ class Operations(pyfuse3.Operations):
             return await job.read(handle, off, size)
         if handle.runs_inline(size):
             return fileio.pread_now(handle.fd, size, off)
-        return await fileio.pread(handle.fd, size, off)
+        return await fileio.pread_thread(handle.fd, size, off)
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -634,7 +703,7 @@ class Operations(pyfuse3.Operations):
             return fileio.pwrite_now(handle.fd, buf, off)
         token = node.begin_passthrough_write(off, len(buf))  # seen by a job that attaches now
         try:
-            return await fileio.pwrite(handle.fd, buf, off)
+            return await fileio.pwrite_thread(handle.fd, buf, off)
         finally:
             node.end_passthrough_write(token)
 
@@ -662,28 +731,107 @@ class Operations(pyfuse3.Operations):
         else:
             await fileio.fsync(handle.fd, bool(datasync))
 
-    def _close_handle(self, fh: int) -> None:
+    def _drop_handle(self, fh: int) -> OpenHandle | None:
+        """Forget the open ``fh``; the caller closes its descriptor."""
         handle = self._handles.pop(fh, None)
         if handle is None:
-            return
+            return None
         node = handle.node
         node.handles.pop(fh, None)
-        try:
-            os.close(handle.fd)
-        except OSError as exc:
-            log.info("close of %s failed: %s", node.backing_path, exc)
         if node.unlinked and not node.handles and node.job is None:
             self._nodes.pop(node.inode, None)
+        return handle
+
+    @staticmethod
+    def _close_fd(fd: int, path: str) -> None:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            log.info("close of %s failed: %s", path, exc)
+
+    async def _release_handle(self, fh: int) -> None:
+        handle = self._drop_handle(fh)
+        if handle is not None:
+            # close(2) may write back (NFS) or ask a FUSE source: not on the trio thread.
+            await fileio.call(self._close_fd, handle.fd, handle.node.backing_path)
 
     @_guard
     async def release(self, fh: int) -> None:
         if self._vhandles.pop(fh, None) is not None:
             return
-        self._close_handle(fh)
+        await self._release_handle(fh)
 
     def close_all(self) -> None:
         """Close every source descriptor (at unmount, after the FUSE session ended)."""
         for fh in list(self._handles):
-            self._close_handle(fh)
+            handle = self._drop_handle(fh)
+            if handle is not None:
+                self._close_fd(handle.fd, handle.node.backing_path)
         self._vhandles.clear()
         self._dirs.clear()
+
+
+def _fstat_and_close(fd: int) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _list_dir(path: str) -> list[str]:
+    with os.scandir(path) as it:
+        return [de.name for de in it]
+
+
+def _open_classified(path: str, flags: int) -> tuple[int, bool]:
+    """Open ``path`` and ask whether its I/O may run inline (``fstatfs``: on a FUSE or NFS file a
+    request to that filesystem, so asked here in the worker thread too)."""
+    fd = os.open(path, flags)
+    try:
+        return fd, fileio.inline_capable(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _set_owner_and_mode(fd: int, owner: tuple[int, int] | None, mode: int) -> os.stat_result:
+    """Give the new file or directory ``fd`` its ``owner`` (None: leave it) and exactly ``mode``
+    (the process umask applied at creation is not the caller's); returns its attributes."""
+    if owner is not None:
+        os.fchown(fd, *owner)  # first: a chown clears set-user-ID and set-group-ID bits
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        mode |= st.st_mode & stat.S_ISGID  # inherited from a set-group-ID parent, as mkdir(2) does
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.fchmod(fd, mode)
+        st = os.fstat(fd)
+    return st
+
+
+def _create_file(path: str, fd_flags: int, mode: int, owner: tuple[int, int] | None
+                 ) -> tuple[int, bool, os.stat_result] | None:
+    """Create ``path`` exclusively and open it with ``fd_flags``; None if the name exists.
+
+    Returns the descriptor, whether its I/O may run inline, and its attributes. Owner and mode
+    are set through the descriptor before it is returned, so they reach the file that was
+    created whatever happens to its name meanwhile. On failure nothing is left behind.
+    """
+    try:
+        fd = os.open(path, fd_flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return None
+    try:
+        st = _set_owner_and_mode(fd, owner, mode)
+        return fd, fileio.inline_capable(fd), st
+    except BaseException:
+        _unlink_if_same(path, fd)
+        os.close(fd)
+        raise
+
+
+def _unlink_if_same(path: str, fd: int) -> None:
+    """Remove ``path`` if it still names the file open as ``fd``."""
+    with contextlib.suppress(OSError):
+        mine, now = os.fstat(fd), os.lstat(path)
+        if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
+            os.unlink(path)

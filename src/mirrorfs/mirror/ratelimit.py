@@ -37,7 +37,10 @@ class RateLimiter:
             changed = self._changed
             with trio.move_on_at(start):
                 await changed.wait()
-                continue  # the rate changed: plan again
+            # Woken by a change, or at the slot with a change in the same instant (the deadline
+            # may win then): plan again; with the rate now 0 the loop ends.
+            if changed.is_set():
+                continue
             self._next = start + nbytes / self.rate
             return
 

@@ -36,6 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno as _errno
 import struct
@@ -238,13 +239,45 @@ class ConnectionClosed:
 Event = StartTLS | Ready | Reply | ConnectionClosed
 
 
+def _cover(pending: _Pending, start: int, end: int) -> bool:
+    """Add [start, end) to the ranges the reply covers; False if it overlaps one of them.
+
+    Servers send chunks in order almost always, so the list stays one merged range and each
+    call is a bisect over at most two numbers.
+    """
+    ranges = pending.ranges
+    if ranges is None:
+        pending.ranges = [start, end]
+        return True
+    # An odd count of bounds at or before ``start`` means it lies inside a range; an even one
+    # that ranges[i] is the start of the next range, which ``end`` must not pass.
+    i = bisect.bisect_right(ranges, start)
+    if i & 1 or (i < len(ranges) and ranges[i] < end):
+        return False
+    joins_left = i > 0 and ranges[i - 1] == start
+    joins_right = i < len(ranges) and ranges[i] == end
+    if joins_left and joins_right:
+        del ranges[i - 1:i + 1]
+    elif joins_left:
+        ranges[i - 1] = end
+    elif joins_right:
+        ranges[i] = start
+    else:
+        ranges[i:i] = [start, end]
+    return True
+
+
 @dataclasses.dataclass
 class _Pending:
     command: int
     offset: int
     length: int
     buffer: bytes | bytearray | None = None
+    #: bytes of the request the chunks so far have covered (each byte at most once)
     covered: int = 0
+    #: the covered ranges, relative to ``offset``, disjoint and with adjacent ones merged:
+    #: ``[start0, end0, start1, end1, ...]`` in order; None until a chunk covers part of it
+    ranges: list[int] | None = None
     error: int = 0
     message: str = ""
     discard: bool = False
@@ -740,7 +773,7 @@ class ClientConnection:
             start = offset - pending.offset
             if start < 0 or start + count > pending.length:
                 raise RemoteProtocolError("read chunk outside the requested range")
-            if pending.covered + count > pending.length:
+            if pending.covered + count > pending.length or not _cover(pending, start, start + count):
                 raise RemoteProtocolError("read chunks overlap")
             if pending.buffer is None and count == pending.length:
                 # the common case, one chunk for the whole request: build the result directly
