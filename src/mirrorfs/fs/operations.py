@@ -390,7 +390,9 @@ class Operations(pyfuse3.Operations):
         self._check_not_control(parent_inode, name)
         relpath = self._child(parent_inode, name)
         path = self._abspath(relpath)
-        os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask)
+        wanted = stat.S_IMODE(mode) & ~ctx.umask
+        os.mkdir(path, wanted)
+        os.chmod(path, wanted)  # the daemon's own umask must not strip what the caller asked
         self._chown_to_caller(path, ctx)
         return self._attr(self._inode_for(relpath), os.lstat(path))
 
@@ -584,9 +586,12 @@ class Operations(pyfuse3.Operations):
             if relpath in self._inode_of:
                 self._forget_path(relpath)  # a stale entry: the file was removed behind our back
             # Create it here (O_EXCL: never clobber a racing creator), then open it like any open.
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
-                         stat.S_IMODE(mode) & ~ctx.umask)
-            os.close(fd)
+            wanted = stat.S_IMODE(mode) & ~ctx.umask
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, wanted)
+            try:
+                os.fchmod(fd, wanted)  # the daemon's own umask must not strip what the caller asked
+            finally:
+                os.close(fd)
             self._chown_to_caller(path, ctx)
         node = self._node_for(self._inode_for(relpath), relpath)
         handle = await self._open_source(node, flags & ~(os.O_CREAT | os.O_EXCL))

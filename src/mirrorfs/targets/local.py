@@ -5,6 +5,13 @@ through :mod:`mirrorfs.fileio`, so it runs where the rest of mirrorfs runs its f
 ``write_zeroes`` punches a hole (``fallocate(PUNCH_HOLE|KEEP_SIZE)``) and falls back to writing
 zeroes where the file system cannot; ``flush`` is ``fdatasync``.
 
+Locking: while connected, the file carries an exclusive open-file-description lock
+(``F_OFD_SETLK``, write lock over the whole file), taken without waiting. A second mirrorfs job
+(in this or another mount) or a QEMU that has the file open (QEMU takes OFD locks on bytes 100+)
+cannot use the file at the same time: whoever comes second is refused. OFD locks belong to the
+descriptor, so other opens and closes of the file in this process do not drop it; closing the
+descriptor releases it.
+
 Invariants: the target never changes size (writes past the end are refused with EINVAL), and a
 file of a size other than the expected one is refused at ``connect()``. The descriptor is closed
 only once no request is using it, so a concurrent ``close()`` can never let a later ``open()``
@@ -13,10 +20,13 @@ reuse the number under a request still running in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno as _errno
+import fcntl
 import os
+import stat
 
 import trio
 
@@ -34,6 +44,30 @@ _fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", 
 if _fallocate is not None:
     _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     _fallocate.restype = ctypes.c_int
+
+
+class _Flock(ctypes.Structure):
+    """``struct flock`` of Linux (64-bit ``off_t``)."""
+
+    _fields_ = [("l_type", ctypes.c_short), ("l_whence", ctypes.c_short),
+                ("l_start", ctypes.c_int64), ("l_len", ctypes.c_int64), ("l_pid", ctypes.c_int)]
+
+
+def lock_exclusive(fd: int) -> bool:
+    """Take an OFD write lock on all of ``fd``'s file without waiting; False if another
+    descriptor holds a conflicting lock.
+
+    Raises:
+        OSError: locking failed for another reason.
+    """
+    request = _Flock(l_type=fcntl.F_WRLCK, l_whence=os.SEEK_SET, l_start=0, l_len=0, l_pid=0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, bytes(request))
+    except OSError as exc:
+        if exc.errno in (_errno.EAGAIN, _errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -70,8 +104,14 @@ class LocalFileTarget(Target):
         self._inline = False  # writes may run on the trio thread (fileio.inline_capable)
 
     @classmethod
-    def create(cls, path: str | os.PathLike, size: int) -> LocalFileTarget:
+    def create(cls, path: str | os.PathLike, size: int, *,
+               like: os.stat_result | None = None) -> LocalFileTarget:
         """Create a sparse file of ``size`` bytes; it must not exist yet.
+
+        Args:
+            like: the source's stat: the new file gets its permission bits (without set-id
+                bits) and, where this process may give them, its owner and group. Without it
+                the file is 0600.
 
         Returns:
             A (not yet connected) target for it, expecting that size.
@@ -79,9 +119,15 @@ class LocalFileTarget(Target):
         Raises:
             OSError: the file exists (FileExistsError) or cannot be created.
         """
-        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # 0600 until it is complete: nobody else may open it before its real mode is set.
+        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
+            if like is not None:
+                # On the descriptor: the path may be swapped between creating and chowning.
+                with contextlib.suppress(PermissionError):  # an ordinary user cannot give files away
+                    os.fchown(fd, like.st_uid, like.st_gid)
+                os.fchmod(fd, stat.S_IMODE(like.st_mode) & 0o777)
         except OSError:
             os.close(fd)
             os.unlink(path)
@@ -126,6 +172,15 @@ class LocalFileTarget(Target):
             os.close(fd)
             raise TargetFatalError(f"target {self.path} is {size} bytes but {self._size} are "
                                    f"expected: give a target of the image's size")
+        try:
+            locked = lock_exclusive(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise self._error(exc, "lock") from None
+        if not locked:
+            os.close(fd)
+            raise TargetFatalError(f"target {self.path} is in use by another program (another "
+                                   f"mirrorfs job or a QEMU holds a lock on it); stop that first")
         self._size = size
         self._fd = fd
         self._inline = fileio.inline_capable(fd)
