@@ -84,6 +84,33 @@ def test_check_image_links_refuses(links: paths.ImageLinks, message: str) -> Non
     paths.check_image_links(paths.ImageLinks("a.raw", "/src/a.raw", "/src/a.raw", False, 1))
 
 
+def test_resolve_follows_symlinks_and_dotdot(tmp_path: Path) -> None:
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "d" / "sub")
+    found = paths.resolve(f"{tmp_path}/link/../f")
+    assert found.real == str(tmp_path / "d" / "f") and found.regular
+    assert found.identity == (os.stat(tmp_path / "d" / "f").st_dev, os.stat(tmp_path / "d" / "f").st_ino)
+    new = paths.resolve(f"{tmp_path}/link/new")
+    assert new.real == str(tmp_path / "d" / "sub" / "new") and new.identity is None
+    assert new.dev == os.stat(tmp_path).st_dev
+
+
+async def test_a_resolver_that_hangs_is_abandoned_with_one_line() -> None:
+    import threading
+
+    import trio
+
+    release = threading.Event()
+    try:
+        with trio.fail_after(5):
+            with pytest.raises(UsageError, match="could not be resolved within 0 s"):
+                await paths.run_resolver(release.wait, timeout=0.2)
+    finally:
+        release.set()
+    assert await paths.run_resolver(lambda: 7) == 7
+
+
 # ---------------------------------------------------------------------------- on a mount
 
 def sha(path: Path) -> str:

@@ -16,7 +16,14 @@ Lifetime:
   components are torn down (jobs flush their bitmaps), then the source descriptors close.
 - ``unmount`` reads the daemon's pid from ``.mirrorfs/pid``, sends SIGTERM and returns only once
   that process is gone, so everything the daemon does at teardown is done; ``fusermount3 -u`` is
-  the fallback for a daemon that is dead or does not stop.
+  the fallback for a daemon that is dead or does not stop. The pid is only a claim of whatever
+  is mounted there: it is signalled only if it is a ``mirrorfs mount`` of that mountpoint, of
+  the caller's user, holding ``/dev/fuse`` (``daemon_refusal``).
+
+Files: the daemon keeps the user's umask with world-write always masked; files created through
+the mount get the mode their creator asked for (set on the descriptor). The detached daemon logs
+to a file it opens append-only, 0600, never through a symlink, in ``/tmp/mirrorfs-UID`` only if
+that directory is ours (``open_log_file``).
 """
 
 from __future__ import annotations
@@ -291,7 +298,8 @@ def open_log_file(log_file: str) -> tuple[int, str]:
     """Open the detached mount's log: append-only, 0600, never through a symlink.
 
     The default directory ``/tmp/mirrorfs-UID`` is used only if it is ours (mode set to 0700);
-    if another user or a symlink holds that name, a fresh private directory is made instead.
+    if another user or a symlink holds that name, a fresh private directory is made instead. A
+    file named by ``$MIRRORFS_LOG_FILE`` is the user's choice (``/dev/null`` works).
 
     Returns:
         the descriptor and the path actually opened.
@@ -299,8 +307,9 @@ def open_log_file(log_file: str) -> tuple[int, str]:
     Raises:
         MountError: the log cannot be opened.
     """
+    chosen = bool(os.environ.get("MIRRORFS_LOG_FILE"))
     try:
-        if not os.environ.get("MIRRORFS_LOG_FILE"):
+        if not chosen:
             directory = os.path.dirname(log_file)
             if not _own_private_dir(directory):
                 directory = tempfile.mkdtemp(prefix=f"mirrorfs-{os.getuid()}-")
@@ -311,7 +320,7 @@ def open_log_file(log_file: str) -> tuple[int, str]:
         raise MountError(f"cannot open the log file {log_file}: {exc.strerror or exc}; "
                          f"set MIRRORFS_LOG_FILE to a file you own") from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+    if not chosen and (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()):
         os.close(fd)
         raise MountError(f"the log file {log_file} is not a regular file of yours; remove it or "
                          f"set MIRRORFS_LOG_FILE")

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterable
 import trio
 
 from ..errors import JobNotFoundError, MirrorfsError, StateError, TargetError, UsageError
-from ..targets.base import Target
 from ..nbd.uri import parse_nbd_uri
+from ..targets.base import Target
 from . import paths
 from .job import MirrorJob
 from .params import MirrorParams
@@ -94,10 +94,13 @@ class JobManager:
     # ------------------------------------------------------------------ starting
 
     async def start_mirror(self, params: MirrorParams) -> MirrorJob:
-        """Start a job. Everything is checked before anything is created.
+        """Start a job. Everything is checked before anything is created: the image has one
+        name, and no path the job names leads into the mount, onto an image or onto another
+        job's file (``paths``, resolved off the trio thread).
 
         Raises:
-            UsageError: unknown image, bad target, mismatched bitmap.
+            UsageError: unknown image, an image with a second name, bad target or bitmap path,
+                mismatched bitmap, a target locked by another program.
             StateError: the image or job id already has a running job.
         """
         async with self._lock:

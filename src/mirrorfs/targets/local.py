@@ -5,12 +5,12 @@ through :mod:`mirrorfs.fileio`, so it runs where the rest of mirrorfs runs its f
 ``write_zeroes`` punches a hole (``fallocate(PUNCH_HOLE|KEEP_SIZE)``) and falls back to writing
 zeroes where the file system cannot; ``flush`` is ``fdatasync``.
 
-Locking: while connected, the file carries an exclusive open-file-description lock
-(``F_OFD_SETLK``, write lock over the whole file), taken without waiting. A second mirrorfs job
-(in this or another mount) or a QEMU that has the file open (QEMU takes OFD locks on bytes 100+)
-cannot use the file at the same time: whoever comes second is refused. OFD locks belong to the
-descriptor, so other opens and closes of the file in this process do not drop it; closing the
-descriptor releases it.
+Locking: while connected, the file carries QEMU's "writer, sharing no writes" locks
+(open-file-description read locks on bytes 101 and 201, as QEMU's file-posix driver takes them),
+taken without waiting. A second mirrorfs job (in this or another mount) or a QEMU that has the
+file open for writing cannot use the file at the same time: whoever comes second is refused.
+``qemu-img -U`` can still read it. OFD locks belong to the descriptor, so other opens and closes
+of the file in this process do not drop them; closing the descriptor releases them.
 
 Invariants: the target never changes size (writes past the end are refused with EINVAL), and a
 file of a size other than the expected one is refused at ``connect()``. The descriptor is closed
@@ -53,16 +53,33 @@ class _Flock(ctypes.Structure):
                 ("l_start", ctypes.c_int64), ("l_len", ctypes.c_int64), ("l_pid", ctypes.c_int)]
 
 
-def lock_exclusive(fd: int) -> bool:
-    """Take an OFD write lock on all of ``fd``'s file without waiting; False if another
-    descriptor holds a conflicting lock.
+#: QEMU's file locking (block/file-posix.c): a read lock on byte 100+N says "I hold permission
+#: N", one on byte 200+N "I do not let others hold N"; N=1 is BLK_PERM_WRITE.
+_QEMU_WRITE_BYTES = (100 + 1, 200 + 1)
+
+
+def _ofd_lock(fd: int, command: int, kind: int, start: int) -> _Flock:
+    request = _Flock(l_type=kind, l_whence=os.SEEK_SET, l_start=start, l_len=1, l_pid=0)
+    return _Flock.from_buffer_copy(fcntl.fcntl(fd, command, bytes(request)))
+
+
+def lock_for_writing(fd: int) -> bool:
+    """Claim ``fd``'s file as its only writer, the way QEMU does, without waiting; False if
+    another descriptor writes it or forbids writing (another job, a QEMU with the file open).
+
+    QEMU's own locks are used so that QEMU sees the claim (it then refuses to open the file for
+    writing, and ``qemu-img`` without ``-U`` refuses to read it) while ``qemu-img -U`` still can.
 
     Raises:
         OSError: locking failed for another reason.
     """
-    request = _Flock(l_type=fcntl.F_WRLCK, l_whence=os.SEEK_SET, l_start=0, l_len=0, l_pid=0)
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, bytes(request))
+        for byte in _QEMU_WRITE_BYTES:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+        # Taken first, then tested, as QEMU does: of two racing claimants neither wins.
+        for byte in _QEMU_WRITE_BYTES:
+            if _ofd_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte).l_type != fcntl.F_UNLCK:
+                return False
     except OSError as exc:
         if exc.errno in (_errno.EAGAIN, _errno.EACCES):
             return False
@@ -173,7 +190,7 @@ class LocalFileTarget(Target):
             raise TargetFatalError(f"target {self.path} is {size} bytes but {self._size} are "
                                    f"expected: give a target of the image's size")
         try:
-            locked = lock_exclusive(fd)
+            locked = lock_for_writing(fd)
         except OSError as exc:
             os.close(fd)
             raise self._error(exc, "lock") from None
