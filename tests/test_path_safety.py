@@ -48,6 +48,7 @@ def _places(**claimed: str) -> paths.Places:
     (paths.Resolved("/o/hard", "/o/hard", dev=1, ino=10, regular=True), "is the image 'a.raw' itself"),
     (paths.Resolved("/src/b.raw", "/src/b.raw", dev=1, ino=11, regular=True), "is an image of the mount"),
     (paths.Resolved("/o/t.raw", "/o/t.raw", dev=2, ino=7, regular=True), "is already the target of job 'j'"),
+    (paths.Resolved("/o/h", "/o/h", dev=1, ino=12, regular=True, nlink=2), "has 2 hard links"),
 ])
 def test_check_path_refuses(resolved: paths.Resolved, message: str) -> None:
     places = _places(**{"/o/t.raw": "the target of job 'j'"})
@@ -191,6 +192,8 @@ def test_a_target_that_is_the_source_or_an_image_is_refused(mounted: Mount, tmp_
     (tmp_path / "sublink").symlink_to(mounted.source / "sub")
     assert "is the image 'a.raw' itself" in control_line(mounted, f"mirror a.raw {tmp_path}/sublink/../a.raw")
     assert_refused(mirror(mounted, "a.raw", mounted.source / "b.raw"), "is an image of the mount")
+    os.link(mounted.source / "b.raw", tmp_path / "b-link.raw")
+    assert_refused(mirror(mounted, "a.raw", tmp_path / "b-link.raw"), "has 2 hard links")
     assert sha(mounted.source / "a.raw") == digest and sha(mounted.source / "b.raw") == other
     assert_serving(mounted, "a.raw", digest)
 

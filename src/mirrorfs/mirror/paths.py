@@ -9,7 +9,8 @@ must not look:
   bind mount of it (compared by real path and by the mount's ``st_dev``). The daemon serves the
   mount from its trio thread; a path into it opened from that thread waits on itself forever.
 - onto the job's source (by real path and by inode), or onto any existing file of the source
-  directory: every one of them is an image of the mount, written behind its back.
+  directory: every one of them is an image of the mount, written behind its back. A file with
+  several hard links on the source's file system is refused too: another name may be an image.
 - onto a file another job writes (its target or bitmap) or this job's other file.
 - an image that is a symbolic link, is reached through one, or has more than one hard link: the
   mount serves each name as its own node, so writes through the other name would bypass the job.
@@ -47,6 +48,7 @@ class Resolved:
             neither can be stat'ed).
         ino: ``st_ino`` of the file when it exists.
         regular: it exists and is a regular file.
+        nlink: its number of hard links (0 when it does not exist).
     """
 
     given: str
@@ -54,6 +56,7 @@ class Resolved:
     dev: int | None = None
     ino: int | None = None
     regular: bool = False
+    nlink: int = 0
 
     @property
     def identity(self) -> tuple[int, int] | None:
@@ -124,6 +127,9 @@ def check_path(what: str, resolved: Resolved, places: Places, *, written: bool) 
             resolved.real, places.source_dir_real):
         raise UsageError(f"{what} {given!r} is an image of the mount ({resolved.real} is in the "
                          f"source directory); give a {what} outside the source directory")
+    if resolved.regular and resolved.nlink > 1 and resolved.dev == source.dev:
+        raise UsageError(f"{what} {given!r} has {resolved.nlink} hard links and another name may "
+                         f"be an image of the mount; give a {what} with one name")
     for key in claim_keys(resolved):
         user = places.claimed.get(key)
         if user is not None:
@@ -173,7 +179,8 @@ def resolve(path: str) -> Resolved:
         except OSError:
             return Resolved(path, real)
         return Resolved(path, real, dev=parent.st_dev)
-    return Resolved(path, real, dev=st.st_dev, ino=st.st_ino, regular=stat.S_ISREG(st.st_mode))
+    return Resolved(path, real, dev=st.st_dev, ino=st.st_ino, regular=stat.S_ISREG(st.st_mode),
+                    nlink=st.st_nlink)
 
 
 def mount_place(mountpoint: str) -> tuple[str, int | None]:
