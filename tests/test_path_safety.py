@@ -278,3 +278,13 @@ def test_an_image_with_a_second_name_is_refused(mounted: Mount, tmp_path: Path) 
     wait_for(lambda: jobs(mounted)[0]["ready"], 30, "ready")
     mounted.cli("complete", mounted.mountpoint, "real/c.raw", "--no-pivot")
     assert sha(tmp_path / "t.raw") == sha(mounted.source / "real" / "c.raw")
+
+
+def test_an_image_that_links_into_the_mount_is_refused_and_the_mount_serves_on(
+        mounted: Mount, tmp_path: Path) -> None:
+    """Looking such an image up on the thread that serves the mount would wait on itself."""
+    digest = image(mounted, "a.raw")
+    (mounted.source / "loop.raw").symlink_to(mounted.mountpoint / "a.raw")
+    assert_refused(mirror(mounted, "loop.raw", tmp_path / "t.raw", "--create"), "is a symbolic link")
+    assert not (tmp_path / "t.raw").exists()
+    assert_serving(mounted, "a.raw", digest)

@@ -309,11 +309,12 @@ def open_log_file(log_file: str) -> tuple[int, str]:
     """
     chosen = bool(os.environ.get("MIRRORFS_LOG_FILE"))
     try:
-        if not chosen:
-            directory = os.path.dirname(log_file)
-            if not _own_private_dir(directory):
-                directory = tempfile.mkdtemp(prefix=f"mirrorfs-{os.getuid()}-")
-                log_file = os.path.join(directory, os.path.basename(log_file))
+        directory = os.path.dirname(log_file)
+        if chosen:
+            os.makedirs(directory or ".", mode=0o700, exist_ok=True)
+        elif not _own_private_dir(directory):
+            directory = tempfile.mkdtemp(prefix=f"mirrorfs-{os.getuid()}-")
+            log_file = os.path.join(directory, os.path.basename(log_file))
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
     except OSError as exc:
