@@ -101,13 +101,14 @@ def wait_ready(mount: Mount, device: str, timeout: float = 60.0, *, writes_idle:
 
 
 def assert_identical(a: Path, b: Path) -> None:
-    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
+    # -U: a running job holds a lock on its target, as QEMU's own mirror target is locked
+    proc = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(a), str(b)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"qemu-img compare {a} {b}: {proc.stdout}{proc.stderr}"
 
 
 def assert_differ(a: Path, b: Path) -> None:
-    proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
+    proc = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(a), str(b)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, f"expected {a} and {b} to differ: {proc.stdout}{proc.stderr}"
 

@@ -49,7 +49,8 @@ async def start_components(service: Any) -> JobManager:
         except UsageError as exc:
             raise ImageNotFoundError(str(exc)) from None
 
-    manager = JobManager(resolve_node, nursery=service.nursery, mountpoint=service.mountpoint)
+    manager = JobManager(resolve_node, nursery=service.nursery, mountpoint=service.mountpoint,
+                         source_dir=service.source_dir)
     service.exit_stack.push_async_callback(manager.shutdown)
     dispatcher = CommandDispatcher(manager)
 

@@ -16,7 +16,14 @@ Lifetime:
   components are torn down (jobs flush their bitmaps), then the source descriptors close.
 - ``unmount`` reads the daemon's pid from ``.mirrorfs/pid``, sends SIGTERM and returns only once
   that process is gone, so everything the daemon does at teardown is done; ``fusermount3 -u`` is
-  the fallback for a daemon that is dead or does not stop.
+  the fallback for a daemon that is dead or does not stop. The pid is only a claim of whatever
+  is mounted there: it is signalled only if it is a ``mirrorfs mount`` of that mountpoint, of
+  the caller's user, holding ``/dev/fuse`` (``daemon_refusal``).
+
+Files: the daemon keeps the user's umask with world-write always masked; files created through
+the mount get the mode their creator asked for (set on the descriptor). The detached daemon logs
+to a file it opens append-only, 0600, never through a symlink, in ``/tmp/mirrorfs-UID`` only if
+that directory is ours (``open_log_file``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -262,12 +270,62 @@ def check_mount_args(source_dir: str, mountpoint: str) -> tuple[str, str]:
 
 
 def default_log_file(mountpoint: str) -> str:
-    """Where a detached mount logs: ``$MIRRORFS_LOG_FILE``, else a file per mountpoint in /tmp."""
+    """Where a detached mount logs: ``$MIRRORFS_LOG_FILE``, else a file per mountpoint in
+    ``/tmp/mirrorfs-UID`` (``TMPDIR`` is honoured)."""
     env = os.environ.get("MIRRORFS_LOG_FILE")
     if env:
         return env
     name = os.path.abspath(mountpoint).strip("/").replace("/", "_") or "root"
     return os.path.join(tempfile.gettempdir(), f"mirrorfs-{os.getuid()}", f"mount-{name}.log")
+
+
+def _own_private_dir(path: str) -> bool:
+    """Make ``path`` a directory of ours, mode 0700; False if it is a symlink, not a directory,
+    or someone else's (in a shared /tmp anybody can create it first)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        return False
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700, follow_symlinks=False)
+    return True
+
+
+def open_log_file(log_file: str) -> tuple[int, str]:
+    """Open the detached mount's log: append-only, 0600, never through a symlink.
+
+    The default directory ``/tmp/mirrorfs-UID`` is used only if it is ours (mode set to 0700);
+    if another user or a symlink holds that name, a fresh private directory is made instead. A
+    file named by ``$MIRRORFS_LOG_FILE`` is the user's choice (``/dev/null`` works).
+
+    Returns:
+        the descriptor and the path actually opened.
+
+    Raises:
+        MountError: the log cannot be opened.
+    """
+    chosen = bool(os.environ.get("MIRRORFS_LOG_FILE"))
+    try:
+        directory = os.path.dirname(log_file)
+        if chosen:
+            os.makedirs(directory or ".", mode=0o700, exist_ok=True)
+        elif not _own_private_dir(directory):
+            directory = tempfile.mkdtemp(prefix=f"mirrorfs-{os.getuid()}-")
+            log_file = os.path.join(directory, os.path.basename(log_file))
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise MountError(f"cannot open the log file {log_file}: {exc.strerror or exc}; "
+                         f"set MIRRORFS_LOG_FILE to a file you own") from None
+    st = os.fstat(fd)
+    if not chosen and (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()):
+        os.close(fd)
+        raise MountError(f"the log file {log_file} is not a regular file of yours; remove it or "
+                         f"set MIRRORFS_LOG_FILE")
+    return fd, log_file
 
 
 def _setup_logging(level: str, stream: object) -> None:
@@ -280,9 +338,10 @@ def _setup_logging(level: str, stream: object) -> None:
 
 
 def _run_service(service: MountService, on_ready: Callable[[], None] | None) -> None:
-    # Files the daemon creates get exactly the mode the kernel passes (already masked with the
-    # caller's umask), not the daemon's own umask on top.
-    os.umask(0)
+    # The user's umask stays in force for what the daemon creates itself (bitmaps), but never
+    # lets a file be world-writable; files created through the mount get their mode set
+    # explicitly from the request (``Operations.create``/``mkdir``).
+    os.umask(os.umask(0o022) | 0o002)
     try:
         trio.run(service.run, on_ready)
     except BaseExceptionGroup as group:
@@ -311,14 +370,14 @@ def cli_mount(args: argparse.Namespace) -> int:
         _run_service(service, sdnotify.ready_notifier())
         return 0
 
-    log_file = default_log_file(mnt)
-    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    log_fd, log_file = open_log_file(default_log_file(mnt))
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
         os.close(write_end)
+        os.close(log_fd)
         return _wait_for_child(pid, read_end, mnt, log_file)
 
     # ---- the daemon ----
@@ -327,7 +386,6 @@ def cli_mount(args: argparse.Namespace) -> int:
         os.close(read_end)
         os.setsid()
         os.chdir("/")
-        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         null_fd = os.open(os.devnull, os.O_RDONLY)
         # Nothing of the caller's stdio may stay open: callers read it through pipes until EOF.
         os.dup2(null_fd, 0)
@@ -405,6 +463,62 @@ def _read_pid(mnt: str, timeout: float = 5.0) -> int | None:
     return result[0]
 
 
+def names_mountpoint(argv: list[str], mnt: str) -> bool:
+    """Whether ``argv`` is a ``mirrorfs mount SOURCE MOUNTPOINT`` command line for ``mnt``.
+
+    A relative mountpoint in ``argv`` was relative to a directory we no longer know, so it
+    matches when ``mnt`` ends with it.
+    """
+    if not any("mirrorfs" in os.path.basename(a) for a in argv[:3]) or "mount" not in argv:
+        return False
+    for arg in argv[argv.index("mount") + 1:]:
+        if not arg or arg.startswith("-"):
+            continue
+        if os.path.isabs(arg):
+            if os.path.normpath(arg) == mnt:
+                return True
+        elif (mnt + "/").endswith("/" + os.path.normpath(arg).rstrip("/") + "/") \
+                and not os.path.normpath(arg).startswith(".."):
+            return True
+    return False
+
+
+def daemon_refusal(pid: int, mnt: str, *, uid: int, proc: str = "/proc") -> str | None:
+    """Why ``pid`` must not be signalled as the mirrorfs daemon of ``mnt`` (None: it may).
+
+    A mount's ``.mirrorfs/pid`` is only a claim: any FUSE filesystem can call itself mirrorfs
+    and name any process. Only a process of the caller's user whose command line is a
+    ``mirrorfs mount`` of this very mountpoint and which holds ``/dev/fuse`` open is believed.
+    """
+    base = os.path.join(proc, str(pid))
+    try:
+        with open(os.path.join(base, "status"), encoding="ascii", errors="replace") as f:
+            uids = next((line.split()[1:] for line in f if line.startswith("Uid:")), [])
+        with open(os.path.join(base, "cmdline"), "rb") as f:
+            argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+    except OSError:
+        return f"process {pid} cannot be inspected"
+    if not uids or any(int(u) != uid for u in uids):
+        return f"process {pid} does not belong to uid {uid}"
+    if not names_mountpoint(argv, mnt):
+        return f"process {pid} is not a mirrorfs daemon for {mnt} ({' '.join(argv)[:80]!r})"
+    try:
+        fds = os.listdir(os.path.join(base, "fd"))
+        holds_fuse = any(_readlink(os.path.join(base, "fd", fd)) == FUSE_DEVICE for fd in fds)
+    except OSError:
+        holds_fuse = False
+    if not holds_fuse:
+        return f"process {pid} does not serve a FUSE mount"
+    return None
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
 def _fusermount_unmount(mnt: str) -> None:
     for extra in ([], ["-z"]):
         proc = subprocess.run(["fusermount3", "-u", *extra, mnt], capture_output=True, text=True)
@@ -426,6 +540,10 @@ def cli_unmount(args: argparse.Namespace) -> int:
         raise MountError(f"{mnt} is not a mirrorfs mount ({what})")
     pid = _read_pid(mnt)
     if pid is not None and not process_gone(pid):
+        why = daemon_refusal(pid, mnt, uid=os.getuid())
+        if why is not None:
+            raise MountError(f"{mnt} names process {pid} as its daemon, but {why}: not "
+                             f"signalling it (if this is your mount: fusermount3 -u {mnt})")
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + UNMOUNT_TIMEOUT
         while not process_gone(pid) and time.monotonic() < deadline:

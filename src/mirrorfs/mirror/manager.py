@@ -22,7 +22,9 @@ from typing import Any, Callable, Iterable
 import trio
 
 from ..errors import JobNotFoundError, MirrorfsError, StateError, TargetError, UsageError
+from ..nbd.uri import parse_nbd_uri
 from ..targets.base import Target
+from . import paths
 from .job import MirrorJob
 from .params import MirrorParams
 from .pivot import TargetForwarder
@@ -47,16 +49,22 @@ class JobManager:
         resolve_node: maps an image path relative to the mount to the FUSE layer's node;
             raises UsageError for a missing or non-regular file.
         nursery: where jobs run (owned by the mount service).
-        mountpoint: the mount's path, to refuse targets inside the mount itself.
+        mountpoint: the mount's path, to refuse paths that lead into the mount itself.
+        source_dir: the mount's source directory, to refuse images reached through links and
+            targets or bitmaps that are images of the mount.
     """
 
     def __init__(self, resolve_node: Callable[[str], Any], *, nursery: trio.Nursery,
-                 mountpoint: str | None = None) -> None:
+                 mountpoint: str | None = None, source_dir: str | None = None) -> None:
         self._resolve_node = resolve_node
         self._nursery = nursery
         # abspath, not realpath: resolving it would stat the mount from the thread that serves it
         self._mountpoint = os.path.abspath(mountpoint) if mountpoint else None
+        self._source_dir = os.path.abspath(source_dir) if source_dir else None
         self.jobs: dict[str, MirrorJob] = {}
+        #: files in use -> who uses them: a running job's target and bitmap, and a target a
+        #: local pivot made an image's backing file (keyed by that node); see ``paths``.
+        self._claims: dict[object, dict[object, str]] = {}
         self._listeners: list[Callable[[str, dict], None]] = []
         self._lock = trio.Lock()
 
@@ -86,24 +94,34 @@ class JobManager:
     # ------------------------------------------------------------------ starting
 
     async def start_mirror(self, params: MirrorParams) -> MirrorJob:
-        """Start a job. Everything is checked before anything is created.
+        """Start a job. Everything is checked before anything is created: the image has one
+        name, and no path the job names leads into the mount, onto an image or onto another
+        job's file (``paths``, resolved off the trio thread).
 
         Raises:
-            UsageError: unknown image, bad target, mismatched bitmap.
+            UsageError: unknown image, an image with a second name, bad target or bitmap path,
+                mismatched bitmap, a target locked by another program.
             StateError: the image or job id already has a running job.
         """
         async with self._lock:
             old = self.jobs.get(params.job_id)
             if old is not None and not old.finished:
                 raise StateError(f"job id {params.job_id!r} is in use; give another job-id")
+            if self._source_dir is not None:
+                # Before the node is looked up: that follows a symlink, on the trio thread.
+                links = await paths.run_resolver(paths.image_links, self._source_dir, params.image)
+                if links is not None:
+                    paths.check_image_links(links)
             node = self._resolve_node(params.image)
             if node.job is not None and not getattr(node.job, "finished", False):
                 raise StateError(f"image {params.image!r} already has a mirror job "
                                  f"({node.job.id!r}); complete or cancel it first")
-            size = os.stat(node.backing_path).st_size
+            claims = await self._check_paths(params, node)
+            source_stat = os.stat(node.backing_path)
+            size = source_stat.st_size
             if size == 0:
                 raise UsageError(f"image {params.image!r} is empty: there is nothing to mirror")
-            target = await self._open_target(params, size)
+            target = await self._open_target(params, size, like=source_stat)
             try:
                 bitmap, params = self._make_bitmap(params, node, target, size)
             except BaseException:
@@ -112,10 +130,12 @@ class JobManager:
                 raise
             job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit)
             self.jobs[params.job_id] = job
+            self._claims[job] = dict(claims)
             try:
                 await self._nursery.start(self._run_job, job)
             except BaseException:
                 self.jobs.pop(params.job_id, None)
+                self._claims.pop(job, None)
                 raise
             log.info("job %s: mirroring %s to %s (sync %s)", job.id, params.image,
                      target.description, params.sync)
@@ -129,11 +149,17 @@ class JobManager:
             # with its error until a new job replaces it, so the user can see why it ended.
             if job.error is None and self.jobs.get(job.id) is job:
                 del self.jobs[job.id]
+            claims = self._claims.pop(job, {})
+            if job.node.backing_path == job.params.target:
+                # Pivoted: the target is the image's file now, and no other job may write it.
+                self._claims[job.node] = {key: "file" for key, what in claims.items()
+                                          if what == "target"}
             if not getattr(job, "pivot_keeps_target", False):
                 with trio.CancelScope(shield=True):
                     await job.target.close()
 
-    async def _open_target(self, params: MirrorParams, size: int) -> Target:
+    async def _open_target(self, params: MirrorParams, size: int, *,
+                           like: os.stat_result | None = None) -> Target:
         if params.is_nbd:
             from ..targets.nbd import NBDTarget  # imported lazily: only NBD jobs need it
 
@@ -152,11 +178,9 @@ class JobManager:
         from ..targets.local import LocalFileTarget
 
         path = params.target
-        if not os.path.isabs(path):
-            raise UsageError(f"target {path!r} must be an absolute path or an NBD URI")
         # In a thread: a path that leads into our own mount would otherwise deadlock the trio
         # thread, which is the one that answers requests on the mount.
-        await trio.to_thread.run_sync(self._check_local_target, path, params.create, size)
+        await trio.to_thread.run_sync(self._check_local_target, path, params.create, size, like)
         target = LocalFileTarget(path, expected_size=size)
         try:
             await target.connect()
@@ -164,14 +188,11 @@ class JobManager:
             raise UsageError(f"cannot use target {path!r}: {exc}") from None
         return target
 
-    def _check_local_target(self, path: str, create: bool, size: int) -> None:
+    def _check_local_target(self, path: str, create: bool, size: int,
+                            like: os.stat_result | None = None) -> None:
         from ..targets.local import LocalFileTarget
 
-        inside = os.path.abspath(path)
         real_dir = os.path.realpath(os.path.dirname(path))
-        if self._mountpoint and any((p + "/").startswith(self._mountpoint + "/")
-                                    for p in (inside, real_dir)):
-            raise UsageError(f"target {path!r} is inside the mount itself; put it elsewhere")
         if not os.path.isdir(real_dir):
             raise UsageError(f"target directory {os.path.dirname(path)!r} does not exist")
         exists = os.path.exists(path)
@@ -182,9 +203,64 @@ class JobManager:
                 raise UsageError(f"target {path!r} does not exist; pass --create "
                                  f"(mode=absolute-paths) to create it")
             try:
-                LocalFileTarget.create(path, size)
+                LocalFileTarget.create(path, size, like=like)
             except OSError as exc:
                 raise UsageError(f"cannot create target {path!r}: {exc.strerror}") from None
+
+    async def _check_paths(self, params: MirrorParams, node: Any) -> list[tuple[object, str]]:
+        """Refuse a target, bitmap, socket or certificate directory that leads into the mount,
+        onto an image or onto another job's file (``paths``); before anything is created.
+
+        Returns:
+            (key, role) of every file this job will write, to record as claimed.
+        """
+        written: list[tuple[str, str]] = []
+        looked_at: list[tuple[str, str]] = []
+        nbd_key = None
+        if params.is_nbd:
+            address = parse_nbd_uri(params.target)
+            nbd_key = ("nbd", address.uri)
+            if address.socket_path:
+                looked_at.append(("NBD socket", address.socket_path))
+            if address.tls_certificates:
+                looked_at.append(("TLS certificate directory", address.tls_certificates))
+        else:
+            if not os.path.isabs(params.target):
+                raise UsageError(f"target {params.target!r} must be an absolute path or an NBD URI")
+            written.append(("target", params.target))
+        if params.bitmap is not None:
+            written.append(("bitmap", params.bitmap))
+        everything = written + looked_at
+        mountpoint, source_dir = self._mountpoint, self._source_dir
+
+        def survey() -> tuple[tuple[str, int | None] | None, str | None, paths.Resolved,
+                              list[paths.Resolved]]:
+            mount = paths.mount_place(mountpoint) if mountpoint else None
+            source_real = os.path.realpath(source_dir) if source_dir else None
+            return (mount, source_real, paths.resolve(node.backing_path),
+                    [paths.resolve(path) for _, path in everything])
+
+        mount, source_real, source, resolved = await paths.run_resolver(survey)
+        claimed: dict[object, str] = {}
+        for owner, owner_claims in self._claims.items():
+            for key, what in owner_claims.items():
+                claimed[key] = (f"the {what} of job {owner.id!r}" if isinstance(owner, MirrorJob)
+                                else f"the file of image {owner.relpath!r}")
+        if nbd_key is not None and nbd_key in claimed:
+            raise UsageError(f"target {params.target!r} is already {claimed[nbd_key]}; "
+                             f"give another target")
+        mount_real, mount_dev = mount if mount is not None else (None, None)
+        places = paths.Places(mount_real, mount_dev, source_real, source, params.image, claimed)
+        claims: list[tuple[object, str]] = [(nbd_key, "target")] if nbd_key is not None else []
+        for (what, _), found in zip(everything, resolved):
+            is_written = (what, found.given) in written
+            paths.check_path(what, found, places, written=is_written)
+            if is_written:
+                # This job's own files must differ too (a bitmap on its target).
+                for key in paths.claim_keys(found):
+                    claimed[key] = f"this job's {what}"
+                    claims.append((key, what))
+        return claims
 
     def _make_bitmap(self, params: MirrorParams, node: Any, target: Target, size: int
                      ) -> tuple[Any, MirrorParams]:

@@ -5,6 +5,13 @@ through :mod:`mirrorfs.fileio`, so it runs where the rest of mirrorfs runs its f
 ``write_zeroes`` punches a hole (``fallocate(PUNCH_HOLE|KEEP_SIZE)``) and falls back to writing
 zeroes where the file system cannot; ``flush`` is ``fdatasync``.
 
+Locking: while connected, the file carries QEMU's "writer, sharing no writes" locks
+(open-file-description read locks on bytes 101 and 201, as QEMU's file-posix driver takes them),
+taken without waiting. A second mirrorfs job (in this or another mount) or a QEMU that has the
+file open for writing cannot use the file at the same time: whoever comes second is refused.
+``qemu-img -U`` can still read it. OFD locks belong to the descriptor, so other opens and closes
+of the file in this process do not drop them; closing the descriptor releases them.
+
 Invariants: the target never changes size (writes past the end are refused with EINVAL), and a
 file of a size other than the expected one is refused at ``connect()``. The descriptor is closed
 only once no request is using it, so a concurrent ``close()`` can never let a later ``open()``
@@ -13,10 +20,13 @@ reuse the number under a request still running in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno as _errno
+import fcntl
 import os
+import stat
 
 import trio
 
@@ -34,6 +44,47 @@ _fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", 
 if _fallocate is not None:
     _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     _fallocate.restype = ctypes.c_int
+
+
+class _Flock(ctypes.Structure):
+    """``struct flock`` of Linux (64-bit ``off_t``)."""
+
+    _fields_ = [("l_type", ctypes.c_short), ("l_whence", ctypes.c_short),
+                ("l_start", ctypes.c_int64), ("l_len", ctypes.c_int64), ("l_pid", ctypes.c_int)]
+
+
+#: QEMU's file locking (block/file-posix.c): a read lock on byte 100+N says "I hold permission
+#: N", one on byte 200+N "I do not let others hold N"; N=1 is BLK_PERM_WRITE.
+_QEMU_WRITE_BYTES = (100 + 1, 200 + 1)
+
+
+def _ofd_lock(fd: int, command: int, kind: int, start: int) -> _Flock:
+    request = _Flock(l_type=kind, l_whence=os.SEEK_SET, l_start=start, l_len=1, l_pid=0)
+    return _Flock.from_buffer_copy(fcntl.fcntl(fd, command, bytes(request)))
+
+
+def lock_for_writing(fd: int) -> bool:
+    """Claim ``fd``'s file as its only writer, the way QEMU does, without waiting; False if
+    another descriptor writes it or forbids writing (another job, a QEMU with the file open).
+
+    QEMU's own locks are used so that QEMU sees the claim (it then refuses to open the file for
+    writing, and ``qemu-img`` without ``-U`` refuses to read it) while ``qemu-img -U`` still can.
+
+    Raises:
+        OSError: locking failed for another reason.
+    """
+    try:
+        for byte in _QEMU_WRITE_BYTES:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+        # Taken first, then tested, as QEMU does: of two racing claimants neither wins.
+        for byte in _QEMU_WRITE_BYTES:
+            if _ofd_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte).l_type != fcntl.F_UNLCK:
+                return False
+    except OSError as exc:
+        if exc.errno in (_errno.EAGAIN, _errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -70,8 +121,14 @@ class LocalFileTarget(Target):
         self._inline = False  # writes may run on the trio thread (fileio.inline_capable)
 
     @classmethod
-    def create(cls, path: str | os.PathLike, size: int) -> LocalFileTarget:
+    def create(cls, path: str | os.PathLike, size: int, *,
+               like: os.stat_result | None = None) -> LocalFileTarget:
         """Create a sparse file of ``size`` bytes; it must not exist yet.
+
+        Args:
+            like: the source's stat: the new file gets its permission bits (without set-id
+                bits) and, where this process may give them, its owner and group. Without it
+                the file is 0600.
 
         Returns:
             A (not yet connected) target for it, expecting that size.
@@ -79,9 +136,15 @@ class LocalFileTarget(Target):
         Raises:
             OSError: the file exists (FileExistsError) or cannot be created.
         """
-        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # 0600 until it is complete: nobody else may open it before its real mode is set.
+        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
+            if like is not None:
+                # On the descriptor: the path may be swapped between creating and chowning.
+                with contextlib.suppress(PermissionError):  # an ordinary user cannot give files away
+                    os.fchown(fd, like.st_uid, like.st_gid)
+                os.fchmod(fd, stat.S_IMODE(like.st_mode) & 0o777)
         except OSError:
             os.close(fd)
             os.unlink(path)
@@ -126,6 +189,15 @@ class LocalFileTarget(Target):
             os.close(fd)
             raise TargetFatalError(f"target {self.path} is {size} bytes but {self._size} are "
                                    f"expected: give a target of the image's size")
+        try:
+            locked = lock_for_writing(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise self._error(exc, "lock") from None
+        if not locked:
+            os.close(fd)
+            raise TargetFatalError(f"target {self.path} is in use by another program (another "
+                                   f"mirrorfs job or a QEMU holds a lock on it); stop that first")
         self._size = size
         self._fd = fd
         self._inline = fileio.inline_capable(fd)
