@@ -45,7 +45,7 @@ def test_demo_pivots_under_a_writer_verifies_and_cleans_up(writer: str) -> None:
     who = "guest writer (in QEMU)" if writer == "guest" else "host writer (qemu-io)"
     assert f"writer:            {who}, run {run}: records 1..{last}, one at a time," in summary
     switch = re.search(r"the switch:        after record (\d+) \(the writer was at (\d+) before"
-                       r" `complete`, at (\d+) after it\)", summary)
+                       r" `complete`,\n\s+at (\d+) after it\)", summary)
     assert switch, summary
     k, before, after = (int(g) for g in switch.groups())
     assert 0 < before <= k <= after < last, (before, k, after, last)

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -93,9 +94,12 @@ def test_cli_failure_says_why_and_exits_1(tmp_path: Path,
     assert out.err.strip() == f"verification:      FAILED: {source}: does not read as the target"
 
 
-def run_hostwriter(image: Path, stop: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def run_hostwriter(image: Path, stop: Path, *extra: str,
+                   log: IO[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m guest.hostwriter``; its output goes to ``log``, else into the result."""
     return subprocess.run([sys.executable, "-m", "guest.hostwriter", str(image), "--stop",
-                           str(stop), *extra], capture_output=True, text=True, timeout=60,
+                           str(stop), *extra], stdout=log or subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=60,
                           env={"PYTHONPATH": str(REPO / "tests"), "PATH": "/usr/bin:/bin"})
 
 
@@ -116,10 +120,7 @@ def test_hostwriter_writes_the_guests_records_in_order_until_told_to_stop(
 
     threading.Thread(target=stop_after_progress, daemon=True).start()
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "guest.hostwriter", str(image), "--stop",
-                               str(stop), "--run", "99", "--cache", "writeback"],
-                              stdout=out, stderr=subprocess.STDOUT, timeout=60,
-                              env={"PYTHONPATH": str(REPO / "tests"), "PATH": "/usr/bin:/bin"})
+        proc = run_hostwriter(image, stop, "--run", "99", "--cache", "writeback", log=out)
     lines = log.read_text().splitlines()
     assert proc.returncode == 0, lines
     assert lines[0] == "WRITER started run=99 first=1 slots=1024"
