@@ -4,6 +4,8 @@
 - :mod:`guest.build` fetches the kernel and builds (and caches) the initramfs.
 - :mod:`guest.vm` runs a guest on a disk image (``GuestVM``, ``run_guest``, ``verify_in_guest``).
 - :mod:`guest.records` reads the records back on the host (``verify_file``, ``check_markers``).
+- :mod:`guest.pivotcheck` checks both disks after a pivot under a writer (``check_pivot``).
+- :mod:`guest.hostwriter` writes the same records from the host through qemu-io (no guest).
 
 Import it as ``guest`` (``from guest.vm import GuestVM``): like ``mounting``, it lives in
 ``tests/``, which pytest puts on ``sys.path``. Importing it under two names would make two
