@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed")
     p.add_argument("--buf-size")
     p.add_argument("--create", action="store_true", help="create the target (sparse, same size)")
+    p.add_argument("--verify-resync", action="store_true",
+                   help="compare every cluster of image and target, copying those that differ "
+                        "(needed to resume from a bitmap whose job ended)")
     p.add_argument("--copy-mode", default="background", choices=["background", "write-blocking"])
     p.add_argument("--on-target-error", default="report", choices=["report", "ignore", "stop", "enospc"])
     p.add_argument("--job-id")

@@ -377,7 +377,7 @@ class PersistentBitmap(DirtyBitmap):
             source_id: if given, must equal the file's source identity.
             target_id: if given, must equal the file's target identity.
             verify: the job compares every cluster (a verified resync), so a file whose job
-                ended is accepted too; the caller sets every bit.
+                ended is accepted too; every bit is set.
 
         Raises:
             BitmapFormatError: unreadable, truncated, corrupt, mismatched, recording a pivot
@@ -396,8 +396,15 @@ class PersistentBitmap(DirtyBitmap):
                          "trustworthy (they over-approximate)", path, header.generation)
             new = header.replace(flags=0, generation=header.generation + 1, version=fmt.VERSION,
                                  ended_at=0)
+            bits: memoryview = memoryview(data)[header.bits_offset:]
+            if verify:
+                # Every cluster is to be compared: written with the header in one atomic step, so
+                # the file never says "recording" with the bits of an ended job.
+                every = np.zeros(header.words, dtype=_WORD_DTYPE)
+                _set_range(every, 0, header.clusters)
+                bits = every.data
             try:
-                fd = atomic_write(path, [fmt.encode_header(new), memoryview(data)[header.bits_offset:]],
+                fd = atomic_write(path, [fmt.encode_header(new), bits],
                                   keep_locked=True, replacing=old)
             except OSError as exc:
                 raise BitmapFormatError(f"cannot update bitmap {path}: {exc.strerror}") from None
