@@ -309,21 +309,31 @@ def format_time(ns: int) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def check_resumable(header: BitmapHeader, *, verify: bool, name: str = "file") -> None:
-    """Refuse to resume (``--sync dirty``) from a bitmap whose bits no longer cover every write.
-
-    A pivoted file is refused even with ``verify``: the target holds the newer data, and a
-    resync from the old source would overwrite it. An ended file (and a clean version 1 file,
-    which cannot tell) is accepted only for a verified resync, which compares every cluster.
+def check_not_pivoted(header: BitmapHeader, *, name: str = "file") -> None:
+    """Refuse a pivoted file, even for a verified resync: the target holds the newer data, and a
+    resync from the old source would overwrite it. Checked before the identities: after a pivot
+    the image is served from the target, so its identity no longer matches either.
 
     Raises:
-        BitmapFormatError: the file cannot be resumed from; the message says what to do.
+        BitmapFormatError: the job ended by pivot.
     """
     if header.pivoted:
         when = f" at {format_time(header.ended_at)}" if header.ended_at else ""
         raise BitmapFormatError(
             f"bitmap {name} records that its job ended by pivot{when}: the target is the live image "
             f"and the source is older; start a new job (--sync full) with a new bitmap")
+
+
+def check_resumable(header: BitmapHeader, *, verify: bool, name: str = "file") -> None:
+    """Refuse to resume (``--sync dirty``) from a bitmap whose bits no longer cover every write.
+
+    An ended file (and a clean version 1 file, which cannot tell) is accepted only for a verified
+    resync, which compares every cluster.
+
+    Raises:
+        BitmapFormatError: the file cannot be resumed from; the message says what to do.
+    """
+    check_not_pivoted(header, name=name)
     if verify:
         return
     if header.ended:

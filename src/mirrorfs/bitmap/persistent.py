@@ -388,6 +388,7 @@ class PersistentBitmap(DirtyBitmap):
         old = lock_existing(path)
         try:
             header, data = read_bitmap_file(path, fd=old)
+            fmt.check_not_pivoted(header, name=path)
             fmt.check_match(header, size=size, granularity=granularity, source_id=source_id,
                             target_id=target_id, name=path)
             fmt.check_resumable(header, verify=verify, name=path)
