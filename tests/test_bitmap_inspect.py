@@ -106,7 +106,7 @@ def test_ended_file_exits_1_even_with_no_bit_set(tmp_path):
     assert "dirty clusters: 0" in out
     assert any(re.fullmatch(r"ended:          yes, at 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ \(writes "
                             r"after this time are not recorded\)", line) for line in out), out
-    assert re.fullmatch(rf"ended: its job ended at 20\S+Z and writes since are not recorded, so the "
+    assert re.fullmatch(rf"ended: its job ended at 20\S+Z \(0 bytes differed then\) and writes since are not recorded, so the "
                         rf"target may differ anywhere; resync with --sync dirty --bitmap {path} "
                         rf"--verify-resync \(compares every cluster\)", out[-1]), out
     info = json.loads(run_cli(path, "--json").stdout)

@@ -38,9 +38,10 @@ def _verdict(header: Any, bm: DirtyBitmap, path: str) -> tuple[str, int]:
     if header.pivoted:
         return VERDICT_PIVOTED, 0
     if header.ended:
-        return (f"ended: its job ended at {format_time(header.ended_at)} and writes since are not "
-                f"recorded, so the target may differ anywhere; resync with --sync dirty --bitmap "
-                f"{path} --verify-resync (compares every cluster)", 1)
+        return (f"ended: its job ended at {format_time(header.ended_at)} ({bm.dirty_bytes()} bytes "
+                f"differed then) and writes since are not recorded, so the target may differ "
+                f"anywhere; resync with --sync dirty --bitmap {path} --verify-resync (compares every "
+                f"cluster)", 1)
     if header.legacy_clean:
         return (f"unknown: a version 1 file cannot tell whether its job ended; resync with --sync "
                 f"dirty --bitmap {path} --verify-resync (compares every cluster)", 1)
