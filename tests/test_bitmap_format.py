@@ -18,23 +18,24 @@ from mirrorfs.bitmap.format import BitmapHeader, decode_header, encode_header
 from mirrorfs.errors import BitmapFormatError, UsageError
 
 # ---- the independent reader: written from docs/bitmap-format.md, imports nothing of mirrorfs ----
-DOC_HEADER = struct.Struct("<8sIIIIQQQQQII1024s1024sQ")
+DOC_HEADER = struct.Struct("<8sIIIIQQQQQII1024s1024sQQ")
 
 
 def doc_read(path: str) -> dict:
     """Parse a bitmap file following docs/bitmap-format.md; assert every rule it states."""
     data = open(path, "rb").read()
     (magic, version, header_size, flags, gbits, image_size, cluster_count, generation, bits_offset,
-     bits_length, checksum, reserved, src, tgt, ended_at) = DOC_HEADER.unpack_from(data, 0)
-    assert DOC_HEADER.size == 2128
+     bits_length, checksum, reserved, src, tgt, ended_at, source_ctime) = DOC_HEADER.unpack_from(data, 0)
+    assert DOC_HEADER.size == 2136
     assert magic == b"MFSBITMP"
     assert version == 2
-    assert header_size == 2128
+    assert header_size == 2136
     zeroed = bytearray(data[:header_size])
     zeroed[64:68] = b"\0\0\0\0"
     assert zlib.crc32(zeroed) == checksum
     assert flags & ~7 == 0 and reserved == 0
     assert bool(flags & 4) == (ended_at != 0)
+    assert source_ctime == 0 or flags & 5 == 1  # only in a file shut down (clean, not ended)
     assert 12 <= gbits <= 26
     g = 1 << gbits
     assert cluster_count == -(-image_size // g)
@@ -52,7 +53,7 @@ def doc_read(path: str) -> dict:
 
     return {"image_size": image_size, "granularity": g, "clusters": cluster_count,
             "generation": generation, "clean": bool(flags & 1), "pivoted": bool(flags & 2),
-            "ended": bool(flags & 4), "ended_at": ended_at,
+            "ended": bool(flags & 4), "ended_at": ended_at, "source_ctime": source_ctime,
             "source": ident(src), "target": ident(tgt), "dirty": dirty}
 # ------------------------------------------------------------------------------------------------
 
@@ -85,7 +86,7 @@ def test_independent_reader_agrees_on_every_field_and_bit(tmp_path, size, g):
 
     got = doc_read(path)
     assert got == {"image_size": size, "granularity": g, "clusters": -(-size // g), "generation": 1,
-                   "clean": True, "pivoted": False, "ended": False, "ended_at": 0,
+                   "clean": True, "pivoted": False, "ended": False, "ended_at": 0, "source_ctime": 0,
                    "source": src, "target": tgt, "dirty": model}
 
     again = PersistentBitmap.open(path, size=size, granularity=g, source_id=src, target_id=tgt)
@@ -122,7 +123,7 @@ def test_codec_round_trip_and_checksum_position():
                      flags=7, generation=7, ended_at=1234567890 * 10**9)
     raw = encode_header(h)
     assert len(raw) == 4096 and decode_header(raw) == h
-    assert struct.unpack_from("<I", raw, 64)[0] == zlib.crc32(raw[:64] + b"\0" * 4 + raw[68:2128])
+    assert struct.unpack_from("<I", raw, 64)[0] == zlib.crc32(raw[:64] + b"\0" * 4 + raw[68:2136])
 
 
 def _make(tmp_path, name="b.bitmap", size=1 << 24) -> str:
@@ -138,7 +139,7 @@ def _patch_header(path: str, offset: int, fmt: str, value, *, fix_checksum: bool
     struct.pack_into(fmt, data, offset, value)
     if fix_checksum:
         struct.pack_into("<I", data, 64, 0)
-        struct.pack_into("<I", data, 64, zlib.crc32(data[:2128]))
+        struct.pack_into("<I", data, 64, zlib.crc32(data[:2136]))
     open(path, "wb").write(data)
 
 
@@ -354,7 +355,7 @@ def _to_version1(path: str) -> None:
     """Rewrite a (clean, not ended) file as an older mirrorfs wrote it: version 1, no ended_at."""
     data = bytearray(open(path, "rb").read())
     struct.pack_into("<II", data, 8, 1, 2120)
-    data[2120:2128] = bytes(8)
+    data[2120:2136] = bytes(16)
     struct.pack_into("<I", data, 64, 0)
     struct.pack_into("<I", data, 64, zlib.crc32(data[:2120]))
     open(path, "wb").write(data)
@@ -397,3 +398,32 @@ def test_failed_ending_close_sets_every_bit(tmp_path, monkeypatch):
         bm.close(ended=True)
     got = doc_read(path)
     assert not got["clean"] and not got["ended"] and got["dirty"] == set(range(256))
+
+
+def test_a_shut_down_file_notes_the_image_ctime_and_a_resume_sees_later_writes(tmp_path):
+    image = tmp_path / "vm.raw"
+    image.write_bytes(bytes(1 << 16))
+    path = str(tmp_path / "b.bitmap")
+    src = str(image)
+    PersistentBitmap.create(path, 1 << 16, 4096, source_id=src, target_id="/t", fill=False).close()
+    assert doc_read(path)["source_ctime"] == os.stat(image).st_ctime_ns
+    PersistentBitmap.open(path, size=1 << 16, source_id=src).close()  # unchanged: resumes
+    time.sleep(0.01)
+    with open(image, "r+b") as f:  # a write while nothing recorded writes
+        f.write(b"x")
+    digest = _digest(path)
+    with pytest.raises(BitmapFormatError, match="changed after its job was stopped by an unmount"):
+        PersistentBitmap.open(path, size=1 << 16, source_id=src)
+    assert _digest(path) == digest
+    bm = PersistentBitmap.open(path, size=1 << 16, source_id=src, verify=True)
+    assert doc_read(path)["source_ctime"] == 0 and bm.count() == 16
+    bm.close(ended=True)
+    assert doc_read(path)["source_ctime"] == 0  # an ended file needs no ctime: it is never trusted
+
+
+def test_source_ctime_only_in_a_shut_down_file(tmp_path):
+    path = _make(tmp_path)
+    PersistentBitmap.open(path, size=1 << 24).close(ended=True)
+    _patch_header(path, 2128, "<Q", 12345, fix_checksum=True)
+    with pytest.raises(BitmapFormatError, match="invalid header field source_ctime"):
+        PersistentBitmap.open(path, size=1 << 24, verify=True)

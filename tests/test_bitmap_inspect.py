@@ -118,7 +118,7 @@ def test_clean_version1_file_cannot_be_called_clean(tmp_path):
     path = make(tmp_path, "old.bitmap", close="clean")
     data = bytearray(open(path, "rb").read())  # as an older mirrorfs wrote it
     struct.pack_into("<II", data, 8, 1, 2120)
-    data[2120:2128] = bytes(8)
+    data[2120:2136] = bytes(16)
     struct.pack_into("<I", data, 64, 0)
     struct.pack_into("<I", data, 64, zlib.crc32(data[:2120]))
     open(path, "wb").write(data)
@@ -153,7 +153,7 @@ def _damage(path: str, how: str) -> None:
     elif how == "cluster-count":
         struct.pack_into("<Q", data, 32, 7)
         struct.pack_into("<I", data, 64, 0)
-        struct.pack_into("<I", data, 64, zlib.crc32(data[:2128]))
+        struct.pack_into("<I", data, 64, zlib.crc32(data[:2136]))
     elif how == "tail-bit":
         data[-1] |= 0x80
     open(path, "wb").write(data)
@@ -166,7 +166,7 @@ def _damage(path: str, how: str) -> None:
                     "--bitmap file the job was started with"),
     ("bad-checksum", "header checksum mismatch"),
     ("size-mismatch", "is longer than its header says: 8208 bytes, expected 4112"),
-    ("header-only", "is truncated (1000 bytes, the header alone is 2128)"),
+    ("header-only", "is truncated (1000 bytes, the header alone is 2136)"),
     ("cluster-count", "invalid header field cluster_count: 7, but an image of 6557696 bytes at "
                       "granularity 65536 has 101"),
     ("tail-bit", "bits past the last cluster (101) are set"),

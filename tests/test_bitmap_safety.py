@@ -8,6 +8,8 @@
   ``bitmap inspect`` says so, ``--sync dirty`` is refused, and a verified resync (CLI, control
   file and QMP) compares every cluster and leaves the target identical, writes made after the
   end included.
+- A write between an unmount and the resume (recorded nowhere) is noticed: the resume asks for a
+  verified resync.
 - A job that fails to start releases its bitmap (engine level).
 """
 
@@ -117,6 +119,29 @@ def test_sync_dirty_refuses_the_bitmap_of_another_image_or_target(mounted: Mount
     wait_ready(mounted, "a.raw")
     mounted.cli("complete", mounted.mountpoint, "a.raw", "--no-pivot")
     assert_identical(mounted.source / "a.raw", real / "ta.raw")
+
+
+def test_a_write_between_the_unmount_and_the_resume_is_not_missed(mounted: Mount, tmp_path: Path) -> None:
+    """The mount serves the image again before ``--sync dirty`` runs: a write then is recorded
+    nowhere. The bitmap noted the image's ctime at the unmount, so the resume sees the change and
+    asks for a verified resync, which is exact."""
+    name = "vm.raw"
+    source = mounted.source / name
+    make_image(source, 4 * MiB, 6)
+    target, bitmap = tmp_path / "t.raw", tmp_path / "vm.bitmap"
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--bitmap", bitmap)
+    wait_ready(mounted, name)
+    mounted.remount()  # an unmount with the job running: a resume point
+    code, info, _ = inspect(mounted, bitmap)
+    assert code == 0 and info["clean-shutdown"] and not info["ended"], info
+    qemu_io(mounted.mountpoint / name, "write -P 0x6b 1000000 5000")  # before the resume
+    err = refused(mounted, "mirror", mounted.mountpoint, name, target, "--sync", "dirty", "--bitmap", bitmap)
+    assert "changed after its job was stopped by an unmount" in err and "--verify-resync" in err, err
+    mounted.cli("mirror", mounted.mountpoint, name, target, "--sync", "dirty", "--bitmap", bitmap,
+                "--verify-resync")
+    wait_ready(mounted, name)
+    mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
+    assert_identical(source, target)
 
 
 # ---------------------------------------------------------------------------- ended

@@ -1,7 +1,8 @@
 """Codec of the persistent bitmap file format (``docs/bitmap-format.md``): pure, no I/O.
 
 The file is a 4096-byte header block followed by the bits. The header is one little-endian
-``struct`` (:data:`HEADER_STRUCT`; version 1 files lack the trailing ``ended_at``), zero padded to
+``struct`` (:data:`HEADER_STRUCT`; version 1 files lack the trailing ``ended_at`` and
+``source_ctime``), zero padded to
 ``bits_offset``; the bits are
 ``ceil(clusters / 64) * 8`` bytes where bit ``i`` of byte ``j`` is cluster ``8j + i``.
 
@@ -39,10 +40,11 @@ FLAG_ENDED = 1 << 2  # the job ended (any way): writes after ended_at are not re
 KNOWN_FLAGS = {1: FLAG_CLEAN | FLAG_PIVOTED, 2: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED}
 
 # magic, version, header_size, flags, granularity_bits, image_size, cluster_count, generation,
-# bits_offset, bits_length, checksum, reserved, source_id, target_id, ended_at (version 2)
-HEADER_STRUCT = struct.Struct(f"<8sIIII QQQ QQ II {IDENTITY_SIZE}s{IDENTITY_SIZE}s Q")
-HEADER_SIZE = HEADER_STRUCT.size  # 2128
-V1_HEADER_SIZE = HEADER_SIZE - 8  # 2120: no ended_at
+# bits_offset, bits_length, checksum, reserved, source_id, target_id, then (version 2) ended_at,
+# source_ctime
+HEADER_STRUCT = struct.Struct(f"<8sIIII QQQ QQ II {IDENTITY_SIZE}s{IDENTITY_SIZE}s QQ")
+HEADER_SIZE = HEADER_STRUCT.size  # 2136
+V1_HEADER_SIZE = HEADER_SIZE - 16  # 2120: no ended_at, no source_ctime
 HEADER_SIZES = {1: V1_HEADER_SIZE, 2: HEADER_SIZE}
 CHECKSUM_OFFSET = 64
 assert HEADER_SIZE <= BITS_OFFSET
@@ -73,6 +75,9 @@ class BitmapHeader:
         version: format version (2; 1 for a file written by an older mirrorfs).
         bits_offset: where the bits start.
         ended_at: when the job ended (ns since the Unix epoch), 0 unless FLAG_ENDED.
+        source_ctime: the source image's ctime (ns) when an unmount closed the file, so that a
+            resume can tell whether anything wrote to the image since; 0 if unknown or not shut
+            down.
     """
 
     image_size: int
@@ -84,6 +89,7 @@ class BitmapHeader:
     version: int = VERSION
     bits_offset: int = BITS_OFFSET
     ended_at: int = 0
+    source_ctime: int = 0
 
     @property
     def clusters(self) -> int:
@@ -151,11 +157,13 @@ def encode_header(header: BitmapHeader) -> bytes:
         raise UsageError(f"unknown flag bits {header.flags:#x}")
     if header.ended != bool(header.ended_at):
         raise UsageError("ended_at must be set exactly when the ENDED flag is")
+    if header.source_ctime and (header.ended or not header.clean):
+        raise UsageError("source_ctime belongs to a file closed as shut down (clean, not ended)")
     fields = (MAGIC, header.version, HEADER_SIZE, header.flags, g.bit_length() - 1,
               header.image_size, header.clusters, header.generation, header.bits_offset,
               header.bits_length, 0, 0,
               _encode_identity(header.source_id, "source"),
-              _encode_identity(header.target_id, "target"), header.ended_at)
+              _encode_identity(header.target_id, "target"), header.ended_at, header.source_ctime)
     raw = bytearray(HEADER_STRUCT.pack(*fields))
     struct.pack_into("<I", raw, CHECKSUM_OFFSET, zlib.crc32(raw))
     return bytes(raw) + bytes(header.bits_offset - HEADER_SIZE)
@@ -203,11 +211,11 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
         raise BitmapFormatError(f"bitmap {name} is truncated ({len(data)} bytes, the header alone is "
                                 f"{size}): the file is damaged; start a new job with --sync full")
     if version == 1:
-        fields = HEADER_STRUCT.unpack(bytes(data[:V1_HEADER_SIZE]) + bytes(8))
+        fields = HEADER_STRUCT.unpack(bytes(data[:V1_HEADER_SIZE]) + bytes(16))
     else:
         fields = HEADER_STRUCT.unpack_from(data)
     (_, _, header_size, flags, gbits, image_size, clusters, generation, bits_offset, bits_length,
-     checksum, reserved, src, tgt, ended_at) = fields
+     checksum, reserved, src, tgt, ended_at, source_ctime) = fields
     raw = bytearray(data[:size])
     struct.pack_into("<I", raw, CHECKSUM_OFFSET, 0)
     computed = zlib.crc32(raw)
@@ -227,6 +235,8 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
     if bool(flags & FLAG_ENDED) != bool(ended_at):
         raise bad("ended_at", f"{ended_at}, but the ENDED flag is "
                               f"{'set' if flags & FLAG_ENDED else 'clear'}")
+    if source_ctime and (flags & FLAG_ENDED or not flags & FLAG_CLEAN):
+        raise bad("source_ctime", f"{source_ctime}, but the file is not closed as shut down")
     if not _MIN_GRAN_BITS <= gbits <= _MAX_GRAN_BITS:
         raise bad("granularity_bits", f"{gbits}, expected {_MIN_GRAN_BITS}..{_MAX_GRAN_BITS}")
     granularity = 1 << gbits
@@ -244,7 +254,7 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
                         source_id=_decode_identity(src, "source", name),
                         target_id=_decode_identity(tgt, "target", name),
                         flags=flags, generation=generation, version=version, bits_offset=bits_offset,
-                        ended_at=ended_at)
+                        ended_at=ended_at, source_ctime=source_ctime)
 
 
 def check_file_size(header: BitmapHeader, file_size: int, *, name: str = "file") -> None:
@@ -346,3 +356,23 @@ def check_resumable(header: BitmapHeader, *, verify: bool, name: str = "file") -
             f"bitmap {name} has format version 1, which cannot tell whether its job ended and "
             f"stopped recording: resume with --verify-resync (compares every cluster) or start a "
             f"new job with --sync full")
+
+
+def check_source_unchanged(header: BitmapHeader, ctime: int | None, *, verify: bool,
+                           name: str = "file") -> None:
+    """Refuse to resume from a shut-down file when the image changed after the unmount: nothing
+    recorded those writes (a mount that served the image before the job was restarted, a write
+    behind the mount).
+
+    Args:
+        ctime: the source image's ctime now (ns), None if it cannot be read.
+
+    Raises:
+        BitmapFormatError: the image's ctime is not the one recorded at the unmount.
+    """
+    if verify or not header.source_ctime or ctime == header.source_ctime:
+        return
+    raise BitmapFormatError(
+        f"bitmap {name}: the image {header.source_id} changed after its job was stopped by an "
+        f"unmount (its ctime differs), and nothing recorded those writes; resume with "
+        f"--verify-resync (compares every cluster) or start a new job with --sync full")

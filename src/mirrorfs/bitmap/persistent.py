@@ -263,6 +263,16 @@ def read_bitmap_file(path: str, *, fd: int | None = None) -> tuple[fmt.BitmapHea
     return header, bytes(data)
 
 
+def _ctime(source: str) -> int | None:
+    """The ctime (ns) of the source image file, None if it cannot be read."""
+    if not source.startswith("/"):
+        return None
+    try:
+        return os.stat(source).st_ctime_ns
+    except (OSError, ValueError):
+        return None
+
+
 def _check_replaceable(path: str, fd: int, *, source_id: str, target_id: str) -> None:
     """Refuse to replace anything but a valid bitmap of the same source and target."""
     try:
@@ -392,11 +402,12 @@ class PersistentBitmap(DirtyBitmap):
             fmt.check_match(header, size=size, granularity=granularity, source_id=source_id,
                             target_id=target_id, name=path)
             fmt.check_resumable(header, verify=verify, name=path)
+            fmt.check_source_unchanged(header, _ctime(header.source_id), verify=verify, name=path)
             if not header.clean:
                 log.info("bitmap %s was not shut down cleanly (generation %d): its set bits are still "
                          "trustworthy (they over-approximate)", path, header.generation)
             new = header.replace(flags=0, generation=header.generation + 1, version=fmt.VERSION,
-                                 ended_at=0)
+                                 ended_at=0, source_ctime=0)
             bits: memoryview = memoryview(data)[header.bits_offset:]
             if verify:
                 # Every cluster is to be compared: written with the header in one atomic step, so
@@ -659,7 +670,11 @@ class PersistentBitmap(DirtyBitmap):
                 flags = ((fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
                          | (fmt.FLAG_ENDED if ended else 0))
                 if flags:
-                    header = self.header.replace(flags=flags, ended_at=time.time_ns() if ended else 0)
+                    # shut down (a resume point): note the image's ctime, so that a resume sees
+                    # writes made while nothing recorded them
+                    ctime = _ctime(self.header.source_id) if clean and not ended else None
+                    header = self.header.replace(flags=flags, ended_at=time.time_ns() if ended else 0,
+                                                 source_ctime=ctime or 0)
                     bits = self._mm[self.header.bits_offset:self.header.file_size]
                     try:
                         fd = atomic_write(self.path, [fmt.encode_header(header), bits], keep_locked=True,
