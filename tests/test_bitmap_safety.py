@@ -133,7 +133,7 @@ def test_a_write_between_the_unmount_and_the_resume_is_not_missed(mounted: Mount
     wait_ready(mounted, name)
     mounted.remount()  # an unmount with the job running: a resume point
     code, info, _ = inspect(mounted, bitmap)
-    assert code == 0 and info["clean-shutdown"] and not info["ended"], info
+    assert code == 0 and info["clean-shutdown"] and not info.get("ended"), info
     qemu_io(mounted.mountpoint / name, "write -P 0x6b 1000000 5000")  # before the resume
     err = refused(mounted, "mirror", mounted.mountpoint, name, target, "--sync", "dirty", "--bitmap", bitmap)
     assert "changed after its job was stopped by an unmount" in err and "--verify-resync" in err, err
