@@ -115,13 +115,10 @@ def test_ended_file_exits_1_even_with_no_bit_set(tmp_path):
 
 
 def test_clean_version1_file_cannot_be_called_clean(tmp_path):
+    from test_bitmap_format import _to_version1
+
     path = make(tmp_path, "old.bitmap", close="clean")
-    data = bytearray(open(path, "rb").read())  # as an older mirrorfs wrote it
-    struct.pack_into("<II", data, 8, 1, 2120)
-    data[2120:2136] = bytes(16)
-    struct.pack_into("<I", data, 64, 0)
-    struct.pack_into("<I", data, 64, zlib.crc32(data[:2120]))
-    open(path, "wb").write(data)
+    _to_version1(path)  # as an older mirrorfs wrote it
     r = run_cli(path, "--json")
     assert r.returncode == 1, r.stderr
     info = json.loads(r.stdout)
