@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -17,22 +18,24 @@ from mirrorfs.bitmap.format import BitmapHeader, decode_header, encode_header
 from mirrorfs.errors import BitmapFormatError, UsageError
 
 # ---- the independent reader: written from docs/bitmap-format.md, imports nothing of mirrorfs ----
-DOC_HEADER = struct.Struct("<8sIIIIQQQQQII1024s1024s")
+DOC_HEADER = struct.Struct("<8sIIIIQQQQQII1024s1024sQQ")
 
 
 def doc_read(path: str) -> dict:
     """Parse a bitmap file following docs/bitmap-format.md; assert every rule it states."""
     data = open(path, "rb").read()
     (magic, version, header_size, flags, gbits, image_size, cluster_count, generation, bits_offset,
-     bits_length, checksum, reserved, src, tgt) = DOC_HEADER.unpack_from(data, 0)
-    assert DOC_HEADER.size == 2120
+     bits_length, checksum, reserved, src, tgt, ended_at, source_ctime) = DOC_HEADER.unpack_from(data, 0)
+    assert DOC_HEADER.size == 2136
     assert magic == b"MFSBITMP"
-    assert version == 1
-    assert header_size == 2120
+    assert version == 2
+    assert header_size == 2136
     zeroed = bytearray(data[:header_size])
     zeroed[64:68] = b"\0\0\0\0"
     assert zlib.crc32(zeroed) == checksum
-    assert flags & ~3 == 0 and reserved == 0
+    assert flags & ~7 == 0 and reserved == 0
+    assert bool(flags & 4) == (ended_at != 0)
+    assert source_ctime == 0 or flags & 5 == 1  # only in a file shut down (clean, not ended)
     assert 12 <= gbits <= 26
     g = 1 << gbits
     assert cluster_count == -(-image_size // g)
@@ -50,6 +53,7 @@ def doc_read(path: str) -> dict:
 
     return {"image_size": image_size, "granularity": g, "clusters": cluster_count,
             "generation": generation, "clean": bool(flags & 1), "pivoted": bool(flags & 2),
+            "ended": bool(flags & 4), "ended_at": ended_at, "source_ctime": source_ctime,
             "source": ident(src), "target": ident(tgt), "dirty": dirty}
 # ------------------------------------------------------------------------------------------------
 
@@ -82,7 +86,8 @@ def test_independent_reader_agrees_on_every_field_and_bit(tmp_path, size, g):
 
     got = doc_read(path)
     assert got == {"image_size": size, "granularity": g, "clusters": -(-size // g), "generation": 1,
-                   "clean": True, "pivoted": False, "source": src, "target": tgt, "dirty": model}
+                   "clean": True, "pivoted": False, "ended": False, "ended_at": 0, "source_ctime": 0,
+                   "source": src, "target": tgt, "dirty": model}
 
     again = PersistentBitmap.open(path, size=size, granularity=g, source_id=src, target_id=tgt)
     assert again.was_clean
@@ -91,7 +96,8 @@ def test_independent_reader_agrees_on_every_field_and_bit(tmp_path, size, g):
     assert doc_read(path)["generation"] == 2 and not doc_read(path)["clean"]
     again.close(pivoted=True)
     final = doc_read(path)
-    assert final["clean"] and final["pivoted"] and final["generation"] == 2
+    assert final["clean"] and final["pivoted"] and final["ended"] and final["generation"] == 2
+    assert abs(final["ended_at"] / 1e9 - time.time()) < 60
 
 
 def test_fill_sets_every_cluster_and_no_tail_bit(tmp_path):
@@ -114,10 +120,10 @@ def test_doc_example_byte(tmp_path):
 
 def test_codec_round_trip_and_checksum_position():
     h = BitmapHeader(image_size=12345678, granularity=1 << 16, source_id="s", target_id="t",
-                     flags=3, generation=7)
+                     flags=7, generation=7, ended_at=1234567890 * 10**9)
     raw = encode_header(h)
     assert len(raw) == 4096 and decode_header(raw) == h
-    assert struct.unpack_from("<I", raw, 64)[0] == zlib.crc32(raw[:64] + b"\0" * 4 + raw[68:2120])
+    assert struct.unpack_from("<I", raw, 64)[0] == zlib.crc32(raw[:64] + b"\0" * 4 + raw[68:2136])
 
 
 def _make(tmp_path, name="b.bitmap", size=1 << 24) -> str:
@@ -133,7 +139,7 @@ def _patch_header(path: str, offset: int, fmt: str, value, *, fix_checksum: bool
     struct.pack_into(fmt, data, offset, value)
     if fix_checksum:
         struct.pack_into("<I", data, 64, 0)
-        struct.pack_into("<I", data, 64, zlib.crc32(data[:2120]))
+        struct.pack_into("<I", data, 64, zlib.crc32(data[:2136]))
     open(path, "wb").write(data)
 
 
@@ -146,7 +152,7 @@ def _digest(path: str) -> str:
     ("extend", "longer than its header says"),
     ("magic", "is not a mirrorfs bitmap file"),
     ("checksum", "header checksum mismatch"),
-    ("version", "format version 2; this mirrorfs reads version 1"),
+    ("version", "format version 3; this mirrorfs reads versions 1 and 2"),
     ("clusters", "invalid header field cluster_count"),
     ("flags", "invalid header field flags"),
     ("granularity", "invalid header field granularity_bits"),
@@ -169,7 +175,7 @@ def test_open_refuses_damaged_files_and_changes_nothing(tmp_path, damage, expect
         data = bytearray()
     open(path, "wb").write(data)
     if damage == "version":
-        _patch_header(path, 8, "<I", 2, fix_checksum=True)
+        _patch_header(path, 8, "<I", 3, fix_checksum=True)
     elif damage == "clusters":
         _patch_header(path, 32, "<Q", 999, fix_checksum=True)
     elif damage == "flags":
@@ -237,8 +243,9 @@ def test_create_rejects_bad_parameters(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_create_replaces_existing_file_atomically_keeping_mode(tmp_path):
-    path = _make(tmp_path)
+def test_create_replaces_a_bitmap_of_the_same_job_atomically_keeping_mode(tmp_path):
+    path = str(tmp_path / "b.bitmap")
+    PersistentBitmap.create(path, 1 << 24, source_id="n", target_id="m", fill=False).close()
     os.chmod(path, 0o640)
     old = open(path, "rb")  # a rename leaves this open file's contents as they were
     try:
@@ -253,3 +260,170 @@ def test_create_replaces_existing_file_atomically_keeping_mode(tmp_path):
     got = doc_read(path)
     assert got["dirty"] == set(range(16)) and got["source"] == "n" and got["image_size"] == 1 << 20
     assert sorted(os.listdir(tmp_path)) == ["b.bitmap"]
+
+
+def test_new_file_is_0600_whatever_the_umask_and_rewrites_drop_group_write(tmp_path):
+    path = str(tmp_path / "b.bitmap")
+    old = os.umask(0)
+    try:
+        PersistentBitmap.create(path, 1 << 20, source_id="s", target_id="t", fill=False).close()
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        os.chmod(path, 0o666)  # as an older mirrorfs left it under umask 0
+        PersistentBitmap.open(path, size=1 << 20).close()
+        assert os.stat(path).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("what", ["image", "empty", "other-source", "other-target", "symlink",
+                                  "dangling-symlink", "directory", "fifo"])
+def test_create_refuses_anything_but_a_bitmap_of_the_same_job(tmp_path, what):
+    path = str(tmp_path / "x")
+    image = bytes(random.Random(1).randbytes(1 << 16))
+    victim = tmp_path / "victim.raw"
+    victim.write_bytes(image)
+    if what == "image":
+        victim = tmp_path / "x"
+        victim.write_bytes(image)
+    elif what == "empty":
+        open(path, "wb").close()
+    elif what in ("other-source", "other-target"):
+        src, tgt = ("/other", "/dst") if what == "other-source" else ("/src", "/other")
+        PersistentBitmap.create(path, 1 << 16, source_id=src, target_id=tgt, fill=False).close()
+    elif what == "symlink":
+        os.symlink(victim, path)
+    elif what == "dangling-symlink":
+        os.symlink(tmp_path / "nowhere", path)
+    elif what == "directory":
+        os.mkdir(path)
+    elif what == "fifo":
+        os.mkfifo(path)
+    before = {p: (os.lstat(tmp_path / p).st_ino, _digest(tmp_path / p) if (tmp_path / p).is_file()
+                  and what != "fifo" else None) for p in os.listdir(tmp_path)}
+    with pytest.raises(BitmapFormatError) as info:
+        PersistentBitmap.create(path, 1 << 16, source_id="/src", target_id="/dst", fill=True)
+    message = str(info.value)
+    assert "\n" not in message and path in message
+    expect = {"symlink": "is a symbolic link", "dangling-symlink": "is a symbolic link",
+              "directory": "not a regular file", "fifo": "not a regular file",
+              "other-source": "not of this job", "other-target": "not of this job"}
+    assert expect.get(what, "is not a valid mirrorfs bitmap: refusing to overwrite it") in message
+    after = {p: (os.lstat(tmp_path / p).st_ino, _digest(tmp_path / p) if (tmp_path / p).is_file()
+                 and what != "fifo" else None) for p in os.listdir(tmp_path)}
+    assert after == before  # nothing replaced, no temp file left
+    assert victim.read_bytes() == image
+
+
+def test_open_refuses_a_symlink(tmp_path):
+    path = _make(tmp_path)
+    link = str(tmp_path / "link")
+    os.symlink(path, link)
+    with pytest.raises(BitmapFormatError, match="is a symbolic link"):
+        PersistentBitmap.open(link, size=1 << 24)
+    assert os.path.islink(link)
+
+
+def test_ended_file_records_when_and_is_refused_unless_verified(tmp_path):
+    path = _make(tmp_path)
+    bm = PersistentBitmap.open(path, size=1 << 24)
+    before = time.time_ns()
+    bm.close(ended=True)
+    got = doc_read(path)
+    assert got["clean"] and got["ended"] and not got["pivoted"]
+    assert before <= got["ended_at"] <= time.time_ns()
+    digest = _digest(path)
+    with pytest.raises(BitmapFormatError, match="stopped recording when its job ended at 20..-..-..T"
+                                                ".*--verify-resync"):
+        PersistentBitmap.open(path, size=1 << 24)
+    assert _digest(path) == digest
+    again = PersistentBitmap.open(path, size=1 << 24, verify=True)
+    got = doc_read(path)  # in use again: recording, so no longer ended
+    assert not got["ended"] and got["ended_at"] == 0 and not got["clean"]
+    again.close()
+    PersistentBitmap.open(path, size=1 << 24).close()  # an unmount's close: resumable
+
+
+def test_pivoted_file_is_refused_even_for_a_verified_resync(tmp_path):
+    path = _make(tmp_path)
+    PersistentBitmap.open(path, size=1 << 24).close(pivoted=True)
+    assert doc_read(path)["ended"]
+    with pytest.raises(BitmapFormatError, match="ended by pivot at 20"):
+        PersistentBitmap.open(path, size=1 << 24, verify=True)
+
+
+def _to_version1(path: str) -> None:
+    """Rewrite a (clean, not ended) file as an older mirrorfs wrote it: version 1, no ended_at."""
+    data = bytearray(open(path, "rb").read())
+    struct.pack_into("<II", data, 8, 1, 2120)
+    data[2120:2136] = bytes(16)
+    struct.pack_into("<I", data, 64, 0)
+    struct.pack_into("<I", data, 64, zlib.crc32(data[:2120]))
+    open(path, "wb").write(data)
+
+
+def test_version1_files_are_read_and_a_clean_one_needs_a_verified_resync(tmp_path):
+    path = _make(tmp_path)
+    _to_version1(path)
+    header = decode_header(open(path, "rb").read())
+    assert header.version == 1 and header.clean and header.legacy_clean
+    with pytest.raises(BitmapFormatError, match="format version 1, which cannot tell"):
+        PersistentBitmap.open(path, size=1 << 24)
+    bm = PersistentBitmap.open(path, size=1 << 24, verify=True)
+    assert doc_read(path)["generation"] == 2  # upgraded to version 2 (doc_read asserts it)
+    bm.close(clean=False)
+    _to_version1(path)  # a crashed version 1 file: in use when it died, its bits are trusted
+    PersistentBitmap.open(path, size=1 << 24).close()
+
+
+@pytest.mark.parametrize("flags,ended_at", [(5, 0), (1, 12345)])
+def test_ended_flag_and_ended_at_must_agree(tmp_path, flags, ended_at):
+    path = _make(tmp_path)
+    _patch_header(path, 16, "<I", flags, fix_checksum=False)
+    _patch_header(path, 2120, "<Q", ended_at, fix_checksum=True)
+    with pytest.raises(BitmapFormatError, match="invalid header field ended_at"):
+        PersistentBitmap.open(path, size=1 << 24)
+
+
+def test_failed_ending_close_sets_every_bit(tmp_path, monkeypatch):
+    from mirrorfs.bitmap import persistent
+
+    path = _make(tmp_path)
+    bm = PersistentBitmap.open(path, size=1 << 24)
+
+    def failing_write(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(persistent, "atomic_write", failing_write)
+    with pytest.raises(BitmapFormatError, match="Input/output error.*every bit is set"):
+        bm.close(ended=True)
+    got = doc_read(path)
+    assert not got["clean"] and not got["ended"] and got["dirty"] == set(range(256))
+
+
+def test_a_shut_down_file_notes_the_image_ctime_and_a_resume_sees_later_writes(tmp_path):
+    image = tmp_path / "vm.raw"
+    image.write_bytes(bytes(1 << 16))
+    path = str(tmp_path / "b.bitmap")
+    src = str(image)
+    PersistentBitmap.create(path, 1 << 16, 4096, source_id=src, target_id="/t", fill=False).close()
+    assert doc_read(path)["source_ctime"] == os.stat(image).st_ctime_ns
+    PersistentBitmap.open(path, size=1 << 16, source_id=src).close()  # unchanged: resumes
+    time.sleep(0.01)
+    with open(image, "r+b") as f:  # a write while nothing recorded writes
+        f.write(b"x")
+    digest = _digest(path)
+    with pytest.raises(BitmapFormatError, match="changed after its job was stopped by an unmount"):
+        PersistentBitmap.open(path, size=1 << 16, source_id=src)
+    assert _digest(path) == digest
+    bm = PersistentBitmap.open(path, size=1 << 16, source_id=src, verify=True)
+    assert doc_read(path)["source_ctime"] == 0 and bm.count() == 16
+    bm.close(ended=True)
+    assert doc_read(path)["source_ctime"] == 0  # an ended file needs no ctime: it is never trusted
+
+
+def test_source_ctime_only_in_a_shut_down_file(tmp_path):
+    path = _make(tmp_path)
+    PersistentBitmap.open(path, size=1 << 24).close(ended=True)
+    _patch_header(path, 2128, "<Q", 12345, fix_checksum=True)
+    with pytest.raises(BitmapFormatError, match="invalid header field source_ctime"):
+        PersistentBitmap.open(path, size=1 << 24, verify=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -39,6 +40,8 @@ def make(tmp_path, name: str, *, marks=(), clears=(), close: str = "clean") -> s
         bm.close()
     elif close == "pivoted":
         bm.close(pivoted=True)
+    elif close == "ended":
+        bm.close(ended=True)
     else:
         bm.close(clean=False)
     return path
@@ -95,6 +98,34 @@ def test_pivoted_file_exits_0_and_says_restart_from_target(tmp_path):
                                "restart from the target")
 
 
+def test_ended_file_exits_1_even_with_no_bit_set(tmp_path):
+    path = make(tmp_path, "ended.bitmap", marks=[(0, 10)], clears=[(0, G)], close="ended")
+    r = run_cli(path)
+    assert r.returncode == 1, r.stderr
+    out = r.stdout.splitlines()
+    assert "dirty clusters: 0" in out
+    assert any(re.fullmatch(r"ended:          yes, at 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ \(writes "
+                            r"after this time are not recorded\)", line) for line in out), out
+    assert re.fullmatch(rf"ended: its job ended at 20\S+Z \(0 bytes differed then\) and writes since are not recorded, so the "
+                        rf"target may differ anywhere; resync with --sync dirty --bitmap {path} "
+                        rf"--verify-resync \(compares every cluster\)", out[-1]), out
+    info = json.loads(run_cli(path, "--json").stdout)
+    assert info["ended"] is True and info["ended-at"].endswith("Z") and info["ended-at-ns"] > 0
+    assert info["version"] == 2 and info["exit-code"] == 1
+
+
+def test_clean_version1_file_cannot_be_called_clean(tmp_path):
+    from test_bitmap_format import _to_version1
+
+    path = make(tmp_path, "old.bitmap", close="clean")
+    _to_version1(path)  # as an older mirrorfs wrote it
+    r = run_cli(path, "--json")
+    assert r.returncode == 1, r.stderr
+    info = json.loads(r.stdout)
+    assert info["version"] == 1 and info["ended"] is False and info["dirty-bytes"] == 0
+    assert info["verdict"].startswith("unknown: a version 1 file cannot tell whether its job ended")
+
+
 def test_many_ranges_are_capped(tmp_path):
     path = make(tmp_path, "many.bitmap", marks=[(i * 2 * G, 1) for i in range(40)])
     r = run_cli(path)
@@ -119,7 +150,7 @@ def _damage(path: str, how: str) -> None:
     elif how == "cluster-count":
         struct.pack_into("<Q", data, 32, 7)
         struct.pack_into("<I", data, 64, 0)
-        struct.pack_into("<I", data, 64, zlib.crc32(data[:2120]))
+        struct.pack_into("<I", data, 64, zlib.crc32(data[:2136]))
     elif how == "tail-bit":
         data[-1] |= 0x80
     open(path, "wb").write(data)
@@ -132,7 +163,7 @@ def _damage(path: str, how: str) -> None:
                     "--bitmap file the job was started with"),
     ("bad-checksum", "header checksum mismatch"),
     ("size-mismatch", "is longer than its header says: 8208 bytes, expected 4112"),
-    ("header-only", "is truncated (1000 bytes, the header alone is 2120)"),
+    ("header-only", "is truncated (1000 bytes, the header alone is 2136)"),
     ("cluster-count", "invalid header field cluster_count: 7, but an image of 6557696 bytes at "
                       "granularity 65536 has 101"),
     ("tail-bit", "bits past the last cluster (101) are set"),

@@ -174,12 +174,15 @@ def test_bitmap_inspect_clean_dirty_and_invalid(mounted: Mount, tmp_path: Path) 
     bitmap, target = tmp_path / "a.bitmap", tmp_path / "a-target.img"
     ok(mounted, "mirror", m, "a.img", target, "--create", "--bitmap", bitmap)
     wait_ready(mounted, "a.img")
-    ok(mounted, "complete", m, "a.img", "--no-pivot")
-    assert target.read_bytes() == data
-    out = ok(mounted, "bitmap", "inspect", bitmap)
+    out = ok(mounted, "bitmap", "inspect", bitmap)  # a ready job with nothing dirty
     assert "clean: the target is identical to the source" in out
     info = json.loads(ok(mounted, "bitmap", "inspect", bitmap, "--json"))
     assert info["dirty-bytes"] == 0 and info["exit-code"] == 0
+    ok(mounted, "complete", m, "a.img", "--no-pivot")
+    assert target.read_bytes() == data
+    # Completed: identical then, but no longer recording writes (exit 1).
+    r = mounted.cli("bitmap", "inspect", bitmap, check=False)
+    assert r.returncode == 1 and "ended: its job ended at" in r.stdout, (r.returncode, r.stdout, r.stderr)
 
     # Interrupted before ready: the file says what is left to do (exit 1).
     dirty_bitmap = tmp_path / "b.bitmap"
@@ -187,7 +190,7 @@ def test_bitmap_inspect_clean_dirty_and_invalid(mounted: Mount, tmp_path: Path) 
        "--speed", "64K", "--buf-size", "256K")
     ok(mounted, "cancel", m, "a.img", "--force")
     r = mounted.cli("bitmap", "inspect", dirty_bitmap, check=False)
-    assert r.returncode == 1 and "dirty:" in r.stdout and r.stderr == "", (r.returncode, r.stdout, r.stderr)
+    assert r.returncode == 1 and "bytes differed then" in r.stdout and r.stderr == "", (r.returncode, r.stdout, r.stderr)
     info = json.loads(mounted.cli("bitmap", "inspect", dirty_bitmap, "--json", check=False).stdout)
     assert 0 < info["dirty-bytes"] <= len(data)
 

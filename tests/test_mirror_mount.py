@@ -314,8 +314,9 @@ def test_sync_mode_none_mirrors_new_writes_only(mounted: Mount, tmp_path: Path) 
 
 
 def test_sync_mode_dirty_finishes_interrupted_jobs(mounted: Mount, tmp_path: Path) -> None:
-    """Jobs with --bitmap are interrupted (cancel --force mid-copy), then restarted with
-    ``--sync dirty --bitmap FILE``: they copy only what was left and end identical."""
+    """Jobs with --bitmap are interrupted (cancel --force mid-copy, after which the bitmap records
+    that it stopped recording), then restarted with ``--sync dirty --bitmap FILE
+    --verify-resync``: they copy only the clusters that differ and end identical."""
     size = 8 * MiB
     images = _images(mounted, size, 40)
     for name, _ in images:
@@ -330,12 +331,15 @@ def test_sync_mode_dirty_finishes_interrupted_jobs(mounted: Mount, tmp_path: Pat
         proc = mounted.cli("bitmap", "inspect", tmp_path / f"{name}.bitmap", check=False)
         assert proc.returncode == 1, proc.stdout + proc.stderr
     for name, source in images:
+        refused = mounted.cli("mirror", mounted.mountpoint, name, tmp_path / f"t-{name}", "--sync",
+                              "dirty", "--bitmap", tmp_path / f"{name}.bitmap", check=False)
+        assert refused.returncode == 2 and "stopped recording when its job ended" in refused.stderr
         mounted.cli("mirror", mounted.mountpoint, name, tmp_path / f"t-{name}", "--sync", "dirty",
-                    "--bitmap", tmp_path / f"{name}.bitmap")
+                    "--bitmap", tmp_path / f"{name}.bitmap", "--verify-resync")
     for (name, source), ending in zip(images, ENDINGS):
         entry = wait_ready(mounted, name)
-        done = entry["__org.mirrorfs_copied-bytes"] + entry["__org.mirrorfs_zeroed-bytes"]
-        assert 0 < done < size, entry  # only the remaining work
+        copied = entry["__org.mirrorfs_copied-bytes"]
+        assert 0 < copied < size and entry["__org.mirrorfs_verified-equal-bytes"] > 0, entry
         _end_and_check(mounted, name, ending, source, tmp_path / f"t-{name}")
 
 
@@ -755,8 +759,15 @@ def test_resume_after_unmount_with_sync_dirty_and_bitmap_clean_after_complete(mo
     mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
     assert_identical(source, target)
     assert read_at(target, 7654321, 22222) == b"\x82" * 22222
-    clean = mounted.cli("bitmap", "inspect", bitmap, check=False)
-    assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
+    assert_ended_with_no_dirty_bit(mounted, bitmap)
+
+
+def assert_ended_with_no_dirty_bit(mount: Mount, bitmap: Path) -> None:
+    """After ``complete --no-pivot`` the target was identical, but the job no longer records
+    writes: ``inspect`` says the bitmap ended (exit 1), not clean."""
+    report = mount.cli("bitmap", "inspect", bitmap, check=False)
+    assert report.returncode == 1, report.stdout + report.stderr
+    assert "dirty clusters: 0" in report.stdout and "ended: its job ended at" in report.stdout, report.stdout
 
 
 def test_resume_after_the_daemon_is_killed_mid_copy(mounted: Mount, tmp_path: Path) -> None:
@@ -789,8 +800,7 @@ def test_resume_after_the_daemon_is_killed_mid_copy(mounted: Mount, tmp_path: Pa
     mounted.cli("complete", mounted.mountpoint, name, "--no-pivot")
     assert_identical(source, target)
     assert read_at(target, 5555555, 77777) == b"\x91" * 77777
-    clean = mounted.cli("bitmap", "inspect", bitmap, check=False)
-    assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
+    assert_ended_with_no_dirty_bit(mounted, bitmap)
 
 
 def _switch_points(src: bytes, initial: bytes, writes: list[tuple[int, bytes]], torn_ok: bool) -> list[int]:
@@ -954,8 +964,7 @@ def test_unmount_while_stopped_on_a_full_target_then_resume_with_the_bitmap(moun
         mount.cli("complete", mount.mountpoint, name, "--no-pivot")
         assert_identical(source, target)
         assert read_at(target, 1234567, 89012) == b"\x5c" * 89012
-        clean = mount.cli("bitmap", "inspect", bitmap, check=False)
-        assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout
+        assert_ended_with_no_dirty_bit(mount, bitmap)
     assert not problems, problems
 
 

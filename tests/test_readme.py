@@ -45,13 +45,14 @@ EXPECT: dict[str, list[str]] = {
     "vm-migration": [r"mirroring vm\.raw to \S+/new-storage/vm\.raw",
                      r"completed vm\.raw: the mount now serves the target", r"no jobs"],
     "nbd-replication": [r"db\.raw\s+running", r"db\.raw\s+ready", r"Images are identical\.",
-                        r"clean: the target is identical to the source"],
+                        r"clean: the target is identical to the source",
+                        r"ended: its job ended at .*\n.*exit 1"],
     "control-files": [r"no jobs", r"vm\.raw\s+ready", r"refused: the job has ended",
                       r"mirror vm\.raw \S+ create=true.*ok",
                       r"complete vm\.raw pivot=false.*ok",
                       r"pause vm\.raw.*error", r"backup/vm\.raw is identical"],
     "crash-recipe": [r"dirty: finish the interrupted job", r"Images are identical\.",
-                     r"clean: the target is identical to the source"],
+                     r"ended: its job ended at .*\n.*exit 1"],
 }
 
 

@@ -8,7 +8,8 @@
 - Crash: the mount process is SIGKILLed mid-replication with a writer running; ``bitmap inspect``
   says dirty (exit 1); after remounting, ``--sync dirty`` sends at most the dirty bytes plus one
   buf-size (the job's own counters) and the result is identical. After ``complete --no-pivot``
-  and a SIGKILL, ``inspect`` says clean (exit 0) and the files are identical.
+  and a SIGKILL, ``inspect`` says the job ended with no dirty bit (exit 1: later writes would not
+  be recorded) and the files are identical.
 """
 
 from __future__ import annotations
@@ -219,9 +220,11 @@ def test_sigkill_mid_replication_then_resync_dirty(mount_factory: Any, tmp_path:
             mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
             assert_identical(source, served)
 
-            # the management-crash decision: a completed copy then SIGKILL reads as clean
+            # the management-crash decision: a completed copy then SIGKILL reads as ended with
+            # nothing dirty (the target equalled the source when the job ended); the ended
+            # bitmap resumes only as a verified resync
             mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri, "--sync", "dirty",
-                      "--bitmap", bitmap)
+                      "--bitmap", bitmap, "--verify-resync")
             with qmp(mount) as client:
                 wait_ready(client, "vm.raw")
             with open(mount.mountpoint / "vm.raw", "r+b", buffering=0) as f:
@@ -232,7 +235,8 @@ def test_sigkill_mid_replication_then_resync_dirty(mount_factory: Any, tmp_path:
             mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
             _sigkill_mount(mount)
             code, info = _inspect(bitmap)
-            assert code == 0 and info["dirty-bytes"] == 0 and not info["pivoted"], info
+            assert code == 1 and info["dirty-bytes"] == 0 and not info["pivoted"], info
+            assert info["ended"] and info["ended-at"], info
             assert_identical(source, served)
         finally:
             if writer is not None:

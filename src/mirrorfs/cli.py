@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create", action="store_true",
                    help="create the target file (sparse, the image's size); without it the target "
                         "must exist and be at least as large as the image")
+    p.add_argument("--verify-resync", action="store_true",
+                   help="compare every cluster of image and target, copying those that differ "
+                        "(needed to resume from a bitmap whose job ended)")
     p.add_argument("--copy-mode", default="background", choices=COPY_MODES,
                    help="how writes reach the target: " + _choices_help(COPY_MODES, COPY_MODE_HELP, "background"))
     p.add_argument("--on-target-error", default="report", choices=ERROR_POLICIES,

@@ -1,7 +1,9 @@
 """Codec of the persistent bitmap file format (``docs/bitmap-format.md``): pure, no I/O.
 
 The file is a 4096-byte header block followed by the bits. The header is one little-endian
-``struct`` (:data:`HEADER_STRUCT`), zero padded to ``bits_offset``; the bits are
+``struct`` (:data:`HEADER_STRUCT`; version 1 files lack the trailing ``ended_at`` and
+``source_ctime``), zero padded to
+``bits_offset``; the bits are
 ``ceil(clusters / 64) * 8`` bytes where bit ``i`` of byte ``j`` is cluster ``8j + i``.
 
 Everything that decides whether a file may be trusted lives here, so that ``open`` and
@@ -14,6 +16,7 @@ and the consistency of every field; :func:`check_file_size` the length of the fi
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import struct
 import zlib
 from dataclasses import dataclass
@@ -22,7 +25,10 @@ from ..errors import BitmapFormatError, UsageError
 from ..units import format_size
 
 MAGIC = b"MFSBITMP"
-VERSION = 1
+#: the version written. Version 1 lacked ENDED: a reader of version 1 refuses version 2 files,
+#: so an older mirrorfs can never read an ended bitmap as clean.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 #: where the bits start: one page, so they can be mapped (and msync'ed) on their own pages.
 BITS_OFFSET = 4096
 #: bytes of each identity field (UTF-8, NUL padded; at most IDENTITY_SIZE - 1 bytes of text).
@@ -30,12 +36,16 @@ IDENTITY_SIZE = 1024
 
 FLAG_CLEAN = 1 << 0  # the file was closed cleanly
 FLAG_PIVOTED = 1 << 1  # the job ended by pivot: the target is the live image
-KNOWN_FLAGS = FLAG_CLEAN | FLAG_PIVOTED
+FLAG_ENDED = 1 << 2  # the job ended (any way): writes after ended_at are not recorded
+KNOWN_FLAGS = {1: FLAG_CLEAN | FLAG_PIVOTED, 2: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED}
 
 # magic, version, header_size, flags, granularity_bits, image_size, cluster_count, generation,
-# bits_offset, bits_length, checksum, reserved, source_id, target_id
-HEADER_STRUCT = struct.Struct(f"<8sIIII QQQ QQ II {IDENTITY_SIZE}s{IDENTITY_SIZE}s")
-HEADER_SIZE = HEADER_STRUCT.size  # 2120
+# bits_offset, bits_length, checksum, reserved, source_id, target_id, then (version 2) ended_at,
+# source_ctime
+HEADER_STRUCT = struct.Struct(f"<8sIIII QQQ QQ II {IDENTITY_SIZE}s{IDENTITY_SIZE}s QQ")
+HEADER_SIZE = HEADER_STRUCT.size  # 2136
+V1_HEADER_SIZE = HEADER_SIZE - 16  # 2120: no ended_at, no source_ctime
+HEADER_SIZES = {1: V1_HEADER_SIZE, 2: HEADER_SIZE}
 CHECKSUM_OFFSET = 64
 assert HEADER_SIZE <= BITS_OFFSET
 
@@ -60,10 +70,14 @@ class BitmapHeader:
         granularity: bytes per cluster (power of two, 4 KiB..64 MiB).
         source_id: identity of the source (the engine writes the source image's absolute path).
         target_id: identity of the target (absolute path of a local target, or its NBD URI).
-        flags: FLAG_CLEAN | FLAG_PIVOTED.
+        flags: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED.
         generation: bumped every time the file is opened for use.
-        version: format version (1).
+        version: format version (2; 1 for a file written by an older mirrorfs).
         bits_offset: where the bits start.
+        ended_at: when the job ended (ns since the Unix epoch), 0 unless FLAG_ENDED.
+        source_ctime: the source image's ctime (ns) when an unmount closed the file, so that a
+            resume can tell whether anything wrote to the image since; 0 if unknown or not shut
+            down.
     """
 
     image_size: int
@@ -74,6 +88,8 @@ class BitmapHeader:
     generation: int = 0
     version: int = VERSION
     bits_offset: int = BITS_OFFSET
+    ended_at: int = 0
+    source_ctime: int = 0
 
     @property
     def clusters(self) -> int:
@@ -98,6 +114,16 @@ class BitmapHeader:
     @property
     def pivoted(self) -> bool:
         return bool(self.flags & FLAG_PIVOTED)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.flags & FLAG_ENDED)
+
+    @property
+    def legacy_clean(self) -> bool:
+        """A clean version 1 file: it cannot say whether its job ended (and stopped recording)
+        or the mount was only shut down, so it is not trusted as a resume point."""
+        return self.version == 1 and self.clean and not self.pivoted
 
     def replace(self, **changes: object) -> "BitmapHeader":
         """A copy with some fields changed."""
@@ -125,13 +151,19 @@ def encode_header(header: BitmapHeader) -> bytes:
         raise UsageError(f"invalid granularity {g}: must be a power of two from 4K to 64M")
     if header.image_size < 0:
         raise UsageError(f"invalid image size {header.image_size}")
-    if header.flags & ~KNOWN_FLAGS:
+    if header.version != VERSION:
+        raise UsageError(f"mirrorfs writes bitmap format version {VERSION}, not {header.version}")
+    if header.flags & ~KNOWN_FLAGS[VERSION]:
         raise UsageError(f"unknown flag bits {header.flags:#x}")
+    if header.ended != bool(header.ended_at):
+        raise UsageError("ended_at must be set exactly when the ENDED flag is")
+    if header.source_ctime and (header.ended or not header.clean):
+        raise UsageError("source_ctime belongs to a file closed as shut down (clean, not ended)")
     fields = (MAGIC, header.version, HEADER_SIZE, header.flags, g.bit_length() - 1,
               header.image_size, header.clusters, header.generation, header.bits_offset,
               header.bits_length, 0, 0,
               _encode_identity(header.source_id, "source"),
-              _encode_identity(header.target_id, "target"))
+              _encode_identity(header.target_id, "target"), header.ended_at, header.source_ctime)
     raw = bytearray(HEADER_STRUCT.pack(*fields))
     struct.pack_into("<I", raw, CHECKSUM_OFFSET, zlib.crc32(raw))
     return bytes(raw) + bytes(header.bits_offset - HEADER_SIZE)
@@ -170,15 +202,21 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
         raise BitmapFormatError(f"bitmap {name} is truncated ({len(data)} bytes, the header alone is "
                                 f"{HEADER_SIZE}): the file is damaged; start a new job with --sync full")
     version = struct.unpack_from("<I", data, 8)[0]
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise BitmapFormatError(f"bitmap {name} has format version {version}; this mirrorfs reads "
-                                f"version {VERSION}: use the mirrorfs release that wrote it")
-    if len(data) < HEADER_SIZE:
+                                f"versions {' and '.join(map(str, READABLE_VERSIONS))}: use the "
+                                f"mirrorfs release that wrote it")
+    size = HEADER_SIZES[version]
+    if len(data) < size:
         raise BitmapFormatError(f"bitmap {name} is truncated ({len(data)} bytes, the header alone is "
-                                f"{HEADER_SIZE}): the file is damaged; start a new job with --sync full")
+                                f"{size}): the file is damaged; start a new job with --sync full")
+    if version == 1:
+        fields = HEADER_STRUCT.unpack(bytes(data[:V1_HEADER_SIZE]) + bytes(16))
+    else:
+        fields = HEADER_STRUCT.unpack_from(data)
     (_, _, header_size, flags, gbits, image_size, clusters, generation, bits_offset, bits_length,
-     checksum, reserved, src, tgt) = HEADER_STRUCT.unpack_from(data)
-    raw = bytearray(data[:HEADER_SIZE])
+     checksum, reserved, src, tgt, ended_at, source_ctime) = fields
+    raw = bytearray(data[:size])
     struct.pack_into("<I", raw, CHECKSUM_OFFSET, 0)
     computed = zlib.crc32(raw)
     if checksum != computed:
@@ -190,10 +228,15 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
         return BitmapFormatError(f"bitmap {name}: invalid header field {field}: {why}; the file is "
                                  f"corrupt or not written by mirrorfs; start a new job with --sync full")
 
-    if header_size != HEADER_SIZE:
-        raise bad("header_size", f"{header_size}, expected {HEADER_SIZE} for version {VERSION}")
-    if flags & ~KNOWN_FLAGS:
-        raise bad("flags", f"unknown bits {flags & ~KNOWN_FLAGS:#x}")
+    if header_size != size:
+        raise bad("header_size", f"{header_size}, expected {size} for version {version}")
+    if flags & ~KNOWN_FLAGS[version]:
+        raise bad("flags", f"unknown bits {flags & ~KNOWN_FLAGS[version]:#x}")
+    if bool(flags & FLAG_ENDED) != bool(ended_at):
+        raise bad("ended_at", f"{ended_at}, but the ENDED flag is "
+                              f"{'set' if flags & FLAG_ENDED else 'clear'}")
+    if source_ctime and (flags & FLAG_ENDED or not flags & FLAG_CLEAN):
+        raise bad("source_ctime", f"{source_ctime}, but the file is not closed as shut down")
     if not _MIN_GRAN_BITS <= gbits <= _MAX_GRAN_BITS:
         raise bad("granularity_bits", f"{gbits}, expected {_MIN_GRAN_BITS}..{_MAX_GRAN_BITS}")
     granularity = 1 << gbits
@@ -210,7 +253,8 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
     return BitmapHeader(image_size=image_size, granularity=granularity,
                         source_id=_decode_identity(src, "source", name),
                         target_id=_decode_identity(tgt, "target", name),
-                        flags=flags, generation=generation, version=version, bits_offset=bits_offset)
+                        flags=flags, generation=generation, version=version, bits_offset=bits_offset,
+                        ended_at=ended_at, source_ctime=source_ctime)
 
 
 def check_file_size(header: BitmapHeader, file_size: int, *, name: str = "file") -> None:
@@ -251,14 +295,6 @@ def check_match(header: BitmapHeader, *, size: int, granularity: int | None = No
     Raises:
         BitmapFormatError: a field differs; the message says which and what to do.
     """
-    if header.image_size != size:
-        raise BitmapFormatError(
-            f"bitmap {name} is for an image of {header.image_size} bytes, but the image has {size} "
-            f"bytes: use the bitmap made for this image, or start a new job with --sync full")
-    if granularity is not None and header.granularity != granularity:
-        raise BitmapFormatError(
-            f"bitmap {name} has granularity {header.granularity}, but {granularity} was asked for: "
-            f"omit --granularity to use the bitmap's, or start a new job with --sync full")
     if source_id is not None and header.source_id != source_id:
         raise BitmapFormatError(
             f"bitmap {name} was made for source {header.source_id!r}, not {source_id!r}: use the "
@@ -267,3 +303,76 @@ def check_match(header: BitmapHeader, *, size: int, granularity: int | None = No
         raise BitmapFormatError(
             f"bitmap {name} was made for target {header.target_id!r}, not {target_id!r}: mirror to "
             f"the target the bitmap belongs to, or start a new job with --sync full")
+    if header.image_size != size:
+        raise BitmapFormatError(
+            f"bitmap {name} is for an image of {header.image_size} bytes, but the image has {size} "
+            f"bytes: use the bitmap made for this image, or start a new job with --sync full")
+    if granularity is not None and header.granularity != granularity:
+        raise BitmapFormatError(
+            f"bitmap {name} has granularity {header.granularity}, but {granularity} was asked for: "
+            f"omit --granularity to use the bitmap's, or start a new job with --sync full")
+
+
+def format_time(ns: int) -> str:
+    """An ``ended_at`` value as an ISO 8601 UTC time, to the second."""
+    when = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_not_pivoted(header: BitmapHeader, *, name: str = "file") -> None:
+    """Refuse a pivoted file, even for a verified resync: the target holds the newer data, and a
+    resync from the old source would overwrite it. Checked before the identities: after a pivot
+    the image is served from the target, so its identity no longer matches either.
+
+    Raises:
+        BitmapFormatError: the job ended by pivot.
+    """
+    if header.pivoted:
+        when = f" at {format_time(header.ended_at)}" if header.ended_at else ""
+        raise BitmapFormatError(
+            f"bitmap {name} records that its job ended by pivot{when}: the target is the live image "
+            f"and the source is older; start a new job (--sync full) with a new bitmap")
+
+
+def check_resumable(header: BitmapHeader, *, verify: bool, name: str = "file") -> None:
+    """Refuse to resume (``--sync dirty``) from a bitmap whose bits no longer cover every write.
+
+    An ended file (and a clean version 1 file, which cannot tell) is accepted only for a verified
+    resync, which compares every cluster.
+
+    Raises:
+        BitmapFormatError: the file cannot be resumed from; the message says what to do.
+    """
+    check_not_pivoted(header, name=name)
+    if verify:
+        return
+    if header.ended:
+        raise BitmapFormatError(
+            f"bitmap {name} stopped recording when its job ended at {format_time(header.ended_at)}: "
+            f"later writes are not in it; resume with --verify-resync (compares every cluster) "
+            f"or start a new job with --sync full")
+    if header.legacy_clean:
+        raise BitmapFormatError(
+            f"bitmap {name} has format version 1, which cannot tell whether its job ended and "
+            f"stopped recording: resume with --verify-resync (compares every cluster) or start a "
+            f"new job with --sync full")
+
+
+def check_source_unchanged(header: BitmapHeader, ctime: int | None, *, verify: bool,
+                           name: str = "file") -> None:
+    """Refuse to resume from a shut-down file when the image changed after the unmount: nothing
+    recorded those writes (a mount that served the image before the job was restarted, a write
+    behind the mount).
+
+    Args:
+        ctime: the source image's ctime now (ns), None if it cannot be read.
+
+    Raises:
+        BitmapFormatError: the image's ctime is not the one recorded at the unmount.
+    """
+    if verify or not header.source_ctime or ctime == header.source_ctime:
+        return
+    raise BitmapFormatError(
+        f"bitmap {name}: the image {header.source_id} changed after its job was stopped by an "
+        f"unmount (its ctime differs), and nothing recorded those writes; resume with "
+        f"--verify-resync (compares every cluster) or start a new job with --sync full")

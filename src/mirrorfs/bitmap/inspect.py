@@ -5,7 +5,9 @@ may run it while a job holds the bitmap (it then sees a "not clean" file, which 
 over-approximation).
 
 Exit codes (SPEC): 0 clean (target identical to source) or pivoted (target is the live image),
-1 dirty, 2 invalid or unreadable (a :class:`BitmapFormatError`, printed by ``cli.py``).
+1 dirty, or not to be trusted as it stands (its job ended, so later writes are missing; a version 1
+file that cannot tell), 2 invalid or unreadable (a :class:`BitmapFormatError`, printed by
+``cli.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..units import format_size
+from .format import format_time
 from .memory import _WORD_DTYPE, DirtyBitmap
 from .persistent import is_in_use, read_bitmap_file
 
@@ -28,6 +31,23 @@ VERDICT_CLEAN = "clean: the target is identical to the source"
 VERDICT_PIVOTED = "pivoted: the target is the live image and holds every write; restart from the target"
 UNCLEAN_NOTE = "not shut down cleanly: set bits are still trustworthy (they over-approximate)"
 IN_USE_NOTE = "a running job holds this bitmap: the verdict is a snapshot and will change"
+ENDED_NOTE = "writes after this time are not recorded"
+
+
+def _verdict(header: Any, bm: DirtyBitmap, path: str) -> tuple[str, int]:
+    if header.pivoted:
+        return VERDICT_PIVOTED, 0
+    if header.ended:
+        return (f"ended: its job ended at {format_time(header.ended_at)} ({bm.dirty_bytes()} bytes "
+                f"differed then) and writes since are not recorded, so the target may differ "
+                f"anywhere; resync with --sync dirty --bitmap {path} --verify-resync (compares every "
+                f"cluster)", 1)
+    if header.legacy_clean:
+        return (f"unknown: a version 1 file cannot tell whether its job ended; resync with --sync "
+                f"dirty --bitmap {path} --verify-resync (compares every cluster)", 1)
+    if bm.count() == 0:
+        return VERDICT_CLEAN, 0
+    return f"dirty: {bm.dirty_bytes()} bytes differ; restart with --sync dirty --bitmap {path}", 1
 
 
 def inspect_file(path: str) -> dict[str, Any]:
@@ -49,12 +69,7 @@ def inspect_file(path: str) -> dict[str, Any]:
             break
         ranges.append({"offset": off, "length": length})
     dirty_bytes = bm.dirty_bytes()
-    if header.pivoted:
-        verdict, code = VERDICT_PIVOTED, 0
-    elif bm.count() == 0:
-        verdict, code = VERDICT_CLEAN, 0
-    else:
-        verdict, code = (f"dirty: {dirty_bytes} bytes differ; restart with --sync dirty --bitmap {path}", 1)
+    verdict, code = _verdict(header, bm, path)
     return {
         "file": path,
         "version": header.version,
@@ -69,6 +84,9 @@ def inspect_file(path: str) -> dict[str, Any]:
         "clean-shutdown": header.clean,
         "in-use": is_in_use(path),
         "pivoted": header.pivoted,
+        "ended": header.ended,
+        "ended-at": format_time(header.ended_at) if header.ended else None,
+        "ended-at-ns": header.ended_at if header.ended else None,
         "source": header.source_id,
         "target": header.target_id,
         "generation": header.generation,
@@ -96,6 +114,8 @@ def format_report(info: dict[str, Any]) -> str:
             lines.append("  ...")
     lines.append("clean shutdown: " + ("yes" if info["clean-shutdown"] else f"no ({UNCLEAN_NOTE})"))
     lines.append("pivoted:        " + ("yes" if info["pivoted"] else "no"))
+    lines.append("ended:          " + (f"yes, at {info['ended-at']} ({ENDED_NOTE})" if info["ended"]
+                                       else "no"))
     lines.append("in use:         " + (f"yes ({IN_USE_NOTE})" if info["in-use"] else "no"))
     lines.append(f"source:         {info['source']}")
     lines.append(f"target:         {info['target']}")
@@ -111,7 +131,7 @@ def cli_inspect(args: argparse.Namespace) -> int:
         args: ``file`` and ``json`` from the parser.
 
     Returns:
-        0 clean or pivoted, 1 dirty.
+        0 clean or pivoted, 1 dirty or ended.
 
     Raises:
         BitmapFormatError: the file is unreadable or invalid (the CLI exits 2).

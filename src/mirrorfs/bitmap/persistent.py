@@ -26,8 +26,11 @@ Threading: every method except :meth:`flush` and :meth:`statistics` belongs to o
 engine's trio thread). ``flush`` may be called from worker threads concurrently: callers whose
 changes another caller's msync already covered return without a second msync (group commit).
 
-Header updates (open: not clean + generation bump; close: clean/pivoted flags) rewrite the whole
-file as temp file → fsync → rename → fsync of the directory, so a crash never leaves a torn header.
+Header updates (open: not clean + generation bump; close: clean/pivoted/ended flags) rewrite the
+whole file as temp file → fsync → rename → fsync of the directory, so a crash never leaves a torn
+header. The file is never reached through a symbolic link, is created exclusively (mode 0600) and
+replaces only a bitmap of the same source and target: ``--bitmap`` naming an image or any other
+file must not destroy it.
 
 One job at a time: while open, the file is held with ``flock(LOCK_EX)``. Because every header
 update replaces the inode, the new file is locked before it is renamed into place, and an opener
@@ -42,7 +45,10 @@ import fcntl
 import logging
 import mmap
 import os
+import secrets
+import stat
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -62,38 +68,72 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, chunks: list[bytes | memoryview], *, keep_locked: bool = False) -> int | None:
-    """Replace ``path`` by a file holding ``chunks``: temp file, fsync, rename, fsync directory.
+#: mode of a new bitmap file: anyone who may write it can clear bits and fake "clean".
+FILE_MODE = 0o600
 
-    An existing file's permission bits are kept. On any failure the temp file is removed and
+
+def _mode_for(path: str) -> int:
+    """The permission bits a rewrite of ``path`` gets: its own, never group/other-writable (a
+    file written by an older mirrorfs under umask 0 is tightened), 0600 for a new file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return FILE_MODE
+    return st.st_mode & 0o7755 if stat.S_ISREG(st.st_mode) else FILE_MODE
+
+
+def _still_names(path: str, fd: int) -> bool:
+    try:
+        return os.path.samestat(os.lstat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
+def atomic_write(path: str, chunks: list[bytes | memoryview], *, keep_locked: bool = False,
+                 replacing: int | None = None) -> int | None:
+    """Put a file holding ``chunks`` at ``path``: temp file, fsync, rename/link, fsync directory.
+
+    Never follows a symbolic link and never clobbers a file it was not told about: with
+    ``replacing=None`` the path must not exist (the new file is linked into place, which fails
+    if anything appeared there); otherwise ``replacing`` is a descriptor of the file the path
+    must still name right before the rename. On any failure the temp file is removed and
     ``path`` is untouched.
 
     Args:
-        path: the file to replace.
+        path: the file to create or replace.
         chunks: its new contents.
         keep_locked: lock the new file (``flock(LOCK_EX)``) before it becomes visible and return
             its read-write descriptor instead of closing it.
+        replacing: an open descriptor of the file now at ``path``, or None to create.
 
     Raises:
+        FileExistsError: creating, and ``path`` exists.
+        BitmapFormatError: replacing, and ``path`` no longer names that file.
         OSError: the write, fsync or rename failed.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
+                                  f"{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
+    mode = _mode_for(path) if replacing is not None else FILE_MODE
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
         if keep_locked:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows this inode yet
-        try:
-            os.fchmod(fd, os.stat(path).st_mode & 0o7777)
-        except FileNotFoundError:
-            pass
+        os.fchmod(fd, mode)  # whatever the umask
         for chunk in chunks:
             view = memoryview(chunk)
             while len(view):
                 view = view[os.write(fd, view):]
         os.fsync(fd)
-        os.replace(tmp, path)
+        if replacing is None:
+            os.link(tmp, path)  # fails on anything at path, a dangling symlink included
+            os.unlink(tmp)
+        else:
+            if not _still_names(path, replacing):
+                raise BitmapFormatError(f"bitmap {path} was replaced by another file meanwhile: "
+                                        f"left it untouched")
+            os.replace(tmp, path)
     except BaseException:
         os.close(fd)
         try:
@@ -120,33 +160,39 @@ def _in_use_error(path: str) -> BitmapFormatError:
 def lock_existing(path: str, *, missing_ok: bool = False) -> int | None:
     """Open ``path`` and take its exclusive lock, making sure the path still names that inode.
 
+    Refuses a symbolic link (every header update renames over the path, which would replace the
+    link and leave the file it names stale) and anything but a regular file.
+
     Returns:
         the locked descriptor, or None if the file does not exist and ``missing_ok``.
 
     Raises:
-        BitmapFormatError: the file is locked by a job, or cannot be opened.
+        BitmapFormatError: the file is locked by a job, a link, not a regular file, or cannot be
+            opened.
     """
     for _ in range(10):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO planted at the path must not hang
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             if missing_ok:
                 return None
             raise BitmapFormatError(f"cannot read bitmap {path}: No such file or directory") from None
-        except IsADirectoryError:
-            raise BitmapFormatError(f"cannot read bitmap {path}: it is a directory") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BitmapFormatError(f"bitmap {path} is a symbolic link: give the path of the "
+                                        f"file itself") from None
             raise BitmapFormatError(f"cannot read bitmap {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BitmapFormatError(f"bitmap {path} is not a regular file: give the path of a "
+                                    f"bitmap file (or of a new one to create)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise _in_use_error(path) from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _still_names(path, fd):
             return fd
         os.close(fd)  # replaced between open and lock: look again
     raise _in_use_error(path)
@@ -184,11 +230,15 @@ def read_bitmap_file(path: str, *, fd: int | None = None) -> tuple[fmt.BitmapHea
     own = fd is None
     if fd is None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not hang
         except OSError as exc:
             raise BitmapFormatError(f"cannot read bitmap {path}: {exc.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise BitmapFormatError(f"cannot read bitmap {path}: it is {what}")
+        size = st.st_size
         head = os.pread(fd, fmt.BITS_OFFSET, 0)
         header = fmt.decode_header(head, name=path)
         fmt.check_file_size(header, size, name=path)  # before reading: never read absurd files
@@ -211,6 +261,29 @@ def read_bitmap_file(path: str, *, fd: int | None = None) -> tuple[fmt.BitmapHea
                                  offset=header.bits_offset + 8 * (header.words - 1))[0])
         fmt.check_tail_bits(header, last, name=path)
     return header, bytes(data)
+
+
+def _ctime(source: str) -> int | None:
+    """The ctime (ns) of the source image file, None if it cannot be read."""
+    if not source.startswith("/"):
+        return None
+    try:
+        return os.stat(source).st_ctime_ns
+    except (OSError, ValueError):
+        return None
+
+
+def _check_replaceable(path: str, fd: int, *, source_id: str, target_id: str) -> None:
+    """Refuse to replace anything but a valid bitmap of the same source and target."""
+    try:
+        header, _ = read_bitmap_file(path, fd=fd)
+    except BitmapFormatError:
+        raise BitmapFormatError(f"{path} exists and is not a valid mirrorfs bitmap: refusing to "
+                                f"overwrite it; give --bitmap a new path") from None
+    if (header.source_id, header.target_id) != (source_id, target_id):
+        raise BitmapFormatError(f"{path} is the bitmap of {header.source_id!r} to "
+                                f"{header.target_id!r}, not of this job: refusing to overwrite "
+                                f"it; give --bitmap a new path")
 
 
 class ClearToken:
@@ -251,18 +324,24 @@ class PersistentBitmap(DirtyBitmap):
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, granularity: int = DEFAULT_GRANULARITY, *,
                source_id: str, target_id: str, fill: bool) -> "PersistentBitmap":
-        """Write a new bitmap file atomically (replacing any file at ``path``) and open it.
+        """Write a new bitmap file (mode 0600) and open it.
+
+        The file is created exclusively. An existing file is replaced (atomically) only if it is a
+        valid mirrorfs bitmap of the same source and target, not in use; anything else at
+        ``path`` is refused and left untouched.
 
         Args:
             path: where the file goes.
             size: image size in bytes.
             granularity: bytes per cluster.
-            source_id: identity of the source (the engine: the source image's absolute path).
-            target_id: identity of the target (its absolute path or NBD URI).
+            source_id: identity of the source (the engine: the source image's canonical path).
+            target_id: identity of the target (its canonical path or NBD URI).
             fill: set every bit (a full job's whole remaining work); else all clear.
 
         Raises:
             UsageError: bad granularity, size or identity, or the file cannot be written.
+            BitmapFormatError: something else is at ``path`` (a file that is no bitmap, the
+                bitmap of another image or target, a link, a bitmap in use).
         """
         path = os.fspath(path)
         check_granularity(granularity)
@@ -278,7 +357,12 @@ class PersistentBitmap(DirtyBitmap):
             _set_range(bits, 0, header.clusters)
         old = lock_existing(path, missing_ok=True)  # never replace the file of a running job
         try:
-            fd = atomic_write(path, [head, bits.data], keep_locked=True)
+            if old is not None:
+                _check_replaceable(path, old, source_id=source_id, target_id=target_id)
+            fd = atomic_write(path, [head, bits.data], keep_locked=True, replacing=old)
+        except FileExistsError:
+            raise BitmapFormatError(f"bitmap {path} appeared while it was being created: left it "
+                                    f"untouched; give --bitmap a new path") from None
         except OSError as exc:
             raise UsageError(f"cannot create bitmap {path}: {exc.strerror}") from None
         finally:
@@ -289,10 +373,12 @@ class PersistentBitmap(DirtyBitmap):
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, size: int, granularity: int | None = None,
-             source_id: str | None = None, target_id: str | None = None) -> "PersistentBitmap":
+             source_id: str | None = None, target_id: str | None = None,
+             verify: bool = False) -> "PersistentBitmap":
         """Open an existing bitmap file for use by a job.
 
-        Marks the file not clean and bumps its generation (atomically) before returning.
+        Marks the file not clean (and no longer ended) and bumps its generation (atomically)
+        before returning.
 
         Args:
             path: the bitmap file.
@@ -300,28 +386,38 @@ class PersistentBitmap(DirtyBitmap):
             granularity: if given, must equal the file's.
             source_id: if given, must equal the file's source identity.
             target_id: if given, must equal the file's target identity.
+            verify: the job compares every cluster (a verified resync), so a file whose job
+                ended is accepted too; every bit is set.
 
         Raises:
-            BitmapFormatError: unreadable, truncated, corrupt, mismatched, or recording a pivot
-                (its job is over: the target became the live image).
+            BitmapFormatError: unreadable, truncated, corrupt, mismatched, recording a pivot
+                (the target became the live image) or, without ``verify``, recording that its
+                job ended (later writes are not in it).
         """
         path = os.fspath(path)
         old = lock_existing(path)
         try:
             header, data = read_bitmap_file(path, fd=old)
+            fmt.check_not_pivoted(header, name=path)
             fmt.check_match(header, size=size, granularity=granularity, source_id=source_id,
                             target_id=target_id, name=path)
-            if header.pivoted:
-                raise BitmapFormatError(
-                    f"bitmap {path} records that its job ended by pivot: the target is the live image "
-                    f"and the source is older; start a new job (--sync full) with a new bitmap")
+            fmt.check_resumable(header, verify=verify, name=path)
+            fmt.check_source_unchanged(header, _ctime(header.source_id), verify=verify, name=path)
             if not header.clean:
                 log.info("bitmap %s was not shut down cleanly (generation %d): its set bits are still "
                          "trustworthy (they over-approximate)", path, header.generation)
-            new = header.replace(flags=0, generation=header.generation + 1)
+            new = header.replace(flags=0, generation=header.generation + 1, version=fmt.VERSION,
+                                 ended_at=0, source_ctime=0)
+            bits: memoryview = memoryview(data)[header.bits_offset:]
+            if verify:
+                # Every cluster is to be compared: written with the header in one atomic step, so
+                # the file never says "recording" with the bits of an ended job.
+                every = np.zeros(header.words, dtype=_WORD_DTYPE)
+                _set_range(every, 0, header.clusters)
+                bits = every.data
             try:
-                fd = atomic_write(path, [fmt.encode_header(new), memoryview(data)[header.bits_offset:]],
-                                  keep_locked=True)
+                fd = atomic_write(path, [fmt.encode_header(new), bits],
+                                  keep_locked=True, replacing=old)
             except OSError as exc:
                 raise BitmapFormatError(f"cannot update bitmap {path}: {exc.strerror}") from None
         finally:
@@ -510,7 +606,8 @@ class PersistentBitmap(DirtyBitmap):
         bits = _grown(np.array(self._file), header.words)
         with self._flush_lock:
             try:
-                fd = atomic_write(self.path, [fmt.encode_header(header), bits.data], keep_locked=True)
+                fd = atomic_write(self.path, [fmt.encode_header(header), bits.data], keep_locked=True,
+                                  replacing=self._lock_fd)
             except OSError as exc:
                 raise BitmapFormatError(f"cannot grow bitmap {self.path}: {exc.strerror}") from None
             assert fd is not None
@@ -550,15 +647,18 @@ class PersistentBitmap(DirtyBitmap):
             self._synced_seq = seq
             self._stats["flushes"] += 1
 
-    def close(self, *, clean: bool = True, pivoted: bool = False) -> None:
-        """msync, then rewrite the header with the clean (and pivoted) flag, fsync'ed.
+    def close(self, *, clean: bool = True, pivoted: bool = False, ended: bool = False) -> None:
+        """msync, then rewrite the header with the clean, pivoted and ended flags, fsync'ed.
 
         Commits no pending clear: the engine commits after its own target flush. Idempotent.
-        With ``clean=False`` and ``pivoted=False`` the header stays "not clean".
+        With no flag the header stays "not clean".
 
         Args:
             clean: the job stopped in order (every write so far is recorded).
             pivoted: the job ended by pivot: the target is the live image and holds every write.
+            ended: the job ended (cancel, complete, failure, pivot): from now on writes are not
+                recorded; the header says so and when. Not for an unmount, after which the job
+                resumes from the file.
         """
         if self._closed:
             return
@@ -566,16 +666,27 @@ class PersistentBitmap(DirtyBitmap):
             try:
                 self._mm.flush()
                 self._synced_seq = self._mod_seq
-                flags = (fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
+                ended = ended or pivoted
+                flags = ((fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
+                         | (fmt.FLAG_ENDED if ended else 0))
                 if flags:
-                    header = self.header.replace(flags=flags)
+                    # shut down (a resume point): note the image's ctime, so that a resume sees
+                    # writes made while nothing recorded them
+                    ctime = _ctime(self.header.source_id) if clean and not ended else None
+                    header = self.header.replace(flags=flags, ended_at=time.time_ns() if ended else 0,
+                                                 source_ctime=ctime or 0)
                     bits = self._mm[self.header.bits_offset:self.header.file_size]
                     try:
-                        fd = atomic_write(self.path, [fmt.encode_header(header), bits], keep_locked=True)
-                    except OSError as exc:
+                        fd = atomic_write(self.path, [fmt.encode_header(header), bits], keep_locked=True,
+                                          replacing=self._lock_fd)
+                    except (OSError, BitmapFormatError) as exc:
+                        if ended:
+                            self._set_every_file_bit()
+                        reason = getattr(exc, "strerror", None) or str(exc)
                         raise BitmapFormatError(
-                            f"cannot update bitmap {self.path}: {exc.strerror}; it stays marked not "
-                            f"clean (its bits are still valid)") from None
+                            f"cannot update bitmap {self.path}: {reason}; it stays marked not "
+                            f"clean" + ("; every bit is set, as the job no longer records writes"
+                                        if ended else " (its bits are still valid)")) from None
                     assert fd is not None
                     os.close(self._lock_fd)  # the old inode is released once the new one is in place
                     self._lock_fd = fd
@@ -589,6 +700,15 @@ class PersistentBitmap(DirtyBitmap):
                 self._file = self._file.copy()
                 self._file.flags.writeable = False
                 self._mm.close()  # also drops the lock (the mapping holds a dup of the descriptor)
+
+    def _set_every_file_bit(self) -> None:
+        """The header cannot say that recording stopped: make the bits say "copy everything", so
+        the file still never claims less than the truth (best effort: stores and an msync)."""
+        try:
+            _set_range(self._file, 0, self.clusters)
+            self._mm.flush()
+        except (OSError, ValueError):
+            log.warning("bitmap %s: cannot set its bits either; do not resume from it", self.path)
 
     @property
     def closed(self) -> bool:

@@ -161,6 +161,8 @@ def mirror_arguments(args: argparse.Namespace) -> dict[str, Any]:
         arguments["bitmap"] = os.path.abspath(args.bitmap)
     elif args.sync == "dirty":
         raise UsageError("--sync dirty copies the clusters set in a bitmap: give it with --bitmap FILE")
+    if getattr(args, "verify_resync", False):
+        arguments["verify-resync"] = True
     if args.job_id is not None:
         if not args.job_id:
             raise UsageError("empty --job-id")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from ..errors import MirrorfsError, UsageError
 
 MIRROR_KEYS = {"sync", "granularity", "bitmap", "speed", "buf-size", "create", "copy-mode",
-               "on-target-error", "job-id"}
+               "on-target-error", "job-id", "verify-resync"}
 MAX_LINE = 64 * 1024
 HISTORY = 50
 
@@ -71,7 +71,7 @@ def parse_command(line: str) -> tuple[str, dict]:
             raise UsageError("usage: mirror IMAGE TARGET [key=value ...]")
         args: dict[str, Any] = {"device": positional[0], "target": positional[1]}
         for key, value in options.items():
-            args[key] = _bool(key, value) if key == "create" else value
+            args[key] = _bool(key, value) if key in ("create", "verify-resync") else value
         return "drive-mirror", args
     if command in ("complete", "cancel"):
         flag, default = ("pivot", True) if command == "complete" else ("force", False)

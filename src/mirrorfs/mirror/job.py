@@ -93,7 +93,7 @@ class MirrorJob:
         #: that waited at the closed gate during the pivot still come through this job.
         self.successor: Any = None
         self.stats = {"copied-bytes": 0, "zeroed-bytes": 0, "duplicated-bytes": 0,
-                      "skipped-duplicates": 0, "conflicts": 0}
+                      "skipped-duplicates": 0, "conflicts": 0, "verified-equal-bytes": 0}
         granularity = params.granularity
         chunk = max(granularity, min(MAX_CHUNK, params.buf_size // COPIES_PER_BUF))
         self.chunk_size = chunk - chunk % granularity
@@ -152,6 +152,9 @@ class MirrorJob:
                     await self._finish_failed(message or "job failed")
                 nursery.cancel_scope.cancel()
         finally:
+            # However the task ended, writes are no longer recorded from here on; a no-op when
+            # an ending (or an unmount's stop) already closed the bitmap.
+            self._close_bitmap(clean=True, ended=True)
             self._detach()
             self._ended.set()
 
@@ -638,6 +641,8 @@ class MirrorJob:
             if self._all_zero(buf, length):
                 await self.target.write_zeroes(offset, length)
                 self.stats["zeroed-bytes"] += length
+            elif self.params.verify_resync:
+                await self._write_differing(offset, bytes(view))
             else:
                 # Targets use the buffer only until pwrite returns (NBDClient.pwrite's contract).
                 await self.target.pwrite(offset, view)
@@ -645,6 +650,29 @@ class MirrorJob:
         finally:
             if len(buf) == self.chunk_size:
                 buffers.append(buf)
+
+    async def _write_differing(self, offset: int, data: bytes) -> None:
+        """A verified resync: write only the clusters whose target bytes differ from ``data``."""
+        current = await self.target.pread(offset, len(data))
+        if current == data:
+            self.stats["verified-equal-bytes"] += len(data)
+            return
+        g = self.params.granularity
+        pos, run_start = 0, None
+        while pos <= len(data):
+            step = min(g - (offset + pos) % g, len(data) - pos)
+            differs = step > 0 and data[pos:pos + step] != current[pos:pos + step]
+            if differs and run_start is None:
+                run_start = pos
+            elif not differs and run_start is not None:
+                await self.target.pwrite(offset + run_start, data[run_start:pos])
+                self.stats["copied-bytes"] += pos - run_start
+                run_start = None
+            if step == 0:
+                break
+            if not differs:
+                self.stats["verified-equal-bytes"] += step
+            pos += step
 
     def _all_zero(self, buf: bytearray, length: int) -> bool:
         """Whether ``buf[:length]`` is all zeroes (bytes comparisons are one memcmp that stops at
@@ -837,7 +865,7 @@ class MirrorJob:
         """
         self.finished = True
         self._detach_node()
-        self._close_bitmap(clean=True, pivoted=pivoted)
+        self._close_bitmap(clean=True, pivoted=pivoted, ended=True)
         self._set_status("concluded")
         event = "BLOCK_JOB_COMPLETED" if kind == "completed" else "BLOCK_JOB_CANCELLED"
         data = self._event_data()
@@ -850,11 +878,13 @@ class MirrorJob:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    def _close_bitmap(self, *, clean: bool, pivoted: bool = False) -> None:
+    def _close_bitmap(self, *, clean: bool, pivoted: bool = False, ended: bool = False) -> None:
+        """Close a persistent bitmap; ``ended``: the job ended (not an unmount), so the file must
+        say that it stopped recording."""
         close = getattr(self.bitmap, "close", None)
         if close is not None:
             try:
-                close(clean=clean, pivoted=pivoted)
+                close(clean=clean, pivoted=pivoted, ended=ended)
             except MirrorfsError as exc:  # a bitmap that cannot be closed stays marked unclean
                 log.warning("job %s: closing bitmap: %s", self.id, exc)
 
@@ -866,7 +896,7 @@ class MirrorJob:
             self.finished = True
             self._detach_node()
             self.io_status = self.io_status if self.io_status != "ok" else "failed"
-            self._close_bitmap(clean=True)
+            self._close_bitmap(clean=True, ended=True)
             self._set_status("concluded")
             data = self._event_data()
             data["error"] = message

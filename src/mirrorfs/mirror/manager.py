@@ -123,19 +123,24 @@ class JobManager:
                 raise UsageError(f"image {params.image!r} is empty: there is nothing to mirror")
             target = await self._open_target(params, size, like=source_stat)
             try:
-                bitmap, params = self._make_bitmap(params, node, target, size)
+                # In a thread: it resolves paths (canonical identities) and fsyncs the file.
+                bitmap, params = await trio.to_thread.run_sync(
+                    self._make_bitmap, params, node, target, size)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await target.close()
                 raise
-            job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit)
-            self.jobs[params.job_id] = job
-            self._claims[job] = dict(claims)
+            job: MirrorJob | None = None
             try:
+                job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit)
+                self.jobs[params.job_id] = job
+                self._claims[job] = dict(claims)
                 await self._nursery.start(self._run_job, job)
             except BaseException:
                 self.jobs.pop(params.job_id, None)
-                self._claims.pop(job, None)
+                if job is not None:
+                    self._claims.pop(job, None)
+                close_unstarted_bitmap(bitmap, params)
                 raise
             log.info("job %s: mirroring %s to %s (sync %s)", job.id, params.image,
                      target.description, params.sync)
@@ -265,29 +270,39 @@ class JobManager:
     def _make_bitmap(self, params: MirrorParams, node: Any, target: Target, size: int
                      ) -> tuple[Any, MirrorParams]:
         """The job's initial work: every cluster (full), the allocated extents (top), the
-        interrupted job's bitmap (dirty) or nothing (none)."""
+        interrupted job's bitmap (dirty; every cluster with verify-resync) or nothing (none).
+
+        Blocking (paths, fsync): runs in a worker thread. A persistent bitmap it opened is closed
+        again if anything after the open fails.
+        """
         from ..bitmap.memory import DirtyBitmap
         from ..bitmap.persistent import PersistentBitmap
 
-        if params.sync == "dirty":
-            assert params.bitmap is not None
-            if not os.path.exists(params.bitmap):
-                raise UsageError(f"bitmap {params.bitmap!r} does not exist")
-            bitmap = PersistentBitmap.open(params.bitmap, size=size)
-            return bitmap, dataclasses.replace(params, granularity=bitmap.granularity)
-        if params.bitmap is not None:
-            if not os.path.isdir(os.path.dirname(params.bitmap)):
-                raise UsageError(f"bitmap directory {os.path.dirname(params.bitmap)!r} does not exist")
-            bitmap = PersistentBitmap.create(
-                params.bitmap, size, params.granularity, source_id=node.backing_path,
-                target_id=target.description, fill=params.sync == "full")
-        else:
+        if params.bitmap is None:
             bitmap = DirtyBitmap(size, params.granularity)
-            if params.sync == "full":
+        else:
+            source_id, target_id = bitmap_identities(node.backing_path, target)
+            if params.sync == "dirty":
+                if not os.path.lexists(params.bitmap):
+                    raise UsageError(f"bitmap {params.bitmap!r} does not exist")
+                bitmap = PersistentBitmap.open(params.bitmap, size=size, source_id=source_id,
+                                               target_id=target_id, verify=params.verify_resync)
+                params = dataclasses.replace(params, granularity=bitmap.granularity)
+            else:
+                if not os.path.isdir(os.path.dirname(params.bitmap)):
+                    raise UsageError(f"bitmap directory {os.path.dirname(params.bitmap)!r} does not exist")
+                bitmap = PersistentBitmap.create(params.bitmap, size, params.granularity,
+                                                 source_id=source_id, target_id=target_id,
+                                                 fill=params.sync == "full")
+        try:
+            if params.sync == "full" and bitmap.volatile:
                 bitmap.set_all()
-        if params.sync == "top":
-            for offset, length in allocated_extents(node.backing_path, size):
-                bitmap.mark(offset, length)
+            elif params.sync == "top":
+                for offset, length in allocated_extents(node.backing_path, size):
+                    bitmap.mark(offset, length)
+        except BaseException:
+            close_unstarted_bitmap(bitmap, params)
+            raise
         return bitmap, params
 
     # ------------------------------------------------------------------ simple commands
@@ -432,6 +447,38 @@ class JobManager:
             for job in list(self.jobs.values()):
                 with trio.move_on_after(10):
                     await job.wait_ended()
+
+
+def bitmap_identities(source_path: str, target: Target) -> tuple[str, str]:
+    """The source and target identities a persistent bitmap records: canonical, so that another
+    spelling of the same image or target matches and nothing else does.
+
+    The source is the image file's real path; a local target its real path; an NBD target its
+    URI as parsed (default port filled in, a UNIX socket's real path). Blocking: resolves paths.
+    """
+    address = getattr(target, "address", None)
+    if address is None:
+        target_id = os.path.realpath(target.description)
+    elif address.socket_path:
+        target_id = dataclasses.replace(address, socket_path=os.path.realpath(address.socket_path)).uri
+    else:
+        target_id = address.uri
+    return os.path.realpath(source_path), target_id
+
+
+def close_unstarted_bitmap(bitmap: Any, params: MirrorParams) -> None:
+    """Release the bitmap of a job that failed to start (its lock would be held until exit).
+
+    A resumed file goes back to what it said (no job recorded anything into it); a new file
+    records that its job ended, so a later --sync dirty does not trust its partial work.
+    """
+    close = getattr(bitmap, "close", None)
+    if close is None:
+        return
+    try:
+        close(clean=True, ended=params.sync != "dirty")
+    except MirrorfsError as exc:
+        log.warning("closing bitmap of a job that did not start: %s", exc)
 
 
 def allocated_extents(path: str, size: int) -> list[tuple[int, int]]:

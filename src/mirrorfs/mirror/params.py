@@ -60,19 +60,22 @@ class MirrorParams:
     create: bool = False
     copy_mode: str = "background"
     on_target_error: str = "report"
+    #: compare every cluster of source and target instead of trusting the bitmap (copy those that
+    #: differ): the way to resume from a bitmap whose job ended
+    verify_resync: bool = False
 
     @classmethod
     def from_arguments(cls, args: Mapping[str, Any]) -> "MirrorParams":
         """Validate QMP-style arguments (QEMU names: ``device``, ``target``, ``sync``, ``mode``,
-        ``buf-size``, ``copy-mode``, ``on-target-error``, ``job-id``, plus ``bitmap`` and
-        ``create``).
+        ``buf-size``, ``copy-mode``, ``on-target-error``, ``job-id``, plus ``bitmap``, ``create``
+        and ``verify-resync``).
 
         Raises:
             UsageError: a missing, unknown or malformed argument.
         """
         known = {"device", "target", "sync", "granularity", "bitmap", "speed", "buf-size", "mode",
                  "create", "copy-mode", "on-target-error", "job-id", "format", "on-source-error",
-                 "unmap", "auto-finalize", "auto-dismiss"}
+                 "unmap", "auto-finalize", "auto-dismiss", "verify-resync"}
         unknown = sorted(set(args) - known)
         if unknown:
             raise UsageError(f"unknown parameter {unknown[0]!r} for mirror")
@@ -102,6 +105,12 @@ class MirrorParams:
         create = args.get("create", mode == "absolute-paths")
         if not isinstance(create, bool):
             raise UsageError("parameter 'create' must be true or false")
+        verify = args.get("verify-resync", False)
+        if not isinstance(verify, bool):
+            raise UsageError("parameter 'verify-resync' must be true or false")
+        if verify and sync not in ("dirty", "full"):
+            raise UsageError(f"verify-resync compares every cluster: it goes with sync 'dirty' or "
+                             f"'full', not {sync!r}")
         copy_mode = _choice(args, "copy-mode", COPY_MODES, "background")
         policy = _choice(args, "on-target-error", ERROR_POLICIES, "report")
         job_id = args.get("job-id", image)
@@ -112,7 +121,7 @@ class MirrorParams:
             raise UsageError("mirrorfs mirrors bytes: the only target format is 'raw'")
         return cls(image=image, target=target, job_id=job_id, sync=sync, granularity=granularity,
                    bitmap=bitmap, speed=speed, buf_size=buf_size, create=create,
-                   copy_mode=copy_mode, on_target_error=policy)
+                   copy_mode=copy_mode, on_target_error=policy, verify_resync=verify)
 
     @property
     def is_nbd(self) -> bool:
