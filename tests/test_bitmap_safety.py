@@ -225,21 +225,28 @@ def test_a_bitmap_whose_job_ended_is_not_trusted_and_a_verified_resync_is_exact(
     assert not problems, problems
 
 
-def test_a_pivoted_bitmap_is_refused_even_for_a_verified_resync(mounted: Mount, tmp_path: Path) -> None:
+def test_a_pivoted_bitmap_is_refused_even_for_a_verified_resync(mount_factory: Callable[..., Mount],
+                                                                 tmp_path: Path) -> None:
+    # After a pivot the target is the newer disk: resuming the old job on the old storage (a
+    # later mount of the same source directory) would copy the stale source over it.
     name = "pv.raw"
-    make_image(mounted.source / name, 2 * MiB, 5)
+    first = mount_factory()
+    make_image(first.source / name, 2 * MiB, 5)
     target = tmp_path / "pv-target.raw"
     bitmap = tmp_path / "pv.bitmap"
-    mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--bitmap", bitmap)
-    wait_ready(mounted, name)
-    mounted.cli("complete", mounted.mountpoint, name)
-    code, info, _ = inspect(mounted, bitmap)
+    first.cli("mirror", first.mountpoint, name, target, "--create", "--bitmap", bitmap)
+    wait_ready(first, name)
+    first.cli("complete", first.mountpoint, name)
+    assert not first.close()
+    code, info, _ = inspect(first, bitmap)
     assert code == 0 and info["pivoted"] and info["ended"], info
-    before = digest(bitmap)
-    err = refused(mounted, "mirror", mounted.mountpoint, name, target, "--sync", "dirty", "--bitmap",
+    before, target_before = digest(bitmap), digest(target)
+    again = mount_factory(source=first.source, mountpoint=first.mountpoint)
+    err = refused(again, "mirror", again.mountpoint, name, target, "--sync", "dirty", "--bitmap",
                   bitmap, "--verify-resync")
     assert "ended by pivot at" in err, err
-    assert digest(bitmap) == before
+    assert digest(bitmap) == before and digest(target) == target_before
+    assert jobs(again) == []
 
 
 # ---------------------------------------------------------------------------- start failure
