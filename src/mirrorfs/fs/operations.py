@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -147,6 +148,17 @@ class Operations(pyfuse3.Operations):
     def nodes(self) -> Iterator[ImageNode]:
         """Every ``ImageNode`` currently known (looked up or open)."""
         return iter(list(self._nodes.values()))
+
+    def time_requests(self, timed: Callable[[str, Any], Any]) -> None:
+        """Serve every request type through ``timed(name, handler)`` from now on (``--metrics``).
+
+        pyfuse3 looks each handler up on this object per request, so the instance attributes set
+        here take over, and a mount without metrics pays nothing for them.
+        """
+        for name in dir(pyfuse3.Operations):
+            handler = getattr(self, name)
+            if not name.startswith("_") and inspect.iscoroutinefunction(handler):
+                setattr(self, name, timed(name, handler))
 
     def handle(self, fh: int) -> OpenHandle:
         """The ``OpenHandle`` for a FUSE file handle.
