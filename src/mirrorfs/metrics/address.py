@@ -24,21 +24,27 @@ def parse_listen_address(text: str) -> tuple[str, int]:
         if not sep or not rest.startswith(":"):
             raise ValueError(f"{text!r} is not HOST:PORT: {_USAGE}")
         host, port_text = inside, rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address: {_USAGE}") from None
+        if not _is_ipv6(host):
+            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address: {_USAGE}")
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host:
             raise ValueError(f"{text!r} is not HOST:PORT: {_USAGE}")
-        if ":" in host:
+        if ":" in host and _is_ipv6(host):
             raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9464")
         if not _HOSTNAME.match(host):
             raise ValueError(f"{host!r} in {text!r} is not a host name or IPv4 address: {_USAGE}")
     if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} in {text!r} is not a number from 1 to 65535")
     return host, int(port_text)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_address(host: str, port: int) -> str:

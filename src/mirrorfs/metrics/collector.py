@@ -77,8 +77,9 @@ def public_target(target: str) -> str:
     netloc = host if port is None else f"{host}:{port}"
     query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
              if k in _PUBLIC_QUERY_KEYS]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path,
-                                    urllib.parse.urlencode(query, safe="/"), ""))
+    # Not urlunsplit: it drops the empty authority of nbd+unix:///EXPORT.
+    encoded = urllib.parse.urlencode(query, safe="/")
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{encoded}" if encoded else "")
 
 
 @dataclasses.dataclass(frozen=True)
