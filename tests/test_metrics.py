@@ -6,6 +6,7 @@ the example alert rules and scrape configuration checked by ``promtool``."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import re
@@ -24,10 +25,12 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mirrorfs.fs.operations import ROOT_INODE, Operations
+from pyfuse3 import FUSEError
+
+from mirrorfs.fs.operations import ROOT_INODE, Operations, _guard
 from mirrorfs.metrics.address import parse_listen_address
 from mirrorfs.metrics.collector import MountCollector, MountSnapshot, ScrapeError, public_target
-from mirrorfs.metrics.requests import BUCKET_BOUNDS, RequestStats
+from mirrorfs.metrics.requests import BOUNDS_NS, BUCKET_BOUNDS, SLOT_OF, RequestStats
 from mounting import Mount, daemon_pids, is_mounted, mirrorfs_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,30 +118,44 @@ def test_target_label_has_no_credentials(target: str, public: str) -> None:
 
 # ---------------------------------------------------------------------------- request counters
 
-async def test_timed_handlers_count_and_bucket_every_request() -> None:
+def test_a_duration_lands_in_the_first_bucket_whose_bound_is_not_below_it() -> None:
+    def slot(ns: int) -> int:
+        return SLOT_OF[(ns - 1).bit_length()]
+
+    assert BOUNDS_NS[0] == 8192 and BOUNDS_NS[-1] == 1 << 33
+    for ns in (0, 1, 8191, 8192, 8193, 10_000, 1_000_000, (1 << 33) - 1, 1 << 33, (1 << 33) + 1, 1 << 62):
+        expected = next((i for i, bound in enumerate(BOUNDS_NS) if ns <= bound), len(BOUNDS_NS))
+        assert slot(ns) == expected, ns
+
+
+async def test_timed_guard_counts_and_buckets_every_request(caplog: pytest.LogCaptureFixture) -> None:
     stats = RequestStats()
 
-    async def handler(delay: float, fail: bool) -> str:
+    async def handler(delay: float, error: Exception | None) -> str:
         await trio.sleep(delay)
-        if fail:
-            raise OSError("failed request")
+        if error is not None:
+            raise error
         return "reply"
 
-    timed = stats.timed("read", handler)
-    assert await timed(0, False) == "reply"
-    assert await timed(0.003, False) == "reply"
-    with pytest.raises(OSError):
-        await timed(0, True)
+    timed = _guard(handler, stats.timing("read"))
+    assert await timed(0, None) == "reply"
+    assert await timed(0.05, None) == "reply"
+    with pytest.raises(FUSEError) as failed:
+        await timed(0, OSError(errno.ENOSPC, "full"))
+    assert failed.value.errno == errno.ENOSPC
+    with pytest.raises(FUSEError) as bug, caplog.at_level(logging.ERROR):
+        await timed(0, KeyError("bug"))
+    assert bug.value.errno == errno.EIO and "BUG in FUSE handler handler" in caplog.text
     op = stats.snapshot()["read"]
-    assert op.count == 3 and len(op.buckets) == len(BUCKET_BOUNDS) + 1
-    slow = sum(op.buckets[BUCKET_BOUNDS.index(0.0025) + 1:])
-    assert slow == 1 and 0.003 <= op.sum_ns / 1e9 < 1
+    assert op.count == 4 and len(op.buckets) == len(BUCKET_BOUNDS) + 1
+    slow = sum(count for bound, count in zip((*BUCKET_BOUNDS, float("inf")), op.buckets) if bound >= 0.05)
+    assert slow >= 1 and 0.05 <= op.sum_ns / 1e9 < 10
 
 
 async def test_time_requests_routes_every_request_type(tmp_path: Path) -> None:
     ops = Operations(str(tmp_path))
     stats = RequestStats()
-    ops.time_requests(stats.timed)
+    ops.time_requests(stats)
     await ops.getattr(ROOT_INODE)
     await ops.statfs(None)
     snap = stats.snapshot()

@@ -1,35 +1,45 @@
 """Per-operation FUSE request counts and latency histograms, cheap enough for every request.
 
-A timed request costs one ``perf_counter_ns`` pair, one ``bisect`` over the bucket bounds and two
-integer additions; prometheus-client's ``Counter``/``Histogram`` (a lock and float arithmetic per
-call) never run on the request path. The collector turns the integers into metric families only
-when Prometheus scrapes. The counters are written and snapshotted on the mount's trio thread only,
-so they need no lock.
+A timed request costs one ``perf_counter_ns`` pair, a table look-up of the bucket by the bit
+length of the duration, and two integer additions, inside the guard every handler has anyway
+(``fs/operations.py``); prometheus-client's ``Counter``/``Histogram`` never run on the request
+path. The collector turns the integers into metric families only when Prometheus scrapes. The
+counters are written and snapshotted on the mount's trio thread only, so they need no lock.
 
-Latency is the time mirrorfs's handler took (from the call to the reply), not the kernel's round
-trip.
+The buckets are powers of two nanoseconds (8.192 µs, 16.384 µs, ... 8.59 s): the bucket of a
+duration is its bit length, with no search. Latency is the time mirrorfs's handler took (from
+the call to the reply), not the kernel's round trip.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import functools
-import time
-from typing import Any, Awaitable, Callable
 
-Handler = Callable[..., Awaitable[Any]]
+#: The smallest and largest bucket bounds, as powers of two nanoseconds: requests take from a few
+#: microseconds (served inline) to seconds (a write waiting for a pivot or a slow source).
+FIRST_BOUND_BITS = 13
+LAST_BOUND_BITS = 33
+BOUNDS_NS = tuple(1 << bits for bits in range(FIRST_BOUND_BITS, LAST_BOUND_BITS + 1))
+#: The same in seconds, as the histogram's ``le`` labels.
+BUCKET_BOUNDS = tuple(ns / 1e9 for ns in BOUNDS_NS)
+#: ``SLOT_OF[(ns - 1).bit_length()]``: the bucket of a duration of ``ns`` nanoseconds (the first
+#: bound >= ns; ``len(BOUNDS_NS)`` for longer than every bound).
+SLOT_OF = tuple(min(max(0, bits - FIRST_BOUND_BITS), len(BOUNDS_NS)) for bits in range(65))
 
-#: Upper bounds (seconds) of the latency buckets: requests take from a few microseconds (served
-#: inline) to seconds (a write waiting for a pivot or a slow source).
-BUCKET_BOUNDS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Where the guard of one operation adds its requests: ``buckets[SLOT_OF[...]] += 1`` and
+    ``total[0] += ns``."""
+
+    buckets: list[int]
+    total: list[int]
 
 
 @dataclasses.dataclass(frozen=True)
 class OperationSnapshot:
-    """One operation's histogram: ``buckets[i]`` requests took at most ``bounds[i]`` but more than
-    ``bounds[i-1]``; the last entry counts those slower than every bound."""
+    """One operation's histogram: ``buckets[i]`` requests took at most ``BUCKET_BOUNDS[i]`` but
+    more than the bound before; the last entry counts those slower than every bound."""
 
     buckets: tuple[int, ...]
     sum_ns: int
@@ -40,40 +50,20 @@ class OperationSnapshot:
 
 
 class RequestStats:
-    """Counts and times every request of one mount, per FUSE operation.
+    """The request histograms of one mount, per FUSE operation."""
 
-    Args:
-        bounds: the bucket upper bounds in seconds, increasing.
-    """
+    bounds = BUCKET_BOUNDS
 
-    def __init__(self, bounds: tuple[float, ...] = BUCKET_BOUNDS) -> None:
-        self.bounds = tuple(bounds)
-        self._bounds_ns = [round(b * 1e9) for b in self.bounds]
-        #: operation -> (bucket counts, [sum of durations in ns])
-        self._ops: dict[str, tuple[list[int], list[int]]] = {}
+    def __init__(self) -> None:
+        self._ops: dict[str, Timing] = {}
 
-    def timed(self, name: str, handler: Handler) -> Handler:
-        """``handler`` (a bound request handler), counted and timed under ``name``."""
-        buckets = [0] * (len(self._bounds_ns) + 1)
-        total = [0]
-        self._ops[name] = (buckets, total)
-        bounds_ns = self._bounds_ns
-        clock = time.perf_counter_ns
-        slot = bisect.bisect_left
-
-        @functools.wraps(handler)
-        async def timed_handler(*args: Any) -> Any:
-            start = clock()
-            try:
-                return await handler(*args)
-            finally:
-                elapsed = clock() - start
-                buckets[slot(bounds_ns, elapsed)] += 1
-                total[0] += elapsed
-
-        return timed_handler
+    def timing(self, name: str) -> Timing:
+        """The counters of operation ``name`` (created at 0, listed from now on)."""
+        timing = self._ops.get(name)
+        if timing is None:
+            timing = self._ops[name] = Timing([0] * (len(BOUNDS_NS) + 1), [0])
+        return timing
 
     def snapshot(self) -> dict[str, OperationSnapshot]:
         """A copy of every operation's histogram (call on the thread that serves the requests)."""
-        return {name: OperationSnapshot(tuple(buckets), total[0])
-                for name, (buckets, total) in self._ops.items()}
+        return {name: OperationSnapshot(tuple(t.buckets), t.total[0]) for name, t in self._ops.items()}

@@ -136,5 +136,5 @@ def serve_mount(service: Any, address: tuple[str, int]) -> MetricsServer:
 
     server = MetricsServer(address, take_snapshot, stats)
     server.start()
-    service.operations.time_requests(stats.timed)
+    service.operations.time_requests(stats)
     return server
