@@ -31,7 +31,7 @@ from mirrorfs.fs.operations import ROOT_INODE, Operations, _guard
 from mirrorfs.metrics.address import parse_listen_address
 from mirrorfs.metrics.collector import MountCollector, MountSnapshot, ScrapeError, public_target
 from mirrorfs.metrics.requests import BOUNDS_NS, BUCKET_BOUNDS, SLOT_OF, RequestStats
-from mounting import Mount, daemon_pids, is_mounted, mirrorfs_cli
+from mounting import Mount, daemon_pids, is_mounted, mirrorfs_cli, stop_process
 from nbdservers import qemu_nbd
 from test_replication_support import make_blank, make_image, qmp, wait_job, wait_ready
 
@@ -335,12 +335,7 @@ scrape_configs:
     try:
         yield f"http://127.0.0.1:{web}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 20)
         log.close()
 
 
@@ -418,7 +413,10 @@ def _job_sample(port: int, metric: str, **extra: str) -> tuple[float, dict[str, 
     return value, labels
 
 
-def test_lost_and_restored_target_shows_in_connected_and_reconnects(mount_factory: Any, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def ready_nbd_job(mount_factory: Any, tmp_path: Path) -> Iterator[tuple[Mount, int, Any, Any, Path]]:
+    """A mount with --metrics whose 4 MiB ``vm.raw`` has a ready job to a qemu-nbd export:
+    yields (mount, metrics port, server, QMP client, served file)."""
     port = free_port()
     mount = mount_factory(extra_args=["--metrics", f"127.0.0.1:{port}"])
     mount.allow_log(r"WARNING")  # a lost target is logged as a warning, by design
@@ -430,47 +428,42 @@ def test_lost_and_restored_target_shows_in_connected_and_reconnects(mount_factor
             with qmp(mount) as client:
                 mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri)
                 wait_ready(client, "vm.raw")
-                assert _job_sample(port, "mirrorfs_job_target_connected") == (
-                    1, {"image": "vm.raw", "job_id": "vm.raw", "target": server.uri})
-                server.kill()
-                with open(mount.mountpoint / "vm.raw", "r+b", buffering=0) as f:
-                    f.write(b"x" * 4096)  # noticed at this write's duplicate
-                wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"], 15, "the loss")
-                assert _job_sample(port, "mirrorfs_job_target_connected")[0] == 0
-                assert _job_sample(port, "mirrorfs_job_reconnects_total")[0] == 0
-                server.start()
-                job = wait_ready(client, "vm.raw", timeout=60)
-                assert job["__org.mirrorfs_reconnects"] == 1, job
-                assert _job_sample(port, "mirrorfs_job_target_connected")[0] == 1
-                assert _job_sample(port, "mirrorfs_job_reconnects_total")[0] == 1
+                yield mount, port, server, client, served
         finally:
             mount.unmount()
+
+
+def _lose_target(mount: Mount, client: Any) -> None:
+    with open(mount.mountpoint / "vm.raw", "r+b", buffering=0) as f:
+        f.write(b"x" * 4096)  # noticed at this write's duplicate
+    wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"], 15, "the loss")
+
+
+def test_lost_and_restored_target_shows_in_connected_and_reconnects(mount_factory: Any, tmp_path: Path) -> None:
+    with ready_nbd_job(mount_factory, tmp_path) as (mount, port, server, client, _):
+        assert _job_sample(port, "mirrorfs_job_target_connected") == (
+            1, {"image": "vm.raw", "job_id": "vm.raw", "target": server.uri})
+        server.kill()
+        _lose_target(mount, client)
+        assert _job_sample(port, "mirrorfs_job_target_connected")[0] == 0
+        assert _job_sample(port, "mirrorfs_job_reconnects_total")[0] == 0
+        server.start()
+        job = wait_ready(client, "vm.raw", timeout=60)
+        assert job["__org.mirrorfs_reconnects"] == 1, job
+        assert _job_sample(port, "mirrorfs_job_target_connected")[0] == 1
+        assert _job_sample(port, "mirrorfs_job_reconnects_total")[0] == 1
 
 
 def test_a_failed_job_shows_as_failed_with_its_io_status(mount_factory: Any, tmp_path: Path) -> None:
-    port = free_port()
-    mount = mount_factory(extra_args=["--metrics", f"127.0.0.1:{port}"])
-    mount.allow_log(r"WARNING")
-    make_image(mount.source / "vm.raw", 4 * MiB)
-    served = tmp_path / "served.raw"
-    make_blank(served, 4 * MiB)
-    with qemu_nbd(served, transport="unix") as server:
-        try:
-            with qmp(mount) as client:
-                mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri)
-                wait_ready(client, "vm.raw")
-                assert _job_sample(port, "mirrorfs_job_failed")[0] == 0
-                server.kill()
-                with open(served, "r+b") as f:
-                    f.truncate(5 * MiB)  # the far side now serves another disk: the job must fail
-                with open(mount.mountpoint / "vm.raw", "r+b", buffering=0) as f:
-                    f.write(b"x" * 4096)
-                wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"], 15, "the loss")
-                server.start()
-                job = wait_job(client, "vm.raw", lambda j: j["status"] == "concluded", 30, "the job to fail")
-                assert job["error"] and job["io-status"] == "failed"
-                assert _job_sample(port, "mirrorfs_job_failed")[0] == 1
-                assert _job_sample(port, "mirrorfs_job_io_status", io_status="failed")[0] == 1
-                assert _job_sample(port, "mirrorfs_job_status", status="concluded")[0] == 1
-        finally:
-            mount.unmount()
+    with ready_nbd_job(mount_factory, tmp_path) as (mount, port, server, client, served):
+        assert _job_sample(port, "mirrorfs_job_failed")[0] == 0
+        server.kill()
+        with open(served, "r+b") as f:
+            f.truncate(5 * MiB)  # the far side now serves another disk: the job must fail
+        _lose_target(mount, client)
+        server.start()
+        job = wait_job(client, "vm.raw", lambda j: j["status"] == "concluded", 30, "the job to fail")
+        assert job["error"] and job["io-status"] == "failed"
+        assert _job_sample(port, "mirrorfs_job_failed")[0] == 1
+        assert _job_sample(port, "mirrorfs_job_io_status", io_status="failed")[0] == 1
+        assert _job_sample(port, "mirrorfs_job_status", status="concluded")[0] == 1
