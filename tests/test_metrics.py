@@ -31,6 +31,7 @@ from mirrorfs.fs.operations import ROOT_INODE, Operations, _guard
 from mirrorfs.metrics.address import parse_listen_address
 from mirrorfs.metrics.collector import MountCollector, MountSnapshot, ScrapeError, public_target
 from mirrorfs.metrics.requests import BOUNDS_NS, BUCKET_BOUNDS, SLOT_OF, RequestStats
+from mirrorfs.metrics.server import MetricsServer
 from mounting import Mount, daemon_pids, is_mounted, mirrorfs_cli, stop_process
 from nbdservers import qemu_nbd
 from test_replication_support import make_blank, make_image, qmp, wait_job, wait_ready
@@ -212,6 +213,33 @@ def test_collection_errors_are_logged_and_contained(error: Exception, level: int
     assert second[("mirrorfs_scrape_errors_total", frozenset())] == 2
     assert not [k for k in second if k[0].startswith("mirrorfs_job")]
     assert [r for r in caplog.records if r.levelno == level and text in r.getMessage()]
+
+
+async def test_server_takes_snapshots_on_the_trio_thread_and_contains_failures(
+        caplog: pytest.LogCaptureFixture) -> None:
+    threads: list[threading.Thread] = []
+
+    def take() -> MountSnapshot:
+        threads.append(threading.current_thread())
+        if len(threads) == 2:
+            raise RuntimeError("bug in the snapshot")
+        return MountSnapshot("/src", "/mnt", [_job()], RequestStats().snapshot())
+
+    port = free_port()
+    server = MetricsServer(("127.0.0.1", port), take, RequestStats())
+    server.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="mirrorfs.metrics"):
+            texts = [samples(await trio.to_thread.run_sync(scrape, port)) for _ in range(3)]
+    finally:
+        await server.aclose()
+    assert threads == [threading.current_thread()] * 3  # the trio thread, never the server's
+    ok = ("mirrorfs_job_dirty_bytes", frozenset({("image", "d/vm.raw"), ("job_id", "j1"), ("target", "nbd://h:1/e")}))
+    assert texts[0][ok] == 60 and ok not in texts[1] and texts[2][ok] == 60
+    assert [t[("mirrorfs_scrape_errors_total", frozenset())] for t in texts] == [0, 1, 1]
+    assert "BUG while collecting metrics" in caplog.text
+    with pytest.raises(OSError):
+        scrape(port)  # stopped with the mount
 
 
 # ---------------------------------------------------------------------------- a real mount

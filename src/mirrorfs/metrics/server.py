@@ -56,6 +56,8 @@ class MetricsServer:
         self.registry.register(MountCollector(self.snapshot, stats.bounds, __version__))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        # One snapshot at a time: a burst of scrapes queues here, not on the trio thread.
+        self._snapshot_lock = threading.Lock()
         self._httpd: Any = None
         self._thread: threading.Thread | None = None
 
@@ -99,6 +101,14 @@ class MetricsServer:
         Raises:
             ScrapeError: the mount has stopped or did not answer within ``SNAPSHOT_TIMEOUT``.
         """
+        if not self._snapshot_lock.acquire(timeout=SNAPSHOT_TIMEOUT):
+            raise ScrapeError(f"another scrape held the mount's state for {SNAPSHOT_TIMEOUT:.0f} s")
+        try:
+            return self._snapshot_on_trio()
+        finally:
+            self._snapshot_lock.release()
+
+    def _snapshot_on_trio(self) -> MountSnapshot:
         done = threading.Event()
         result: list[Any] = []
 
