@@ -88,6 +88,16 @@ def process_alive(pid: int) -> bool:
     return not process_gone(pid)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM ``proc`` (a child of the test), SIGKILL it after ``timeout`` s; reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
     """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -273,11 +283,6 @@ def qsd_fuse_export(blockdev: str, mountpoint: Path, *, writable: bool = False) 
             pytest.skip(f"qemu-storage-daemon cannot export FUSE here: {proc.stdout.read() if proc.stdout else ''}")
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         if is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)

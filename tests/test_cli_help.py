@@ -69,7 +69,7 @@ def _mount_parser() -> argparse.ArgumentParser:
 
 def test_every_mount_flag_has_an_o_spelling_that_sets_the_same_field() -> None:
     parser = _mount_parser()
-    values = {"socket": "/run/x.qmp", "poll_max_ns": "0", "log_level": "debug"}
+    values = {"socket": "/run/x.qmp", "poll_max_ns": "0", "log_level": "debug", "metrics": "[::1]:9464"}
     spellings = [s.split("=")[0] for s in option_spellings(parser)]
     assert all(s in next(a for a in parser._actions if a.dest == "options").help
                for s in option_spellings(parser))
@@ -93,6 +93,8 @@ def test_every_mount_flag_has_an_o_spelling_that_sets_the_same_field() -> None:
     ("poll_max_ns=-1", "--poll-max-ns must be an integer"),
     ("log_level=loud", "-o log_level=loud: choose from debug, info, warning, error"),
     ("ro", "a mirrorfs mount is read-write"),
+    ("metrics=localhost", "-o metrics: 'localhost' is not HOST:PORT"),
+    ("metrics=127.0.0.1:0", "port '0' in '127.0.0.1:0' is not a number from 1 to 65535"),
 ])
 def test_bad_o_options_are_one_line_errors(options: str, error: str) -> None:
     r = subprocess.run([*mirrorfs_argv(), "mount", "/nonexistent-src", "/nonexistent-mnt", "-o", options],

@@ -56,6 +56,15 @@ def _poll_ns(text: str) -> int:
     return value
 
 
+def _metrics_address(text: str) -> tuple[str, int]:
+    from .metrics.address import parse_listen_address
+
+    try:
+        return parse_listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _version() -> str:
     from . import __version__
 
@@ -117,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest time the request loop polls for the next request before it "
                         "sleeps, adapted to the load as QEMU's IOThread poll-max-ns "
                         f"(default 32768; 0: never poll; at most {MAX_POLL_NS})")
+    p.add_argument("--metrics", type=_metrics_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs and FUSE "
+                        "requests); no authentication: anyone who reaches HOST:PORT reads them, so "
+                        "prefer 127.0.0.1 unless the network is trusted")
     p.add_argument("--log-level", default="warning", metavar="LEVEL",
                    choices=["debug", "info", "warning", "error"],
                    help="log verbosity: debug, info, warning or error (default warning)")

@@ -68,6 +68,7 @@ class MountService:
         allow_other: let other users access the mount (FUSE ``allow_other``).
         socket_path: the QMP socket path (stored for the QMP server, which is started later).
         poll_max_ns: the request loop's largest polling window (``fuseloop``); 0: never poll.
+        metrics_address: (host, port) to serve Prometheus metrics on; None: no metrics.
 
     Attributes:
         operations: the pyfuse3 ``Operations`` (``operations.control_dir`` for ``.mirrorfs/``).
@@ -76,7 +77,8 @@ class MountService:
     """
 
     def __init__(self, source_dir: str, mountpoint: str, *, allow_other: bool = False,
-                 socket_path: str | None = None, poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
+                 socket_path: str | None = None, poll_max_ns: int = DEFAULT_POLL_MAX_NS,
+                 metrics_address: tuple[str, int] | None = None) -> None:
         from .operations import Operations  # pyfuse3 only where a mount really runs
 
         self.source_dir = os.path.abspath(source_dir)
@@ -84,6 +86,7 @@ class MountService:
         self.allow_other = allow_other
         self.poll_max_ns = poll_max_ns
         self.socket_path = os.path.abspath(socket_path) if socket_path else None
+        self.metrics_address = metrics_address
         self.operations = Operations(self.source_dir)
         self.nursery: trio.Nursery | None = None
         self.exit_stack: AsyncExitStack | None = None
@@ -182,6 +185,11 @@ class MountService:
             signal_scope = await self.nursery.start(self._watch_signals)
             stack.callback(signal_scope.cancel)
             stack.callback(self.operations.close_all)
+            if self.metrics_address is not None:
+                # Before the kernel mount: a port in use fails the mount with nothing mounted.
+                from ..metrics.server import serve_mount
+
+                stack.push_async_callback(serve_mount(self, self.metrics_address).aclose)
             try:
                 pyfuse3.init(self.operations, self.mountpoint, self.fuse_options())
             except RuntimeError as exc:
@@ -357,14 +365,15 @@ def _run_service(service: MountService, on_ready: Callable[[], None] | None) -> 
 
 def cli_mount(args: argparse.Namespace) -> int:
     """``mirrorfs mount SOURCE_DIR MOUNTPOINT [--foreground] [--socket P] [--allow-other]
-    [--poll-max-ns NS] [--log-level L]``.
+    [--poll-max-ns NS] [--metrics HOST:PORT] [--log-level L]``.
 
     Raises:
         MountError: the mount cannot be made (one line for the user, exit 2).
     """
     source, mnt = check_mount_args(args.source_dir, args.mountpoint)
     service = MountService(source, mnt, allow_other=args.allow_other, socket_path=args.socket,
-                           poll_max_ns=DEFAULT_POLL_MAX_NS if args.poll_max_ns is None else args.poll_max_ns)
+                           poll_max_ns=DEFAULT_POLL_MAX_NS if args.poll_max_ns is None else args.poll_max_ns,
+                           metrics_address=args.metrics)
     if args.foreground:
         _setup_logging(args.log_level, sys.stderr)
         _run_service(service, sdnotify.ready_notifier())

@@ -29,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import inspect
 import itertools
 import logging
 import os
 import stat
 import time
+import types
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pyfuse3
@@ -41,6 +43,7 @@ from pyfuse3 import FUSEError
 
 from .. import fileio
 from ..errors import MirrorfsError, UsageError
+from ..metrics.requests import SLOT_OF, RequestStats, Timing
 from .control_dir import CONTROL_DIR_INODE, CONTROL_DIR_NAME, FIRST_DYNAMIC_INODE, ControlDir, VirtualFile
 from .node import STRIPPED_OPEN_FLAGS, ImageNode, OpenHandle
 from .rename2 import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
@@ -59,27 +62,54 @@ _O_NOATIME = getattr(os, "O_NOATIME", 0)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def _guard(func: F) -> F:
-    """Make a request handler raise nothing but ``FUSEError`` (see the module invariants)."""
+def _fuse_error(name: str, exc: Exception) -> FUSEError:
+    """The ``FUSEError`` that answers a request whose handler ``name`` raised ``exc``."""
+    if isinstance(exc, OSError):
+        log.debug("%s: %s", name, exc)
+        return FUSEError(exc.errno or errno.EIO)
+    if isinstance(exc, MirrorfsError):
+        log.info("%s refused: %s", name, exc)
+        return FUSEError(exc.errno)
+    # A bug. Answer the request with EIO and keep serving everything else.
+    log.error("BUG in FUSE handler %s; request answered with EIO", name, exc_info=exc)
+    return FUSEError(errno.EIO)
+
+
+def _guard(func: F, timing: Timing | None = None) -> F:
+    """Make a request handler raise nothing but ``FUSEError`` (see the module invariants).
+
+    With ``timing`` (``--metrics``, see ``Operations.time_requests``), also count and time each
+    call, here rather than in a wrapper of its own: one coroutine frame less per request.
+    """
+    if timing is None:
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await func(*args, **kwargs)
+            except FUSEError:
+                raise
+            except Exception as exc:
+                raise _fuse_error(func.__name__, exc) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    buckets, total, clock = timing.buckets, timing.total, time.perf_counter_ns
 
     @functools.wraps(func)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        start = clock()
         try:
             return await func(*args, **kwargs)
         except FUSEError:
             raise
-        except OSError as exc:
-            log.debug("%s: %s", func.__name__, exc)
-            raise FUSEError(exc.errno or errno.EIO) from None
-        except MirrorfsError as exc:
-            log.info("%s refused: %s", func.__name__, exc)
-            raise FUSEError(exc.errno) from None
-        except Exception:
-            # A bug. Answer the request with EIO and keep serving everything else.
-            log.exception("BUG in FUSE handler %s; request answered with EIO", func.__name__)
-            raise FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise _fuse_error(func.__name__, exc) from None
+        finally:
+            elapsed = clock() - start
+            buckets[SLOT_OF[(elapsed - 1).bit_length()]] += 1
+            total[0] += elapsed
 
-    return wrapper  # type: ignore[return-value]
+    return timed  # type: ignore[return-value]
 
 
 class _VirtualHandle:
@@ -157,6 +187,18 @@ class Operations(pyfuse3.Operations):
     def nodes(self) -> Iterator[ImageNode]:
         """Every ``ImageNode`` currently known (looked up or open)."""
         return iter(list(self._nodes.values()))
+
+    def time_requests(self, stats: RequestStats) -> None:
+        """Count and time every request type into ``stats`` from now on (``--metrics``).
+
+        pyfuse3 looks each handler up on this object per request, so the timed guards set here
+        as instance attributes take over, and a mount without metrics pays nothing for them.
+        """
+        for name in dir(pyfuse3.Operations):
+            handler = getattr(type(self), name)
+            if not name.startswith("_") and inspect.iscoroutinefunction(handler):
+                unguarded = getattr(handler, "__wrapped__", handler)
+                setattr(self, name, types.MethodType(_guard(unguarded, stats.timing(name)), self))
 
     def handle(self, fh: int) -> OpenHandle:
         """The ``OpenHandle`` for a FUSE file handle.

@@ -93,7 +93,8 @@ class MirrorJob:
         #: that waited at the closed gate during the pivot still come through this job.
         self.successor: Any = None
         self.stats = {"copied-bytes": 0, "zeroed-bytes": 0, "duplicated-bytes": 0,
-                      "skipped-duplicates": 0, "conflicts": 0, "verified-equal-bytes": 0}
+                      "skipped-duplicates": 0, "conflicts": 0, "verified-equal-bytes": 0,
+                      "reconnects": 0}
         granularity = params.granularity
         chunk = max(granularity, min(MAX_CHUNK, params.buf_size // COPIES_PER_BUF))
         self.chunk_size = chunk - chunk % granularity
@@ -777,6 +778,7 @@ class MirrorJob:
                     delay = min(cap, delay * 2)
                     continue
                 self._target_ok = True
+                self.stats["reconnects"] += 1
                 self._emit("MIRROR_TARGET_RESTORED", {"device": self.id,
                                                       "target": self.target.description})
                 self._poke()
