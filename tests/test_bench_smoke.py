@@ -46,6 +46,7 @@ def test_dry_run_quick_plans_every_workload_and_both_places_and_starts_nothing(t
     (["--configs", "native,bogus"], "unknown configuration 'bogus'"),
     (["--disk-configs", "mirrorfs,bogus"], "unknown configuration 'bogus'"),
     (["--disk-dir", "/dev/shm"], "--disk-dir /dev/shm is on tmpfs, not a disk"),
+    (["--disk-dir", "/nonexistent/bench"], "--disk-dir /nonexistent/bench: not a directory"),
 ])
 def test_bad_input_is_one_line_usage_error(tmp_path: Path, args: list[str], message: str) -> None:
     proc = bench(*args, "--dir", str(tmp_path))
