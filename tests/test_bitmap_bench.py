@@ -1,4 +1,4 @@
-"""scripts/bench-bitmap runs (setup-free, with the venv) and reports the figures issue 3 asks for."""
+"""scripts/bench-bitmap runs (a Python script that re-runs itself with the venv) and reports its figures."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ writer and ``qemu-io`` interactive) and ``test_pivot_under_concurrent_writers_*`
 ``test_top_on_a_16g_sparse_image_*``; 5 ``test_pause_*``; 6 ``test_on_target_error_*``,
 ``test_duplicates_meeting_a_full_target_*``, ``test_unmount_while_stopped_*``; 7
 ``test_resume_after_unmount_*``, ``test_resume_after_the_daemon_is_killed_mid_copy``. Also: op
-blockers (EBUSY) and the pivoted bitmap flag. The benchmark (8) is ``scripts/bench-mirror``,
-checked by ``test_mirror_bench.py``.
+blockers (EBUSY) and the pivoted bitmap flag. The benchmark (8) is ``scripts/bench`` (the job's
+cost against the bare mount: ``test_mirror_bench.py``).
 """
 
 from __future__ import annotations
