@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create", action="store_true", help="create the target (sparse, same size)")
     p.add_argument("--copy-mode", default="background", choices=["background", "write-blocking"])
     p.add_argument("--on-target-error", default="report", choices=["report", "ignore", "stop", "enospc"])
+    p.add_argument("--on-source-error", default="report", choices=["report", "ignore", "stop", "enospc"])
     p.add_argument("--job-id")
 
     p = sub.add_parser("status", help="show the jobs")
