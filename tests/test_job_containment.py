@@ -211,7 +211,7 @@ async def test_a_failure_during_a_transaction_waits_for_it(tmp_path: Path) -> No
             job._fail("injected failure")  # as the job's tasks report one
             nursery.start_soon(write)
             await trio.sleep(0.3)
-            reopened = not job.gate.closed or written
+            reopened = not job.gate.closed or bool(written)
             ended_early = "BLOCK_JOB_COMPLETED" in env.event_names()
             release.set()
         assert not reopened, "the gate reopened during the transaction"
