@@ -325,8 +325,8 @@ class MirrorJob:
         else:
             self.bitmap.clear(offset, length)
             g = self.params.granularity
-            for cluster in edges:
-                self.bitmap.clear(cluster * g, g)
+            for cluster in edges:  # the image's partial last cluster ends at the image's end
+                self.bitmap.clear(cluster * g, min(g, self.size - cluster * g))
             if not self.ready and self.bitmap.count() == 0:
                 # A steady writer keeps a duplicate in flight most of the time: the moment the
                 # last one lands and nothing is dirty is when the job can become ready.
@@ -496,9 +496,13 @@ class MirrorJob:
         if flush is not None:
             try:
                 await trio.to_thread.run_sync(flush)
-            except OSError as exc:  # msync: the bitmap file's storage failed
-                log.warning("job %s: cannot write bitmap %s: %s", self.id, self.params.bitmap, exc)
-                self._fail(f"cannot write bitmap {self.params.bitmap}: {exc.strerror or exc}")
+            except OSError as exc:
+                self._bitmap_write_failed(exc)
+
+    def _bitmap_write_failed(self, exc: OSError) -> None:
+        """msync of the bitmap file failed (its storage did): the job cannot keep its promise."""
+        log.warning("job %s: cannot write bitmap %s: %s", self.id, self.params.bitmap, exc)
+        self._fail(f"cannot write bitmap {self.params.bitmap}: {exc.strerror or exc}")
 
     # ------------------------------------------------------------------ background copy
 
@@ -914,6 +918,8 @@ class MirrorJob:
 
         Raises:
             TargetError: the target failed; nothing has been switched.
+            SourceError: a read of the source failed; nothing has been switched.
+            StateError: the bitmap file cannot be written; the job fails.
         """
         await self.inflight.wait_idle()
         while True:
@@ -929,7 +935,11 @@ class MirrorJob:
         commit = getattr(self.bitmap, "begin_clear_commit", None)
         if commit is not None:
             self.bitmap.finish_clear_commit(commit())
-            await trio.to_thread.run_sync(self.bitmap.flush)
+            try:
+                await trio.to_thread.run_sync(self.bitmap.flush)
+            except OSError as exc:
+                self._bitmap_write_failed(exc)
+                raise StateError(f"job {self.id!r} failed: {self.error}") from None
 
     def conclude(self, kind: str, *, pivoted: bool = False) -> None:
         """Mark the job ended (under the closed gate) and emit its final events.

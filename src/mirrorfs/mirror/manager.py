@@ -395,6 +395,9 @@ class JobManager:
                     await job.stop()
                 except MirrorfsError as exc:
                     log.warning("job %s: %s", job.id, exc)
+                except Exception:  # the other jobs must still stop cleanly
+                    log.exception("BUG stopping job %s; its bitmap may stay marked not clean",
+                                  job.id)
             for job in list(self.jobs.values()):
                 with trio.move_on_after(10):
                     await job.wait_ended()
