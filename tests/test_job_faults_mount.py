@@ -196,3 +196,20 @@ def test_an_exception_in_a_copy_fails_that_job_and_the_mount_goes_on(
         assert (source / "bad.raw").read_bytes()[5000 * 512:5000 * 512 + 4096] == data
         _assert_other_image_and_its_job_carry_on(mount, client, ok_target)
     assert "RuntimeError: injected fault" in mount.read_log()
+
+
+def test_a_refused_start_leaves_nothing_behind(mounted: Mount, tmp_path: Path) -> None:
+    """A start that fails after creating the target (here: the bitmap's directory is missing)
+    removes the target it created; a too large buf-size is refused in one line."""
+    make_image(mounted.source / "vm.raw", SIZE)
+    target = tmp_path / "created.raw"
+    r = mounted.cli("mirror", mounted.mountpoint, "vm.raw", target, "--create",
+                    "--bitmap", tmp_path / "missing" / "vm.bitmap", check=False)
+    assert r.returncode == 2 and "bitmap directory" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not target.exists()
+    r = mounted.cli("mirror", mounted.mountpoint, "vm.raw", target, "--create", "--buf-size", "2G",
+                    check=False)
+    assert r.returncode == 2 and "buf-size 2147483648 is more than the largest allowed, 1G" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not target.exists()
+    with qmp(mounted) as client:
+        assert client.execute("query-block-jobs") == []
