@@ -49,6 +49,15 @@ async def assert_new_job_completes(env: Env, name: str) -> None:
     assert_identical(env.source, target)
 
 
+def assert_clean_and_unlocked(path: Path, size: int) -> None:
+    """The bitmap file says clean, all clear, and no job holds it (open() would refuse)."""
+    bm = PersistentBitmap.open(str(path), size=size)
+    try:
+        assert bm.was_clean and bm.count() == 0
+    finally:
+        bm.close()
+
+
 def _raise_in(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException,
               when: Any = lambda *a: True) -> None:
     """Make ``MirrorJob.<name>`` raise ``exc`` whenever ``when(*args)`` holds."""
@@ -264,11 +273,7 @@ async def test_the_copy_loops_durable_point_is_serialised_with_the_jobs_end(tmp_
         assert_identical(env.source, target)
         assert [e for e in env.event_names() if e.startswith("BLOCK_JOB_")] == \
             ["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"]
-    bm = PersistentBitmap.open(str(bitmap_path), size=4 * MiB)
-    try:
-        assert bm.count() == 0 and bm.was_clean
-    finally:
-        bm.close()
+    assert_clean_and_unlocked(bitmap_path, 4 * MiB)
 
 
 async def test_a_start_that_fails_after_creating_the_target_removes_it(tmp_path: Path) -> None:
@@ -313,12 +318,8 @@ async def test_a_start_that_fails_after_the_bitmap_undoes_everything(
         assert env.manager.query() == [failed.info()] and env.node.job is None
         if sync == "full":
             assert not bitmap_path.exists()
-        else:  # kept, unlocked, as it was
-            bm = PersistentBitmap.open(str(bitmap_path), size=MiB)
-            try:
-                assert bm.was_clean and bm.count() == 0
-            finally:
-                bm.close()
+        else:  # kept as it was
+            assert_clean_and_unlocked(bitmap_path, MiB)
         monkeypatch.undo()
         await assert_new_job_completes(env, "again.img")
 
