@@ -75,7 +75,7 @@ def _raise_in(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException,
     monkeypatch.setattr(MirrorJob, name, broken)
 
 
-@pytest.mark.parametrize("where", ["copy", "copy loop", "duplicate", "bitmap msync"])
+@pytest.mark.parametrize("where", ["copy", "copy loop", "duplicate", "inline duplicate", "bitmap msync"])
 async def test_an_exception_in_a_job_task_fails_that_job_and_the_mount_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     async with engine(tmp_path, random_content(4 * MiB)) as env:
@@ -90,6 +90,12 @@ async def test_an_exception_in_a_job_task_fails_that_job_and_the_mount_goes_on(
             # as from a bitmap closed under a write: the duplicate landed, clearing raises
             _raise_in(monkeypatch, "_duplicated", ValueError("injected"), lambda op, *a: op is not None)
             expected = "internal error in a duplicated write: ValueError: injected"
+        elif where == "inline duplicate":  # in the guest's request, on the trio thread
+            monkeypatch.setattr(fileio, "IO_MODE", "direct")
+            env.handle.fd = env.handle.fd  # asks inline_capable() anew
+            assert env.handle.runs_inline(70000)
+            _raise_in(monkeypatch, "_duplicated", ValueError("injected"))
+            expected = "internal error in a duplicated write: ValueError: injected"
         else:
             def failing_msync(self: PersistentBitmap) -> None:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -97,9 +103,9 @@ async def test_an_exception_in_a_job_task_fails_that_job_and_the_mount_goes_on(
             extra["bitmap"] = str(tmp_path / "job.bitmap")
             expected = f"cannot write bitmap {tmp_path / 'job.bitmap'}: Input/output error"
         job = await env.mirror(tmp_path / "target.img", **extra)
-        if where == "duplicate":
+        if where.endswith("duplicate"):
             await env.wait_event("BLOCK_JOB_READY")
-            await env.write(5000, b"d" * 70000)
+            assert await env.write(5000, b"d" * 70000) == 70000  # the writer's result stands
         done = await env.wait_event("BLOCK_JOB_COMPLETED")
         assert done["error"] == expected
         info = job.info()

@@ -374,7 +374,10 @@ class MirrorJob:
             self._abandon(op, offset, length)
             self._on_target_error(exc)
             return written
-        self._duplicated(op, offset, written, edges)
+        try:
+            self._duplicated(op, offset, written, edges)
+        except Exception as exc:  # the write reached the source: that is the writer's result
+            self._duplicated_raised(op, exc)
         return written
 
     async def _intercepted_write(self, handle: Any, offset: int, data: bytes) -> int:
@@ -434,8 +437,12 @@ class MirrorJob:
         try:
             self._duplicated(op, offset, len(data), edges)
         except Exception as exc:
+            self._duplicated_raised(op, exc)
+
+    def _duplicated_raised(self, op: Operation | None, exc: Exception) -> None:
+        if op is not None:
             self.inflight.discard(op)  # or the job's end would wait for it for ever
-            self._contain(exc, "a duplicated write")
+        self._contain(exc, "a duplicated write")
 
     async def _grow(self, new_size: int) -> None:
         """The image grows (a qcow2 file allocating clusters): grow the bitmap and the target.
@@ -458,7 +465,7 @@ class MirrorJob:
             try:
                 # Synchronous on purpose: no other task may mark while the file is rewritten.
                 self.bitmap.resize(new_size)
-            except MirrorfsError as exc:
+            except Exception as exc:  # MirrorfsError, or OSError from mapping the grown file
                 self._fail(f"cannot grow the bitmap with the image: {exc}")
                 return
             self.size = new_size
