@@ -437,3 +437,28 @@ async def test_write_in_flight_when_the_job_attaches_reaches_the_target(tmp_path
         await env.wait_event("BLOCK_JOB_READY")
         await env.manager.complete(["img"], pivot=False)
         assert target.read_bytes()[70000:75000] == b"z" * 5000
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+async def test_unaligned_write_into_a_clean_partial_last_cluster(tmp_path: Path, copy_mode: str,
+                                                                io_mode: str) -> None:
+    """A write that starts inside the image's partial last cluster, while that cluster is clean:
+    its edge cluster stays clean once duplicated, and clearing it stays inside the image (it
+    raised UsageError from the duplicate, which failed the job, or the mount)."""
+    size = 4 * MiB + 12345
+    async with engine(tmp_path, random_content(size, holes=False)) as env:
+        target = tmp_path / "target.img"
+        job = await env.mirror(target, copy_mode=copy_mode)
+        await env.wait_event("BLOCK_JOB_READY")
+        last = size - size % (64 * 1024)
+        duplicated = 0
+        for offset, data in ((last + 100, b"tail" * 10), (size - 7, b"the end")):
+            await env.write(offset, data)  # one at a time: overlapping, neither would clear
+            duplicated += len(data)
+            with trio.fail_after(10):
+                while job.stats["duplicated-bytes"] < duplicated and job.error is None:
+                    await trio.sleep(0.01)
+            assert job.error is None and job.info()["status"] == "ready"
+            assert job.bitmap.count() == 0
+        await env.manager.complete(["img"], pivot=False)
+        assert_identical(env.source, target)

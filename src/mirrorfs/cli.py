@@ -93,6 +93,12 @@ ON_TARGET_ERROR_HELP = {
     "stop": "the job pauses with io-status failed until 'resume'",
     "enospc": "stop on ENOSPC, report on any other error",
 }
+ON_SOURCE_ERROR_HELP = {
+    "report": "the job fails",
+    "ignore": "the job goes on and reads the range again later",
+    "stop": "the job pauses with io-status failed until 'resume'",
+    "enospc": "stop on ENOSPC, report on any other error",
+}
 
 
 def _add_mountpoint(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-target-error", default="report", choices=ERROR_POLICIES,
                    help="what a target write error does (a lost NBD connection is retried instead): "
                         + _choices_help(ERROR_POLICIES, ON_TARGET_ERROR_HELP, "report"))
+    p.add_argument("--on-source-error", default="report", choices=ERROR_POLICIES,
+                   help="what a read error on the source does to the job (the guest's own request "
+                        "gets the error either way): " + _choices_help(ERROR_POLICIES, ON_SOURCE_ERROR_HELP, "report"))
     p.add_argument("--job-id", metavar="ID", help="name of the job in QMP and events (default IMAGE)")
 
     p = sub.add_parser("status", help="show the jobs",

@@ -15,6 +15,7 @@ stderr and an exit code. Anything else that escapes is a bug and is allowed to c
     ├── AccessDeniedError       the caller may not do this (EACCES)
     ├── MountError              mount / unmount could not be done (CLI exit 2)
     ├── BitmapFormatError       a bitmap file that is truncated, corrupt or mismatched
+    ├── SourceError             the job's read of the source image failed (carries the errno)
     ├── TargetError             the target failed an operation
     │   ├── TargetRetryableError    connection lost, timeout: reconnect and go on
     │   ├── TargetNoSpaceError      ENOSPC from the target (io-status "nospace")
@@ -85,6 +86,19 @@ class BitmapFormatError(MirrorfsError):
 
     exit_code = 2
     errno = _errno.EINVAL
+
+
+class SourceError(MirrorfsError):
+    """A mirror job could not read its source image (a bad sector, a lost NFS server).
+
+    The job's ``on-source-error`` policy decides what happens; guest requests that hit the same
+    error get its errno, as from the source itself.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
 
 
 class TargetError(MirrorfsError):

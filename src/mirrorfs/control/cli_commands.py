@@ -141,6 +141,7 @@ def mirror_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "mode": "absolute-paths" if args.create else "existing",
         "copy-mode": args.copy_mode,
         "on-target-error": args.on_target_error,
+        "on-source-error": args.on_source_error,
     }
     if args.granularity is not None:
         arguments["granularity"] = _granularity(args.granularity)

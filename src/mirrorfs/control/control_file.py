@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from ..errors import MirrorfsError, UsageError
 
 MIRROR_KEYS = {"sync", "granularity", "bitmap", "speed", "buf-size", "create", "copy-mode",
-               "on-target-error", "job-id", "verify-resync"}
+               "on-target-error", "on-source-error", "job-id", "verify-resync"}
 MAX_LINE = 64 * 1024
 HISTORY = 50
 

@@ -74,6 +74,11 @@ class InflightOps:
         if not self._ops:
             self._idle.set()
 
+    def discard(self, op: Operation) -> None:
+        """Unregister ``op`` if it still is (after an unexpected error part way through its end)."""
+        if op in self._ops:
+            self.unregister(op)
+
     def overlaps(self, offset: int, length: int) -> bool:
         """True when an operation in flight touches the clusters of [offset, offset+length)."""
         first = offset >> self._shift

@@ -12,6 +12,18 @@ Invariants (see ``docs/write-copy-race.md`` and ``docs/bitmap-format.md``):
 - A persistent bitmap's file clears bits only after a target flush (``PersistentBitmap``'s commit
   protocol); sets reach the mmap before the source write.
 - Target errors never reach the writer: the source write's result is the writer's result.
+
+Failure containment: nothing raised in a job's tasks reaches the mount's service nursery (it
+would end the mount and every image in it). Every task the job starts is wrapped:
+- the copy loop (``run``), each copy (``_copy_chunk``), each duplicate (``_duplicate``) and the
+  reconnect task catch ``Exception``: a ``TargetError`` follows ``on-target-error``, a
+  ``SourceError`` (a failed read of the source) ``on-source-error``, anything else is a bug that
+  is logged with its traceback and fails the job (``_contain``).
+- a failed job ends in its own task (``_finish_failed``) under the manager's lock, so it never
+  interleaves with a transaction or a shutdown that holds the job's gate.
+- what still escapes ``run`` is caught by ``JobManager._run_job`` (``abandon``).
+Guest requests never see a target error; a source error reaches them as the source's errno through
+the FUSE layer, which turns every exception into an errno (``fs/operations.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +36,8 @@ from typing import AbstractSet, Any, Callable
 import trio
 
 from .. import fileio
-from ..errors import (StateError, TargetError, TargetFatalError, TargetNoSpaceError,
-                      TargetRetryableError, MirrorfsError)
+from ..errors import (MirrorfsError, SourceError, StateError, TargetError, TargetFatalError,
+                      TargetNoSpaceError, TargetRetryableError)
 from ..targets.base import Target
 from .gate import ActivityCounter, IOGate
 from .inflight import InflightOps, Operation
@@ -55,6 +67,9 @@ _NO_EDGES: frozenset[int] = frozenset()
 RECONNECT_BACKOFF = (0.25, 8.0)
 #: How often a ready job commits lazily cleared bits (target flush + bitmap commit), seconds.
 COMMIT_INTERVAL = 1.0
+#: After a copy's error that the policy ignores, the range is retried no sooner than this
+#: (seconds): a bad sector would otherwise be reread, and reported, in a busy loop.
+IGNORED_ERROR_RETRY = 0.1
 
 
 class MirrorJob:
@@ -67,10 +82,12 @@ class MirrorJob:
         bitmap: a DirtyBitmap or PersistentBitmap already holding the job's initial work.
         size: the image size (fixed while the job runs: truncation is refused).
         emit: callback for QMP events.
+        end_lock: the manager's lock. The job's own end (a failure) takes it, so it never runs
+            in the middle of a transaction or a shutdown acting on the job.
     """
 
     def __init__(self, params: MirrorParams, node: Any, target: Target, bitmap: Any, *,
-                 size: int, emit: EmitFn) -> None:
+                 size: int, emit: EmitFn, end_lock: trio.Lock | None = None) -> None:
         self.params = params
         self.id = params.job_id
         self.node = node
@@ -123,16 +140,24 @@ class MirrorJob:
         self._durable_requested = 0
         self._durable_done = 0
         self._grow_lock = trio.Lock()
+        self._end_lock = end_lock if end_lock is not None else trio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the copy until the job ends. Started by the manager in its nursery."""
-        self._source_fd = os.open(self.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
+        """Run the copy until the job ends. Started by the manager in its nursery.
+
+        Raises (only before ``task_status.started()``, to the starter):
+            SourceError: the image cannot be opened for reading.
+        """
+        try:
+            self._source_fd = os.open(self.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceError(f"cannot read image {self.params.image!r}: {exc.strerror}",
+                              errno=exc.errno) from None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._set_status("running")
                 self.node.job = self
                 # Writes that began before we attached bypass the write path: mark their ranges
                 # and let them land before the first copy reads the source.
@@ -140,17 +165,24 @@ class MirrorJob:
                     end = min(offset + length, self.size)
                     if end > offset:
                         self.bitmap.mark(offset, end - offset)
+                self._set_status("running")  # the manager's sign that the job started
                 task_status.started()
                 wait_idle = getattr(self.node, "wait_passthrough_idle", None)
                 if wait_idle is not None:
                     await wait_idle()
                 with trio.CancelScope() as scope:
                     self._cancel_scope = scope
-                    await self._copy_loop(nursery)
-                # Asked to end from inside (a failure): finish in the job's own task.
+                    try:
+                        if self._end_request is None:
+                            await self._copy_loop(nursery)
+                    except Exception as exc:
+                        self._contain(exc, "the copy loop")
+                # Asked to end from inside (a failure): finish in the job's own task, once no
+                # transaction or shutdown is acting on the job (one that ends it cancels this).
                 if self._end_request is not None and not self.finished:
-                    kind, message = self._end_request
-                    await self._finish_failed(message or "job failed")
+                    async with self._end_lock:
+                        if not self.finished:
+                            await self._finish_failed(self._end_request[1] or "job failed")
                 nursery.cancel_scope.cancel()
         finally:
             # However the task ended, writes are no longer recorded from here on; a no-op when
@@ -297,8 +329,8 @@ class MirrorJob:
         else:
             self.bitmap.clear(offset, length)
             g = self.params.granularity
-            for cluster in edges:
-                self.bitmap.clear(cluster * g, g)
+            for cluster in edges:  # the image's partial last cluster ends at the image's end
+                self.bitmap.clear(cluster * g, min(g, self.size - cluster * g))
             if not self.ready and self.bitmap.count() == 0:
                 # A steady writer keeps a duplicate in flight most of the time: the moment the
                 # last one lands and nothing is dirty is when the job can become ready.
@@ -346,7 +378,10 @@ class MirrorJob:
             self._abandon(op, offset, length)
             self._on_target_error(exc)
             return written
-        self._duplicated(op, offset, written, edges)
+        try:
+            self._duplicated(op, offset, written, edges)
+        except Exception as exc:  # the write reached the source: that is the writer's result
+            self._duplicated_raised(op, exc)
         return written
 
     async def _intercepted_write(self, handle: Any, offset: int, data: bytes) -> int:
@@ -386,7 +421,10 @@ class MirrorJob:
             self._dup_bytes -= len(data)
 
     async def _duplicate(self, op: Operation, offset: int, data: bytes, edges: set[int]) -> None:
-        """Write the guest's bytes to the target, then clear what is now known identical."""
+        """Write the guest's bytes to the target, then clear what is now known identical.
+
+        Raises nothing: the guest's write reached the source, which is all its caller reports.
+        """
         self._duplicates.enter()
         try:
             await self.target.pwrite(offset, data)
@@ -394,9 +432,21 @@ class MirrorJob:
             self._abandon(op)
             self._on_target_error(exc)
             return
+        except Exception as exc:
+            self._abandon(op)
+            self._contain(exc, "a duplicated write")
+            return
         finally:
             self._duplicates.leave()
-        self._duplicated(op, offset, len(data), edges)
+        try:
+            self._duplicated(op, offset, len(data), edges)
+        except Exception as exc:
+            self._duplicated_raised(op, exc)
+
+    def _duplicated_raised(self, op: Operation | None, exc: Exception) -> None:
+        if op is not None:
+            self.inflight.discard(op)  # or the job's end would wait for it for ever
+        self._contain(exc, "a duplicated write")
 
     async def _grow(self, new_size: int) -> None:
         """The image grows (a qcow2 file allocating clusters): grow the bitmap and the target.
@@ -419,7 +469,7 @@ class MirrorJob:
             try:
                 # Synchronous on purpose: no other task may mark while the file is rewritten.
                 self.bitmap.resize(new_size)
-            except MirrorfsError as exc:
+            except Exception as exc:  # MirrorfsError, or OSError from mapping the grown file
                 self._fail(f"cannot grow the bitmap with the image: {exc}")
                 return
             self.size = new_size
@@ -436,7 +486,7 @@ class MirrorJob:
         self._durable_requested += 1
         ticket = self._durable_requested
         async with self._fsync_lock:
-            if self._durable_done >= ticket:
+            if self._durable_done >= ticket or self.finished:
                 return
             covers = self._durable_requested
             await self._flush_and_commit()
@@ -455,7 +505,15 @@ class MirrorJob:
                     self.bitmap.finish_clear_commit(token)
         flush = getattr(self.bitmap, "flush", None)
         if flush is not None:
-            await trio.to_thread.run_sync(flush)
+            try:
+                await trio.to_thread.run_sync(flush)
+            except OSError as exc:
+                self._bitmap_write_failed(exc)
+
+    def _bitmap_write_failed(self, exc: OSError) -> None:
+        """msync of the bitmap file failed (its storage did): the job cannot keep its promise."""
+        log.warning("job %s: cannot write bitmap %s: %s", self.id, self.params.bitmap, exc)
+        self._fail(f"cannot write bitmap {self.params.bitmap}: {exc.strerror or exc}")
 
     # ------------------------------------------------------------------ background copy
 
@@ -555,9 +613,18 @@ class MirrorJob:
     async def _copy_chunk(self, op: Operation, offset: int, length: int) -> None:
         try:
             await self._copy_range(offset, length)
-        except TargetError as exc:
+        except (TargetError, SourceError) as exc:
             self._dirtied.set()
-            self._on_target_error(exc)
+            if isinstance(exc, SourceError):
+                action = self._on_source_error(exc)
+            else:
+                action = self._on_target_error(exc)
+            if action == "ignore":
+                # Still registered: the range is neither copied again nor cleared meanwhile.
+                await trio.sleep(IGNORED_ERROR_RETRY)
+        except Exception as exc:
+            self._dirtied.set()
+            self._contain(exc, "a copy")
         else:
             if op.conflicted:
                 self.stats["conflicts"] += 1
@@ -635,7 +702,11 @@ class MirrorJob:
             buf = buffers.pop() if buffers else bytearray(self.chunk_size)
         try:
             view = memoryview(buf)[:length]
-            n = await fileio.preadinto(self._source_fd, view, offset)
+            try:
+                n = await fileio.preadinto(self._source_fd, view, offset)
+            except OSError as exc:
+                raise SourceError(f"reading image {self.params.image!r} at offset {offset} "
+                                  f"failed: {exc.strerror or exc}", errno=exc.errno) from None
             if n < length:
                 # The source may not be shorter than the job's size while the job runs.
                 view[n:] = bytes(length - n)
@@ -712,22 +783,36 @@ class MirrorJob:
         self._set_status("ready")
         self._emit("BLOCK_JOB_READY", self._event_data())
 
-    def _on_target_error(self, exc: TargetError) -> None:
+    def _on_target_error(self, exc: TargetError) -> str | None:
+        """Apply ``on-target-error``; returns the action taken (None: none, or a lost target)."""
         if self._end_request is not None or self.finished:
-            return
+            return None
         if isinstance(exc, TargetRetryableError):
             self._target_lost(exc)
-            return
+            return None
         nospace = isinstance(exc, TargetNoSpaceError) or getattr(exc, "errno", None) == errno.ENOSPC
-        policy = self.params.on_target_error
         if isinstance(exc, TargetFatalError):
             action = "report"
-        elif policy == "enospc":
-            action = "stop" if nospace else "report"
         else:
-            action = policy
-        log.warning("job %s: target error (%s): %s", self.id, action, exc)
-        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "write", "action": action})
+            action = _policy_action(self.params.on_target_error, nospace)
+        self._apply_error_action(action, "write", exc, nospace)
+        return action
+
+    def _on_source_error(self, exc: SourceError) -> str | None:
+        """Apply ``on-source-error`` (QEMU's rules: a failed read of the source by the copy);
+        returns the action taken. The range stays dirty in every case."""
+        if self._end_request is not None or self.finished:
+            return None
+        nospace = exc.errno == errno.ENOSPC
+        action = _policy_action(self.params.on_source_error, nospace)
+        self._apply_error_action(action, "read", exc, nospace)
+        return action
+
+    def _apply_error_action(self, action: str, operation: str, exc: MirrorfsError,
+                            nospace: bool) -> None:
+        side = "source" if operation == "read" else "target"
+        log.warning("job %s: %s error (%s): %s", self.id, side, action, exc)
+        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action})
         if action == "ignore":
             return
         self.io_status = "nospace" if nospace else "failed"
@@ -738,8 +823,17 @@ class MirrorJob:
             return
         self._fail(str(exc))
 
+    def _contain(self, exc: Exception, where: str) -> None:
+        """An unexpected exception in one of the job's tasks: fail this job, not the mount."""
+        log.error("BUG in job %s (%s); the job fails, the mount goes on", self.id, where,
+                  exc_info=exc)
+        self._fail(f"internal error in {where}: {type(exc).__name__}: {exc}")
+
     def _fail(self, message: str) -> None:
-        """End the job as failed (the ``report`` policy); the job's own task finishes it."""
+        """End the job as failed (the ``report`` policy); the job's own task finishes it.
+        The first reason stays the job's error."""
+        if self._end_request is not None or self.finished:
+            return
         if self.io_status == "ok":
             self.io_status = "failed"
         self.error = message
@@ -783,6 +877,8 @@ class MirrorJob:
                                                       "target": self.target.description})
                 self._poke()
                 return
+        except Exception as exc:
+            self._contain(exc, "the reconnect task")
         finally:
             self._reconnecting = False
 
@@ -822,6 +918,8 @@ class MirrorJob:
         """Refuse complete (either form) unless the job is ready (QEMU's rule)."""
         if self.finished:
             raise StateError(f"job {self.id!r} has ended")
+        if self._end_request is not None:
+            raise StateError(f"job {self.id!r} is failing: {self.error}")
         if not self.ready or self.paused:
             state = "paused" if self.paused else "not ready yet"
             raise StateError(f"job {self.id!r} cannot be completed: it is {state} "
@@ -829,13 +927,27 @@ class MirrorJob:
                              f"BLOCK_JOB_READY")
 
     async def hold_copy(self) -> None:
-        """Stop issuing copies and wait for the ones in flight (used under a closed gate)."""
+        """Stop issuing copies and durable points, and wait for the ones in flight (used under
+        a closed gate, by the task that later calls ``release_copy``).
+
+        Holding the durable points too serialises the copy loop's flush and clear commit with
+        whatever the holder does: converge's own commit, closing the bitmap at the job's end.
+        """
         self._copy_holds += 1
-        await self._wait_copies_idle()
+        try:
+            await self._wait_copies_idle()
+            await self._fsync_lock.acquire()
+        except BaseException:
+            self._copy_holds -= 1
+            self._poke()
+            raise
 
     def release_copy(self) -> None:
+        """Undo ``hold_copy`` (also after the holder ended the job)."""
+        self._fsync_lock.release()
         self._copy_holds -= 1
-        self._poke()
+        if not self.finished:
+            self._poke()
 
     async def converge(self) -> None:
         """With the gate closed and copies held: finish every write and copy every dirty cluster
@@ -843,6 +955,8 @@ class MirrorJob:
 
         Raises:
             TargetError: the target failed; nothing has been switched.
+            SourceError: a read of the source failed; nothing has been switched.
+            StateError: the bitmap file cannot be written; the job fails.
         """
         await self.inflight.wait_idle()
         while True:
@@ -858,7 +972,11 @@ class MirrorJob:
         commit = getattr(self.bitmap, "begin_clear_commit", None)
         if commit is not None:
             self.bitmap.finish_clear_commit(commit())
-            await trio.to_thread.run_sync(self.bitmap.flush)
+            try:
+                await trio.to_thread.run_sync(self.bitmap.flush)
+            except OSError as exc:
+                self._bitmap_write_failed(exc)
+                raise StateError(f"job {self.id!r} failed: {self.error}") from None
 
     def conclude(self, kind: str, *, pivoted: bool = False) -> None:
         """Mark the job ended (under the closed gate) and emit its final events.
@@ -887,26 +1005,47 @@ class MirrorJob:
         if close is not None:
             try:
                 close(clean=clean, pivoted=pivoted, ended=ended)
-            except MirrorfsError as exc:  # a bitmap that cannot be closed stays marked unclean
+            except Exception as exc:  # a bitmap that cannot be closed stays marked unclean
                 log.warning("job %s: closing bitmap: %s", self.id, exc)
 
+    def _conclude_failed(self, message: str, *, clean: bool) -> None:
+        self.finished = True
+        self._detach_node()
+        if self.io_status == "ok":
+            self.io_status = "failed"
+        if self.error is None:
+            self.error = message
+        # ended: from here on nothing records writes, so a later --sync dirty must not trust it
+        self._close_bitmap(clean=clean, ended=True)
+        self._set_status("concluded")
+        data = self._event_data()
+        data["error"] = self.error
+        self._emit("BLOCK_JOB_COMPLETED", data)
+
     async def _finish_failed(self, message: str) -> None:
+        """End a failed job in order (its own task, under the manager's lock): every request
+        and operation in flight done, then the bitmap closed with what it recorded."""
         self.gate.close()
         try:
             await self.gate.wait_drained()
-            await self.inflight.wait_idle()
-            self.finished = True
-            self._detach_node()
-            self.io_status = self.io_status if self.io_status != "ok" else "failed"
-            self._close_bitmap(clean=True, ended=True)
-            self._set_status("concluded")
-            data = self._event_data()
-            data["error"] = message
-            self._emit("BLOCK_JOB_COMPLETED", data)
+            await self.hold_copy()
+            try:
+                await self.inflight.wait_idle()
+                self._conclude_failed(message, clean=True)
+            finally:
+                self.release_copy()
             with trio.CancelScope(shield=True):
                 await self.target.close()
         finally:
             self.gate.open()
+
+    def abandon(self, message: str) -> None:
+        """End the job at once as failed, after its task died of an unexpected error (the
+        manager's last line of failure containment). Requests may still be in flight, so the
+        bitmap is left marked not clean, as after a crash."""
+        if not self.finished:
+            self._conclude_failed(message, clean=False)
+        self.gate.open()
 
     async def stop(self) -> None:
         """End the job for an unmount: no events, bitmap closed cleanly with its dirty bits."""
@@ -916,15 +1055,22 @@ class MirrorJob:
         try:
             await self.gate.wait_drained()
             await self.hold_copy()
-            await self.inflight.wait_idle()
-            if self._target_ok:
-                try:
-                    await self._durable_point()
-                except TargetError:
-                    pass
-            self.finished = True
-            self._close_bitmap(clean=True)
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
+            try:
+                await self.inflight.wait_idle()
+                if self._target_ok:
+                    await self._flush_and_commit()  # a target error is the policy's business
+                self.finished = True
+                self._close_bitmap(clean=True)
+                if self._nursery is not None:
+                    self._nursery.cancel_scope.cancel()
+            finally:
+                self.release_copy()
         finally:
             self.gate.open()
+
+
+def _policy_action(policy: str, nospace: bool) -> str:
+    """The action of an ``on-*-error`` policy for one error (QEMU's BlockdevOnError)."""
+    if policy == "enospc":
+        return "stop" if nospace else "report"
+    return policy

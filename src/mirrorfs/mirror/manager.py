@@ -9,10 +9,18 @@ them lands between the first and the last action (``docs/transactions.md``).
 The manager owns no nursery of its own: the mount service passes the one it owns, and jobs run in
 it. Nothing here knows about FUSE or QMP: the FUSE layer is reached through ``resolve_node`` and
 the node objects it returns, QMP through the ``emit`` listeners.
+
+Failure containment: a job's failure never reaches that nursery. The job contains the errors of
+its own tasks (``job.py``); ``_run_job`` is the last line, where anything that still escapes a
+started job ends that job as failed (with a "BUG" log line) and the mount goes on. One lock
+serialises every command and every job's own end (``MirrorJob(end_lock=...)``), so a failing job
+never reopens a gate that a transaction closed. A start that fails undoes, in reverse order,
+everything it did (``start_mirror``): no job, no open target or bitmap, no file it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -21,7 +29,8 @@ from typing import Any, Callable, Iterable
 
 import trio
 
-from ..errors import JobNotFoundError, MirrorfsError, StateError, TargetError, UsageError
+from ..errors import (JobNotFoundError, MirrorfsError, SourceError, StateError, TargetError,
+                      UsageError)
 from ..nbd.uri import parse_nbd_uri
 from ..targets.base import Target
 from . import paths
@@ -96,12 +105,14 @@ class JobManager:
     async def start_mirror(self, params: MirrorParams) -> MirrorJob:
         """Start a job. Everything is checked before anything is created: the image has one
         name, and no path the job names leads into the mount, onto an image or onto another
-        job's file (``paths``, resolved off the trio thread).
+        job's file (``paths``, resolved off the trio thread). If the start fails after that,
+        whatever it created or opened is undone (``undo``, in reverse order).
 
         Raises:
             UsageError: unknown image, an image with a second name, bad target or bitmap path,
                 mismatched bitmap, a target locked by another program.
             StateError: the image or job id already has a running job.
+            SourceError: the image cannot be read.
         """
         async with self._lock:
             old = self.jobs.get(params.job_id)
@@ -121,34 +132,45 @@ class JobManager:
             size = source_stat.st_size
             if size == 0:
                 raise UsageError(f"image {params.image!r} is empty: there is nothing to mirror")
-            target = await self._open_target(params, size, like=source_stat)
-            try:
+            async with contextlib.AsyncExitStack() as undo:
+                target = await self._open_target(params, size, undo, like=source_stat)
+                bitmap_is_new = params.bitmap is not None and params.sync != "dirty" \
+                    and not os.path.lexists(params.bitmap)
                 # In a thread: it resolves paths (canonical identities) and fsyncs the file.
                 bitmap, params = await trio.to_thread.run_sync(
                     self._make_bitmap, params, node, target, size)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await target.close()
-                raise
-            job: MirrorJob | None = None
-            try:
-                job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit)
+                undo.callback(_undo_bitmap, bitmap, params.bitmap if bitmap_is_new else None,
+                              resumed=params.sync == "dirty")
+                job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit,
+                                end_lock=self._lock)
+                undo.callback(self._forget, job, old)
                 self.jobs[params.job_id] = job
                 self._claims[job] = dict(claims)
                 await self._nursery.start(self._run_job, job)
-            except BaseException:
-                self.jobs.pop(params.job_id, None)
-                if job is not None:
-                    self._claims.pop(job, None)
-                close_unstarted_bitmap(bitmap, params)
-                raise
+                undo.pop_all()  # started: the job owns all of it now
             log.info("job %s: mirroring %s to %s (sync %s)", job.id, params.image,
                      target.description, params.sync)
             return job
 
+    def _forget(self, job: MirrorJob, previous: MirrorJob | None) -> None:
+        """Undo a job's registration; a failed job it replaced is listed again."""
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+        self._claims.pop(job, None)
+        if previous is not None and job.id not in self.jobs:
+            self.jobs[job.id] = previous
+
     async def _run_job(self, job: MirrorJob, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await job.run(task_status=task_status)
+        except Exception as exc:
+            if job.status == "created":
+                raise  # not started: the error goes to start_mirror, which undoes the start
+            # The last line of failure containment: this job ends, the mount goes on.
+            log.error("BUG: job %s ended by an unexpected error; it fails, the mount goes on",
+                      job.id, exc_info=exc)
+            async with self._lock:
+                job.abandon(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             # Completed and cancelled jobs disappear (auto-dismiss); a failed one stays listed
             # with its error until a new job replaces it, so the user can see why it ended.
@@ -163,20 +185,23 @@ class JobManager:
                 with trio.CancelScope(shield=True):
                     await job.target.close()
 
-    async def _open_target(self, params: MirrorParams, size: int, *,
+    async def _open_target(self, params: MirrorParams, size: int,
+                           undo: contextlib.AsyncExitStack, *,
                            like: os.stat_result | None = None) -> Target:
+        """Connect the job's target (creating a local one if asked, with the mode and owner of
+        ``like``); ``undo`` gets the steps that close it again and remove a file created here."""
         if params.is_nbd:
             from ..targets.nbd import NBDTarget  # imported lazily: only NBD jobs need it
 
             if params.create:
                 raise UsageError("an NBD target cannot be created; drop --create / mode=absolute-paths")
             target: Target = NBDTarget(params.target)
+            undo.push_async_callback(_close_target, target)
             try:
                 await target.connect()
             except TargetError as exc:
                 raise UsageError(f"cannot use target {params.target}: {exc}") from None
             if target.size != size:
-                await target.close()
                 raise UsageError(f"target {target.description} is {target.size} bytes but the "
                                  f"image is {size}; give a target of the same size")
             return target
@@ -185,8 +210,12 @@ class JobManager:
         path = params.target
         # In a thread: a path that leads into our own mount would otherwise deadlock the trio
         # thread, which is the one that answers requests on the mount.
-        await trio.to_thread.run_sync(self._check_local_target, path, params.create, size, like)
+        created = await trio.to_thread.run_sync(self._check_local_target, path, params.create,
+                                                size, like)
+        if created is not None:
+            undo.callback(_remove_created, path, created)
         target = LocalFileTarget(path, expected_size=size)
+        undo.push_async_callback(_close_target, target)
         try:
             await target.connect()
         except TargetError as exc:
@@ -194,7 +223,9 @@ class JobManager:
         return target
 
     def _check_local_target(self, path: str, create: bool, size: int,
-                            like: os.stat_result | None = None) -> None:
+                            like: os.stat_result | None = None) -> tuple[int, int] | None:
+        """Check (and with ``create``, create) a local target; returns the (st_dev, st_ino) of
+        a file created here, None for an existing one."""
         from ..targets.local import LocalFileTarget
 
         real_dir = os.path.realpath(os.path.dirname(path))
@@ -209,8 +240,11 @@ class JobManager:
                                  f"(mode=absolute-paths) to create it")
             try:
                 LocalFileTarget.create(path, size, like=like)
+                st = os.stat(path)
             except OSError as exc:
                 raise UsageError(f"cannot create target {path!r}: {exc.strerror}") from None
+            return st.st_dev, st.st_ino
+        return None
 
     async def _check_paths(self, params: MirrorParams, node: Any) -> list[tuple[object, str]]:
         """Refuse a target, bitmap, socket or certificate directory that leads into the mount,
@@ -278,6 +312,12 @@ class JobManager:
         from ..bitmap.memory import DirtyBitmap
         from ..bitmap.persistent import PersistentBitmap
 
+        # Before the bitmap exists: nothing may fail once it holds its file's lock.
+        try:
+            extents = allocated_extents(node.backing_path, size) if params.sync == "top" else []
+        except OSError as exc:
+            raise SourceError(f"cannot find the allocated extents of image {params.image!r}: "
+                              f"{exc.strerror}", errno=exc.errno) from None
         if params.bitmap is None:
             bitmap = DirtyBitmap(size, params.granularity)
         else:
@@ -294,15 +334,10 @@ class JobManager:
                 bitmap = PersistentBitmap.create(params.bitmap, size, params.granularity,
                                                  source_id=source_id, target_id=target_id,
                                                  fill=params.sync == "full")
-        try:
-            if params.sync == "full" and bitmap.volatile:
-                bitmap.set_all()
-            elif params.sync == "top":
-                for offset, length in allocated_extents(node.backing_path, size):
-                    bitmap.mark(offset, length)
-        except BaseException:
-            close_unstarted_bitmap(bitmap, params)
-            raise
+        if params.sync == "full" and bitmap.volatile:
+            bitmap.set_all()
+        for offset, length in extents:
+            bitmap.mark(offset, length)
         return bitmap, params
 
     # ------------------------------------------------------------------ simple commands
@@ -350,14 +385,17 @@ class JobManager:
                 for job in jobs:
                     await job.gate.wait_drained()
                 for job in jobs:
-                    held.append(job)
                     await job.hold_copy()
+                    held.append(job)
                 # The state may have moved while draining (a target lost): check again.
                 self._check(actions, jobs)
                 plans = []
                 try:
                     for action, job in zip(actions, jobs):
                         plans.append(await self._prepare(action, job))
+                    # A job may have failed while converging: its end waits for this lock,
+                    # and the transaction is refused as a whole.
+                    self._check(actions, jobs)
                 except BaseException:
                     # A later action failed: undo what the earlier ones prepared (a pivot's
                     # descriptors on its target), since their switch will never run.
@@ -371,8 +409,7 @@ class JobManager:
                         del self.jobs[job.id]
             finally:
                 for job in held:
-                    if not job.finished:
-                        job.release_copy()
+                    job.release_copy()
                 for job in jobs:
                     job.gate.open()
 
@@ -444,6 +481,9 @@ class JobManager:
                     await job.stop()
                 except MirrorfsError as exc:
                     log.warning("job %s: %s", job.id, exc)
+                except Exception:  # the other jobs must still stop cleanly
+                    log.exception("BUG stopping job %s; its bitmap may stay marked not clean",
+                                  job.id)
             for job in list(self.jobs.values()):
                 with trio.move_on_after(10):
                     await job.wait_ended()
@@ -466,19 +506,40 @@ def bitmap_identities(source_path: str, target: Target) -> tuple[str, str]:
     return os.path.realpath(source_path), target_id
 
 
-def close_unstarted_bitmap(bitmap: Any, params: MirrorParams) -> None:
-    """Release the bitmap of a job that failed to start (its lock would be held until exit).
+async def _close_target(target: Target) -> None:
+    with trio.CancelScope(shield=True):
+        await target.close()
 
-    A resumed file goes back to what it said (no job recorded anything into it); a new file
-    records that its job ended, so a later --sync dirty does not trust its partial work.
-    """
-    close = getattr(bitmap, "close", None)
-    if close is None:
-        return
+
+def _remove_created(path: str, identity: tuple[int, int]) -> None:
+    """Remove a target file this start created, if that file is still the one at ``path``."""
     try:
-        close(clean=True, ended=params.sync != "dirty")
-    except MirrorfsError as exc:
-        log.warning("closing bitmap of a job that did not start: %s", exc)
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except OSError as exc:
+        log.warning("cannot remove target %s created by a failed start: %s", path, exc.strerror)
+
+
+def _undo_bitmap(bitmap: Any, created_path: str | None, *, resumed: bool) -> None:
+    """Release a bitmap a failed start opened (its lock would be held until exit); remove its
+    file if the start created it. A resumed file goes back to what it said (no job recorded
+    anything into it); any other records that its job ended, so no --sync dirty trusts it."""
+    close = getattr(bitmap, "close", None)
+    if close is not None:
+        try:
+            if resumed:
+                close(clean=bitmap.was_clean)
+            else:
+                close(clean=True, ended=True)
+        except MirrorfsError as exc:
+            log.warning("closing bitmap after a failed start: %s", exc)
+    if created_path is not None:
+        try:
+            os.unlink(created_path)
+        except OSError as exc:
+            log.warning("cannot remove bitmap %s created by a failed start: %s", created_path,
+                        exc.strerror)
 
 
 def allocated_extents(path: str, size: int) -> list[tuple[int, int]]:

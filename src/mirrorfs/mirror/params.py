@@ -23,6 +23,9 @@ DEFAULT_GRANULARITY = 64 * 1024
 MIN_GRANULARITY = 4 * 1024
 MAX_GRANULARITY = 64 * 1024 * 1024
 DEFAULT_BUF_SIZE = 16 * 1024 * 1024
+#: The copy buffers are allocated up front (one per copy in flight): past this, a typo like
+#: ``buf-size=1T`` would exhaust the daemon's memory. QEMU checks only that it is not negative.
+MAX_BUF_SIZE = 1024 * 1024 * 1024
 
 
 def normalize_image_name(name: Any) -> str:
@@ -60,6 +63,7 @@ class MirrorParams:
     create: bool = False
     copy_mode: str = "background"
     on_target_error: str = "report"
+    on_source_error: str = "report"
     #: compare every cluster of source and target instead of trusting the bitmap (copy those that
     #: differ): the way to resume from a bitmap whose job ended
     verify_resync: bool = False
@@ -67,8 +71,8 @@ class MirrorParams:
     @classmethod
     def from_arguments(cls, args: Mapping[str, Any]) -> "MirrorParams":
         """Validate QMP-style arguments (QEMU names: ``device``, ``target``, ``sync``, ``mode``,
-        ``buf-size``, ``copy-mode``, ``on-target-error``, ``job-id``, plus ``bitmap``, ``create``
-        and ``verify-resync``).
+        ``buf-size``, ``copy-mode``, ``on-target-error``, ``on-source-error``, ``job-id``, plus
+        ``bitmap``, ``create`` and ``verify-resync``).
 
         Raises:
             UsageError: a missing, unknown or malformed argument.
@@ -95,6 +99,8 @@ class MirrorParams:
         buf_size = _size(args, "buf-size", DEFAULT_BUF_SIZE)
         if buf_size < granularity:
             raise UsageError(f"buf-size {buf_size} must be at least the granularity ({granularity})")
+        if buf_size > MAX_BUF_SIZE:
+            raise UsageError(f"buf-size {buf_size} is more than the largest allowed, 1G; give a smaller one")
         speed = _size(args, "speed", 0)
         bitmap = args.get("bitmap")
         if bitmap is not None and (not isinstance(bitmap, str) or not bitmap.startswith("/")):
@@ -113,6 +119,7 @@ class MirrorParams:
                              f"'full', not {sync!r}")
         copy_mode = _choice(args, "copy-mode", COPY_MODES, "background")
         policy = _choice(args, "on-target-error", ERROR_POLICIES, "report")
+        source_policy = _choice(args, "on-source-error", ERROR_POLICIES, "report")
         job_id = args.get("job-id", image)
         if not isinstance(job_id, str) or not job_id:
             raise UsageError("parameter 'job-id' must be a non-empty string")
@@ -121,7 +128,8 @@ class MirrorParams:
             raise UsageError("mirrorfs mirrors bytes: the only target format is 'raw'")
         return cls(image=image, target=target, job_id=job_id, sync=sync, granularity=granularity,
                    bitmap=bitmap, speed=speed, buf_size=buf_size, create=create,
-                   copy_mode=copy_mode, on_target_error=policy, verify_resync=verify)
+                   copy_mode=copy_mode, on_target_error=policy, on_source_error=source_policy,
+                   verify_resync=verify)
 
     @property
     def is_nbd(self) -> bool:
