@@ -255,7 +255,6 @@ def test_a_pivoted_bitmap_is_refused_even_for_a_verified_resync(mount_factory: C
 @pytest.mark.parametrize("where", ["job-start", "top-extents"])
 async def test_a_job_that_fails_to_start_releases_its_bitmap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              where: str) -> None:
-    from mirrorfs.bitmap.persistent import is_in_use, read_bitmap_file
     from mirrorfs.mirror import manager, job as jobmod
 
     def broken(*args: Any, **kwargs: Any) -> Any:
@@ -270,8 +269,7 @@ async def test_a_job_that_fails_to_start_releases_its_bitmap(tmp_path: Path, mon
         with pytest.raises(Exception, match="Input/output error"):
             await env.mirror(tmp_path / "t.img", bitmap=str(bitmap),
                              sync="top" if where == "top-extents" else "full")
-        assert not is_in_use(str(bitmap))
-        header, _ = read_bitmap_file(str(bitmap))
-        assert header.clean and header.ended  # its partial work is not a resume point
+        # the file this start created is gone again (the extents are found before it is made)
+        assert not bitmap.exists()
         assert env.manager.query() == []
         await trio.lowlevel.checkpoint()

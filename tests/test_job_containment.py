@@ -18,8 +18,9 @@ import pytest
 import trio
 
 from mirrorfs import fileio
+from mirrorfs.bitmap.inspect import inspect_file
 from mirrorfs.bitmap.persistent import PersistentBitmap
-from mirrorfs.errors import SourceError, StateError, UsageError
+from mirrorfs.errors import BitmapFormatError, SourceError, StateError, UsageError
 from mirrorfs.mirror.job import MirrorJob
 from mirrorfs.mirror.params import MirrorParams
 from test_mirror_engine import MiB, Env, assert_identical, engine, random_content
@@ -49,13 +50,11 @@ async def assert_new_job_completes(env: Env, name: str) -> None:
     assert_identical(env.source, target)
 
 
-def assert_clean_and_unlocked(path: Path, size: int) -> None:
-    """The bitmap file says clean, all clear, and no job holds it (open() would refuse)."""
-    bm = PersistentBitmap.open(str(path), size=size)
-    try:
-        assert bm.was_clean and bm.count() == 0
-    finally:
-        bm.close()
+def assert_clean_and_unlocked(path: Path, size: int, *, ended: bool) -> None:
+    """The bitmap file says clean, all clear, ended (or not), and no job holds it."""
+    info = inspect_file(str(path))
+    assert info["size"] == size and info["clean-shutdown"] and info["dirty-clusters"] == 0, info
+    assert info["ended"] is ended and not info["in-use"], info
 
 
 def _raise_in(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException,
@@ -279,7 +278,7 @@ async def test_the_copy_loops_durable_point_is_serialised_with_the_jobs_end(tmp_
         assert_identical(env.source, target)
         assert [e for e in env.event_names() if e.startswith("BLOCK_JOB_")] == \
             ["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"]
-    assert_clean_and_unlocked(bitmap_path, 4 * MiB)
+    assert_clean_and_unlocked(bitmap_path, 4 * MiB, ended=True)  # complete --no-pivot ends it
 
 
 async def test_a_start_that_fails_after_creating_the_target_removes_it(tmp_path: Path) -> None:
@@ -318,14 +317,20 @@ async def test_a_start_that_fails_after_the_bitmap_undoes_everything(
 
         monkeypatch.setattr(MirrorJob, "run", unreadable_image)
         target = tmp_path / "created.img"
-        with pytest.raises(SourceError, match="cannot read image"):
-            await env.mirror(target, bitmap=str(bitmap_path), sync=sync)
+        if sync == "full":
+            with pytest.raises(SourceError, match="cannot read image"):
+                await env.mirror(target, bitmap=str(bitmap_path), sync=sync)
+        else:  # the earlier job's bitmap (another target) is refused; the created target goes
+            before = bitmap_path.read_bytes()
+            with pytest.raises(BitmapFormatError, match="was made for target"):
+                await env.mirror(target, bitmap=str(bitmap_path), sync=sync)
+            assert bitmap_path.read_bytes() == before
         assert not target.exists()
         assert env.manager.query() == [failed.info()] and env.node.job is None
         if sync == "full":
             assert not bitmap_path.exists()
         else:  # kept as it was
-            assert_clean_and_unlocked(bitmap_path, MiB)
+            assert_clean_and_unlocked(bitmap_path, MiB, ended=True)
         monkeypatch.undo()
         await assert_new_job_completes(env, "again.img")
 
