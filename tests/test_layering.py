@@ -105,7 +105,7 @@ def test_no_module_imports_a_higher_layer_or_a_forbidden_sibling() -> None:
     for path in sorted(SRC.rglob("*.py")):
         problems += violations(path.read_text(encoding="utf-8"), module_name(path),
                                is_package=path.name == "__init__.py")
-    assert problems == []
+    assert not problems, "imports against the layers:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize(("module", "source", "expected"), [
