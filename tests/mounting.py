@@ -77,13 +77,13 @@ def fuse_available() -> tuple[bool, str]:
 
 def is_mounted(path: Path) -> bool:
     """True if anything is mounted exactly at ``path`` (reads /proc, never stats the mount)."""
-    from mirrorfs.fs.mount import mount_fstype
+    from mirrorfs.daemon.mount import mount_fstype
 
     return mount_fstype(str(path)) is not None
 
 
 def process_alive(pid: int) -> bool:
-    from mirrorfs.fs.mount import process_gone
+    from mirrorfs.daemon.unmount import process_gone
 
     return not process_gone(pid)
 

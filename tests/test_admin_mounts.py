@@ -14,8 +14,8 @@ from typing import Iterator
 
 import pytest
 
-from mirrorfs.fs.mount import FSTYPE, mount_fstype
-from mirrorfs.fs import sdnotify
+from mirrorfs.daemon.mount import FSTYPE, mount_fstype
+from mirrorfs.daemon import sdnotify
 from mounting import STARTED, Mount, is_mounted, process_alive, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 
 import mirrorfs
 from mirrorfs.cli import build_parser
-from mirrorfs.fs.mount_options import helper_argv, option_spellings
+from mirrorfs.daemon.mount_options import helper_argv, option_spellings
 from mirrorfs.mirror import params
 from mounting import mirrorfs_argv
 

@@ -114,7 +114,7 @@ def test_foreground(tmp_path: Path) -> None:
 def test_no_dev_fuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """No FUSE device: one line naming it, exit 2 (in-process: the device exists on this machine)."""
     from mirrorfs import cli
-    from mirrorfs.fs import mount as m
+    from mirrorfs.daemon import mount as m
 
     (tmp_path / "src").mkdir()
     (tmp_path / "mnt").mkdir()
@@ -128,7 +128,7 @@ def test_no_dev_fuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: py
 def test_checklogs_flags_tracebacks(tmp_path: Path) -> None:
     """The fixtures' log check can fail: tracebacks, ERROR lines and BUGs are reported."""
     log = tmp_path / "m.log"
-    log.write_text("2026 1 mirrorfs.fs.mount INFO: mounted\n"
+    log.write_text("2026 1 mirrorfs.daemon.mount INFO: mounted\n"
                    "2026 1 mirrorfs.fs.operations ERROR: BUG in FUSE handler read; request answered with EIO\n"
                    "Traceback (most recent call last):\n"
                    "2026 1 mirrorfs.mirror ERROR: target lost (expected by this test)\n")

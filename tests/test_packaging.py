@@ -45,7 +45,7 @@ def test_the_wheel_ships_the_promised_files_the_licence_and_both_scripts(wheel: 
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         metadata = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "mirrorfs = mirrorfs.cli:main" in entry_points
-    assert "mount.fuse.mirrorfs = mirrorfs.fs.mount_options:mount_helper_main" in entry_points
+    assert "mount.fuse.mirrorfs = mirrorfs.cli:mount_helper_main" in entry_points
     for dependency in ("pyfuse3", "trio", "numpy", "rich"):
         assert f"Requires-Dist: {dependency}" in metadata
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from mirrorfs.fs import mount as fsmount
+from mirrorfs.daemon import unmount as fsmount
 from mounting import Mount, is_mounted, mirrorfs_cli, process_alive, wait_for
 
 MiB = 1 << 20
@@ -198,11 +198,11 @@ def test_daemon_refusal(tmp_path: Path) -> None:
 FAKE_MOUNT = """
 import os, sys
 from mirrorfs.fs.control_dir import VirtualFile
-from mirrorfs.fs.mount import MountService, _run_service
+from mirrorfs.daemon.mount import MountService, run_service
 source, mnt, sock, victim = sys.argv[1:5]
 service = MountService(source, mnt, socket_path=sock)
 service.operations.control_dir.register("pid", VirtualFile(lambda: f"{victim}\\n".encode()))
-_run_service(service, None)
+run_service(service, None)
 """
 
 

@@ -19,8 +19,8 @@ from .errors import MirrorfsError
 
 #: subcommand -> "module:function"; each function takes the parsed namespace and returns an exit code.
 _HANDLERS = {
-    "mount": "mirrorfs.fs.mount:cli_mount",
-    "unmount": "mirrorfs.fs.mount:cli_unmount",
+    "mount": "mirrorfs.daemon.mount:cli_mount",
+    "unmount": "mirrorfs.daemon.unmount:cli_unmount",
     "mirror": "mirrorfs.control.cli_commands:cli_mirror",
     "status": "mirrorfs.control.cli_commands:cli_status",
     "complete": "mirrorfs.control.cli_commands:cli_complete",
@@ -106,7 +106,7 @@ def _add_mountpoint(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .fs.mount_options import MountOptionsAction, option_spellings
+    from .daemon.mount_options import MountOptionsAction, option_spellings
     from .mirror.params import (COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY, ERROR_POLICIES,
                                 SYNC_MODES)
 
@@ -259,6 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 128 + signal.SIGPIPE
+
+
+def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+    """``mount.fuse.mirrorfs``: mount(8)'s helper for the ``fuse.mirrorfs`` type."""
+    from .daemon.mount_options import helper_argv
+
+    try:
+        args = helper_argv(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        print(f"mount.fuse.mirrorfs: {exc}", file=sys.stderr)
+        return 2
+    return main(args) if args else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Resource handling: ``MetricsServer.start`` binds HOST:PORT and starts the server thread (one more
 thread per scrape in flight); ``stop`` closes the listening socket and waits for the thread. The
-mount starts it before the FUSE session and stops it after everything else.
+daemon starts it (``daemon.components.start_metrics``) before the FUSE session and stops it after
+everything else.
 
 Scrapes never run mount code on their own thread: ``snapshot`` schedules ``take_snapshot`` on the
 mount's trio thread (``run_sync_soon``, between two requests) and waits for its result, so the
@@ -130,21 +131,3 @@ class MetricsServer:
             raise result[0]
         return result[0]
 
-
-def serve_mount(service: Any, address: tuple[str, int]) -> MetricsServer:
-    """Count the requests of ``service`` (a ``MountService``) and serve its metrics at ``address``.
-
-    Raises:
-        MountError: see ``MetricsServer.start``.
-    """
-    stats = RequestStats()
-
-    def take_snapshot() -> MountSnapshot:
-        manager = getattr(service, "manager", None)  # set once the job manager runs
-        return MountSnapshot(service.source_dir, service.mountpoint,
-                             manager.query() if manager is not None else [], stats.snapshot())
-
-    server = MetricsServer(address, take_snapshot, stats)
-    server.start()
-    service.operations.time_requests(stats)
-    return server

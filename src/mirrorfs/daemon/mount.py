@@ -1,24 +1,22 @@
-"""``mirrorfs mount`` / ``mirrorfs unmount``: the mount process and its lifetime.
+"""``mirrorfs mount``: the mount process and its lifetime.
 
 Role: ``MountService`` owns everything a mount runs: the pyfuse3 session (global in pyfuse3, so
 one mount per process), the only trio nursery, and an ``AsyncExitStack`` through which every
 component registers its teardown, so shutdown runs in reverse order of startup (s3ql's pattern).
-Later components (mirror job manager, QMP server) are started in ``MountService._start_components``
-and nowhere else.
+The components (job manager, QMP server, ``.mirrorfs/`` files) start in
+``MountService._start_components`` and nowhere else, through ``components.start_engine``; the
+metrics endpoint (``components.start_metrics``) starts before the kernel mount.
 
 Lifetime:
-- ``mount`` checks its arguments, forks, and the child detaches (``setsid``, stdio to the log
+- ``cli_mount`` checks its arguments, forks, and the child detaches (``setsid``, stdio to the log
   file) and mounts. The parent waits on a pipe until the child reports that the mount answers
   requests (a real ``stat`` of ``.mirrorfs/pid`` through the kernel) or why it could not mount,
   so ``mount`` returns only once the mount is usable, and exits 2 with one line otherwise.
+  ``--foreground`` runs the service in this process (for systemd, with ``READY=1``).
 - SIGTERM, SIGINT and SIGHUP call ``pyfuse3.terminate()``; the main loop returns, the session is
   unmounted and closed first (no new requests can hang on a half-stopped process), then the
   components are torn down (jobs flush their bitmaps), then the source descriptors close.
-- ``unmount`` reads the daemon's pid from ``.mirrorfs/pid``, sends SIGTERM and returns only once
-  that process is gone, so everything the daemon does at teardown is done; ``fusermount3 -u`` is
-  the fallback for a daemon that is dead or does not stop. The pid is only a claim of whatever
-  is mounted there: it is signalled only if it is a ``mirrorfs mount`` of that mountpoint, of
-  the caller's user, holding ``/dev/fuse`` (``daemon_refusal``).
+- ``unmount`` (``unmount.py``) signals the daemon and waits until it has exited.
 
 Files: the daemon keeps the user's umask with world-write always masked; files created through
 the mount get the mode their creator asked for (set on the descriptor). The detached daemon logs
@@ -34,27 +32,28 @@ import logging
 import os
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from contextlib import AsyncExitStack
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
 from ..errors import MirrorfsError, MountError
-from . import fuseloop, sdnotify
-from .control_dir import CONTROL_DIR_NAME, VirtualFile
-from .fuseloop import DEFAULT_POLL_MAX_NS
+from ..fs import fuseloop
+from ..fs.control_dir import CONTROL_DIR_NAME, VirtualFile
+from ..fs.fuseloop import DEFAULT_POLL_MAX_NS
+from . import sdnotify
+
+if TYPE_CHECKING:
+    from ..control.qmp_server import QMPServer
+    from ..metrics.server import MetricsServer
+    from ..mirror.manager import JobManager
 
 log = logging.getLogger(__name__)
 
 #: fstype of our mounts in /proc/self/mountinfo ("fuse." + the subtype option).
 FSTYPE = "fuse.mirrorfs"
-#: How long ``unmount`` waits for the daemon to finish its teardown before falling back.
-UNMOUNT_TIMEOUT = 120.0
 #: The FUSE device the kernel mount needs.
 FUSE_DEVICE = "/dev/fuse"
 
@@ -74,12 +73,15 @@ class MountService:
         operations: the pyfuse3 ``Operations`` (``operations.control_dir`` for ``.mirrorfs/``).
         nursery: the only nursery of the mount, valid while ``run()`` runs.
         exit_stack: the teardown stack, valid while ``run()`` runs.
+        manager: the job manager, once the components have started.
+        qmp_server: the QMP server, once the components have started.
+        metrics_server: the metrics endpoint, while ``run()`` runs with ``metrics_address``.
     """
 
     def __init__(self, source_dir: str, mountpoint: str, *, allow_other: bool = False,
                  socket_path: str | None = None, poll_max_ns: int = DEFAULT_POLL_MAX_NS,
                  metrics_address: tuple[str, int] | None = None) -> None:
-        from .operations import Operations  # pyfuse3 only where a mount really runs
+        from ..fs.operations import Operations  # pyfuse3 only where a mount really runs
 
         self.source_dir = os.path.abspath(source_dir)
         self.mountpoint = os.path.abspath(mountpoint)
@@ -90,6 +92,9 @@ class MountService:
         self.operations = Operations(self.source_dir)
         self.nursery: trio.Nursery | None = None
         self.exit_stack: AsyncExitStack | None = None
+        self.manager: JobManager | None = None
+        self.qmp_server: QMPServer | None = None
+        self.metrics_server: MetricsServer | None = None
         self._session_open = False
         self.operations.control_dir.register("status", VirtualFile(lambda: b"no jobs\n"))
         self.operations.control_dir.register("pid", VirtualFile(lambda: f"{os.getpid()}\n".encode()))
@@ -106,22 +111,21 @@ class MountService:
         return options
 
     async def _start_components(self) -> None:
-        """THE place where later components start and register their teardown.
+        """THE place where the components start and register their teardown.
 
-        Each component takes ``nursery=self.nursery`` and ``operations=self.operations`` (to
-        attach jobs to ``operations.node_for_relpath(...)`` and to register ``.mirrorfs/`` files),
-        and registers its teardown with ``self.exit_stack.push_async_callback(...)``. Teardown runs
-        in reverse order, after the FUSE session is unmounted and before source files close::
-
-            manager = await JobManager.create(operations=self.operations, nursery=self.nursery)
-            self.exit_stack.push_async_callback(manager.shutdown)
-            if self.socket_path:
-                server = await QmpServer.start(self.socket_path, manager, nursery=self.nursery)
-                self.exit_stack.push_async_callback(server.stop)
+        Teardown runs in reverse order, after the FUSE session is unmounted and before the
+        source files close (``components.start_engine`` says in which order).
         """
-        from ..control.wiring import start_components  # the engine and its control surfaces
+        from .components import start_engine  # the engine and its control surfaces
 
-        await start_components(self)
+        assert self.nursery is not None and self.exit_stack is not None, "only inside run()"
+        self.manager, self.qmp_server = await start_engine(
+            self.operations, self.nursery, self.exit_stack, source_dir=self.source_dir,
+            mountpoint=self.mountpoint, socket_path=self.socket_path)
+
+    def _jobs(self) -> list[dict[str, Any]]:
+        """``query-block-jobs`` of the mount; empty until the job manager runs."""
+        return self.manager.query() if self.manager is not None else []
 
     def _close_session(self) -> None:
         """Unmount and destroy the pyfuse3 session (idempotent)."""
@@ -187,9 +191,11 @@ class MountService:
             stack.callback(self.operations.close_all)
             if self.metrics_address is not None:
                 # Before the kernel mount: a port in use fails the mount with nothing mounted.
-                from ..metrics.server import serve_mount
+                from .components import start_metrics
 
-                stack.push_async_callback(serve_mount(self, self.metrics_address).aclose)
+                self.metrics_server = start_metrics(self.metrics_address, self.operations,
+                                                    self.source_dir, self.mountpoint, self._jobs)
+                stack.push_async_callback(self.metrics_server.aclose)
             try:
                 pyfuse3.init(self.operations, self.mountpoint, self.fuse_options())
             except RuntimeError as exc:
@@ -345,7 +351,12 @@ def _setup_logging(level: str, stream: object) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.WARNING))
 
 
-def _run_service(service: MountService, on_ready: Callable[[], None] | None) -> None:
+def run_service(service: MountService, on_ready: Callable[[], None] | None) -> None:
+    """Run ``service`` to its end in a new trio run, in this process.
+
+    Raises:
+        MirrorfsError: an expected failure of the mount (unwrapped from the nursery's group).
+    """
     # The user's umask stays in force for what the daemon creates itself (bitmaps), but never
     # lets a file be world-writable; files created through the mount get their mode set
     # explicitly from the request (``Operations.create``/``mkdir``).
@@ -376,7 +387,7 @@ def cli_mount(args: argparse.Namespace) -> int:
                            metrics_address=args.metrics)
     if args.foreground:
         _setup_logging(args.log_level, sys.stderr)
-        _run_service(service, sdnotify.ready_notifier())
+        run_service(service, sdnotify.ready_notifier())
         return 0
 
     log_fd, log_file = open_log_file(default_log_file(mnt))
@@ -412,7 +423,7 @@ def cli_mount(args: argparse.Namespace) -> int:
                 os.close(write_end)
 
         try:
-            _run_service(service, ready)
+            run_service(service, ready)
             code = 0
         except MirrorfsError as exc:
             # Expected failures (mount refused, a component that cannot start): one line.
@@ -440,130 +451,3 @@ def _wait_for_child(pid: int, read_end: int, mnt: str, log_file: str) -> int:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
     raise MountError(f"the mount process for {mnt} exited before the mount was ready; see {log_file}")
-
-
-def process_gone(pid: int) -> bool:
-    # Zombies count as gone: in a container nobody may reap the detached daemon.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state in (b"Z", b"X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return True
-    except OSError:
-        return False
-
-
-def _read_pid(mnt: str, timeout: float = 5.0) -> int | None:
-    """The daemon's pid from ``.mirrorfs/pid``; None if the mount does not answer."""
-    result: list[int | None] = [None]
-
-    def read() -> None:
-        try:
-            with open(os.path.join(mnt, CONTROL_DIR_NAME, "pid"), encoding="ascii") as f:
-                result[0] = int(f.read().strip())
-        except (OSError, ValueError):
-            pass
-
-    # A stuck daemon would make the read hang forever: read in a thread with a deadline.
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return result[0]
-
-
-def names_mountpoint(argv: list[str], mnt: str) -> bool:
-    """Whether ``argv`` is a ``mirrorfs mount SOURCE MOUNTPOINT`` command line for ``mnt``.
-
-    A relative mountpoint in ``argv`` was relative to a directory we no longer know, so it
-    matches when ``mnt`` ends with it.
-    """
-    if not any("mirrorfs" in os.path.basename(a) for a in argv[:3]) or "mount" not in argv:
-        return False
-    for arg in argv[argv.index("mount") + 1:]:
-        if not arg or arg.startswith("-"):
-            continue
-        if os.path.isabs(arg):
-            if os.path.normpath(arg) == mnt:
-                return True
-        elif (mnt + "/").endswith("/" + os.path.normpath(arg).rstrip("/") + "/") \
-                and not os.path.normpath(arg).startswith(".."):
-            return True
-    return False
-
-
-def daemon_refusal(pid: int, mnt: str, *, uid: int, proc: str = "/proc") -> str | None:
-    """Why ``pid`` must not be signalled as the mirrorfs daemon of ``mnt`` (None: it may).
-
-    A mount's ``.mirrorfs/pid`` is only a claim: any FUSE filesystem can call itself mirrorfs
-    and name any process. Only a process of the caller's user whose command line is a
-    ``mirrorfs mount`` of this very mountpoint and which holds ``/dev/fuse`` open is believed.
-    """
-    base = os.path.join(proc, str(pid))
-    try:
-        with open(os.path.join(base, "status"), encoding="ascii", errors="replace") as f:
-            uids = next((line.split()[1:] for line in f if line.startswith("Uid:")), [])
-        with open(os.path.join(base, "cmdline"), "rb") as f:
-            argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
-    except OSError:
-        return f"process {pid} cannot be inspected"
-    if not uids or any(int(u) != uid for u in uids):
-        return f"process {pid} does not belong to uid {uid}"
-    if not names_mountpoint(argv, mnt):
-        return f"process {pid} is not a mirrorfs daemon for {mnt} ({' '.join(argv)[:80]!r})"
-    try:
-        fds = os.listdir(os.path.join(base, "fd"))
-        holds_fuse = any(_readlink(os.path.join(base, "fd", fd)) == FUSE_DEVICE for fd in fds)
-    except OSError:
-        holds_fuse = False
-    if not holds_fuse:
-        return f"process {pid} does not serve a FUSE mount"
-    return None
-
-
-def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
-def _fusermount_unmount(mnt: str) -> None:
-    for extra in ([], ["-z"]):
-        proc = subprocess.run(["fusermount3", "-u", *extra, mnt], capture_output=True, text=True)
-        if proc.returncode == 0 or mount_fstype(mnt) is None:
-            return
-    log.warning("fusermount3 -u %s failed: %s", mnt, proc.stderr.strip())
-
-
-def cli_unmount(args: argparse.Namespace) -> int:
-    """``mirrorfs unmount MOUNTPOINT``: stop the daemon cleanly and wait until it has exited.
-
-    Raises:
-        MountError: MOUNTPOINT is not a mirrorfs mount, or the unmount failed.
-    """
-    mnt = os.path.abspath(args.mountpoint)
-    fstype = mount_fstype(mnt)
-    if fstype != FSTYPE:
-        what = "nothing is mounted there" if fstype is None else f"it is a {fstype} mount"
-        raise MountError(f"{mnt} is not a mirrorfs mount ({what})")
-    pid = _read_pid(mnt)
-    if pid is not None and not process_gone(pid):
-        why = daemon_refusal(pid, mnt, uid=os.getuid())
-        if why is not None:
-            raise MountError(f"{mnt} names process {pid} as its daemon, but {why}: not "
-                             f"signalling it (if this is your mount: fusermount3 -u {mnt})")
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + UNMOUNT_TIMEOUT
-        while not process_gone(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not process_gone(pid):
-            _fusermount_unmount(mnt)
-            raise MountError(f"the mount process {pid} did not exit within {UNMOUNT_TIMEOUT:.0f} s; "
-                             f"forced the unmount of {mnt}, jobs may not have stopped cleanly")
-    if mount_fstype(mnt) == FSTYPE:
-        # The daemon was already dead (or never answered): only the kernel mount is left.
-        _fusermount_unmount(mnt)
-    if mount_fstype(mnt) == FSTYPE:
-        raise MountError(f"could not unmount {mnt}: it is still mounted (busy?)")
-    return 0

@@ -7,14 +7,14 @@ gets an ``-o`` spelling with the same type check and choices, with no table to k
 Options mount(8) and fstab add for every file system (``rw``, ``nofail``, ``_netdev``, ``x-*`` ...)
 are accepted and ignored, since they concern mount(8) or the kernel's generic flags, not mirrorfs.
 
-``mount_helper_main`` is ``mount.fuse.mirrorfs``, the helper mount(8) runs for
-``mount -t fuse.mirrorfs SOURCE MOUNTPOINT -o OPTIONS`` (and so for an fstab line).
+``helper_argv`` translates the arguments of ``mount.fuse.mirrorfs`` (``cli.mount_helper_main``),
+the helper mount(8) runs for ``mount -t fuse.mirrorfs SOURCE MOUNTPOINT -o OPTIONS`` (and so for
+an fstab line).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Sequence
 
 #: Generic options of mount(8) and fstab that say nothing to mirrorfs.
@@ -150,18 +150,3 @@ def helper_argv(argv: Sequence[str]) -> list[str]:
         result += ["-o", text]
     return result
 
-
-def mount_helper_main(argv: Sequence[str] | None = None) -> int:
-    """``mount.fuse.mirrorfs``: mount(8)'s helper for the ``fuse.mirrorfs`` type."""
-    from ..cli import main
-
-    try:
-        args = helper_argv(sys.argv[1:] if argv is None else argv)
-    except ValueError as exc:
-        print(f"mount.fuse.mirrorfs: {exc}", file=sys.stderr)
-        return 2
-    return main(args) if args else 0
-
-
-if __name__ == "__main__":
-    sys.exit(mount_helper_main())
