@@ -210,3 +210,51 @@ def test_client_that_vanishes_mid_message_or_never_reads(mounted: Mount, tmp_pat
     finally:
         greedy.close()
     assert_alive(mounted)
+
+
+# Loaded by the mount daemon through Python's standard ``sitecustomize`` hook (PYTHONPATH set for
+# this test only): the production code has no injection switch.
+_INJECT_HANDLER_BUG = '''
+import mirrorfs.control.commands as _commands
+
+_original = _commands.CommandDispatcher.execute
+
+
+async def _execute(self, name, arguments):
+    if isinstance(arguments, dict) and arguments.get("inject-bug"):
+        raise RuntimeError("bug injected into " + name)
+    return await _original(self, name, arguments)
+
+
+_commands.CommandDispatcher.execute = _execute
+'''
+
+
+def test_exception_injected_into_a_live_handler_closes_that_client_only(
+        mount_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = tmp_path / "inject"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_INJECT_HANDLER_BUG)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    mount = mount_factory()
+    mount.allow_log(r"^Traceback \(most recent call last\):$")
+    mount.allow_log(r"ERROR: QMP command query-block-jobs failed with an internal error; closing client \d+$")
+    data = random_image(mount, "a.img")
+    path = qmp_socket(mount)
+    bystander = RawClient(path)
+    victim = RawClient(path)
+    try:
+        victim.send(b'{"execute": "query-block-jobs", "arguments": {"inject-bug": true}, "id": 7}\n')
+        assert victim.recv() == {"error": {"class": "GenericError",
+                                           "desc": "internal error: RuntimeError('bug injected into query-block-jobs')"},
+                                 "id": 7}
+        assert victim.file.readline() == b"", "the client whose command hit a bug is closed"
+        bystander.send(b'{"execute": "query-block-jobs", "id": "b"}\n')
+        assert bystander.recv() == {"return": [], "id": "b"}
+    finally:
+        victim.close()
+        bystander.close()
+    assert (mount.mountpoint / "a.img").read_bytes() == data
+    assert_alive(mount)
+    log = mount.read_log()
+    assert log.count("Traceback") == 1 and "RuntimeError: bug injected into query-block-jobs" in log, log
