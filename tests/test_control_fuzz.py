@@ -130,19 +130,29 @@ def snapshot(mount: Mount) -> dict[str, dict[str, Any]]:
 
 
 class Connection:
-    """A raw, negotiated QMP connection that reads replies line by line with a timeout."""
+    """A raw QMP connection (negotiated unless told) that reads replies line by line with a timeout."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, negotiate: bool = True, timeout: float = 20) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(20)
+        self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.file = self.sock.makefile("rb")
         assert "QMP" in json.loads(self.file.readline())
-        self.sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-        assert json.loads(self.file.readline()) == {"return": {}}
+        if negotiate:
+            self.sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+            assert json.loads(self.file.readline()) == {"return": {}}
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def recv(self) -> dict[str, Any]:
+        """The next reply (events are skipped); AssertionError at EOF."""
+        while True:
+            line = self.file.readline()
+            assert line, "the server closed the connection"
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
 
     def replies_until(self, msg_id: str) -> list[dict[str, Any]]:
         """Every message until the reply with ``msg_id`` (inclusive); stops early at EOF."""
@@ -389,15 +399,9 @@ def qmp_batches(draw: Any) -> tuple[list[list[bytes]], list[bool], list[int]]:
 def _qmp_client(path: str, lines: list[bytes], negotiate: bool, chunk: int, errors: list[str]) -> None:
     """Send ``lines`` in writes of ``chunk`` bytes, then a sentinel; check one reply per line."""
     try:
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(60)
-        sock.connect(path)
-        f = sock.makefile("rb")
+        conn = Connection(path, negotiate=negotiate, timeout=60)
+        sock = conn.sock
         try:
-            assert "QMP" in json.loads(f.readline())
-            if negotiate:
-                sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-                assert json.loads(f.readline()) == {"return": {}}
             data = b"".join(line + b"\n" for line in lines)
             data += b'{"execute": "query-block-jobs", "id": "sentinel"}\n'
             # Small writes for the first SPLIT_BYTES only: a megabyte a byte at a time is slow
@@ -406,16 +410,9 @@ def _qmp_client(path: str, lines: list[bytes], negotiate: bool, chunk: int, erro
             sender = threading.Thread(target=lambda: [sock.sendall(data[a:b]) for a, b in
                                                       zip(cuts, [*cuts[1:], len(data)])])
             sender.start()  # replies are read meanwhile: a client that never reads is another test
-            replies = []
-            while True:
-                line = f.readline()
-                assert line, "server closed the connection"
-                msg = json.loads(line)
-                if "event" in msg:
-                    continue
-                replies.append(msg)
-                if msg.get("id") == "sentinel":
-                    break
+            replies = [conn.recv()]
+            while replies[-1].get("id") != "sentinel":
+                replies.append(conn.recv())
             sender.join()
             *answers, sentinel = replies
             assert len(answers) == len(lines), f"{len(answers)} replies to {len(lines)} messages"
@@ -426,8 +423,7 @@ def _qmp_client(path: str, lines: list[bytes], negotiate: bool, chunk: int, erro
                     negotiate = True
             assert ("return" in sentinel) == negotiate, sentinel
         finally:
-            f.close()
-            sock.close()
+            conn.close()
     except Exception as exc:
         errors.append(f"{exc!r}"[:2000])
 
@@ -453,6 +449,18 @@ def _assert_io_and_jobs(mount: Mount, bystander: Connection, before: dict[str, A
     assert stable_state(mount) == before
 
 
+@pytest.fixture
+def volume_mount(two_jobs: Mount) -> Iterator[tuple[Mount, str, Connection, dict[str, Any]]]:
+    """The two jobs plus a plain image for I/O checks: (mount, socket path, bystander, state)."""
+    random_image(two_jobs, IO_IMAGE, 4 * MiB)
+    path = (two_jobs.control / "socket").read_text().strip()
+    bystander = Connection(path)
+    try:
+        yield two_jobs, path, bystander, stable_state(two_jobs)
+    finally:
+        bystander.close()
+
+
 def stable_state(mount: Mount) -> dict[str, dict[str, Any]]:
     """What no hostile input may change (offsets move: writes to a ready job's image count)."""
     return {d: {k: j[k] for k in KEYS} for d, j in jobs(mount).items()}
@@ -463,15 +471,11 @@ VOLUME = [pytest.param(1, id="default", marks=pytest.mark.timeout(900)),
 
 
 @pytest.mark.parametrize("scale", VOLUME)
-def test_qmp_volume_fuzz_one_mount(two_jobs: Mount, scale: int) -> None:
+def test_qmp_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
     """QMP_MESSAGES hostile messages (x10 under -m slow) to one live mount, in batches of BATCH
     over up to 8 concurrent clients with writes from 1 byte to 1 MiB; after every batch the
     mount serves I/O and answers query-block-jobs with both jobs unchanged."""
-    mount = two_jobs
-    random_image(mount, IO_IMAGE, 4 * MiB)
-    path = (mount.control / "socket").read_text().strip()
-    before = stable_state(mount)
-    bystander = Connection(path)
+    mount, path, bystander, before = volume_mount
     sent = [0]
 
     @settings(FUZZ, max_examples=scale * QMP_MESSAGES // BATCH, phases=[Phase.explicit, Phase.generate])
@@ -491,10 +495,7 @@ def test_qmp_volume_fuzz_one_mount(two_jobs: Mount, scale: int) -> None:
         sent[0] += sum(map(len, split))
         _assert_io_and_jobs(mount, bystander, before, f"batch-{sent[0]}")
 
-    try:
-        one()
-    finally:
-        bystander.close()
+    one()
     assert sent[0] >= scale * QMP_MESSAGES, f"sent only {sent[0]} messages"
 
 
@@ -541,15 +542,11 @@ def hostile_lines(draw: Any) -> bytes:
 
 
 @pytest.mark.parametrize("scale", VOLUME)
-def test_control_volume_fuzz_one_mount(two_jobs: Mount, scale: int) -> None:
+def test_control_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
     """CONTROL_LINES hostile control lines (x10 under -m slow), each in its own write(2): each
     fails with EINVAL or EBUSY and a one-line error in the history; after every batch of
     LINE_BATCH the mount serves I/O and answers query-block-jobs with both jobs unchanged."""
-    mount = two_jobs
-    random_image(mount, IO_IMAGE, 4 * MiB)
-    path = (mount.control / "socket").read_text().strip()
-    before = stable_state(mount)
-    bystander = Connection(path)
+    mount, path, bystander, before = volume_mount
     sent = [0]
 
     @settings(FUZZ, max_examples=scale * CONTROL_LINES // LINE_BATCH, phases=[Phase.explicit, Phase.generate])
@@ -572,8 +569,5 @@ def test_control_volume_fuzz_one_mount(two_jobs: Mount, scale: int) -> None:
         sent[0] += len(lines)
         _assert_io_and_jobs(mount, bystander, before, f"lines-{sent[0]}")
 
-    try:
-        one()
-    finally:
-        bystander.close()
+    one()
     assert sent[0] >= scale * CONTROL_LINES, f"sent only {sent[0]} lines"

@@ -21,38 +21,9 @@ from typing import Any
 import pytest
 
 from mounting import Mount, random_image
+from test_control_fuzz import Connection as RawClient
 
 MiB = 1 << 20
-
-
-class RawClient:
-    """A blocking QMP connection that sends raw bytes and reads replies line by line."""
-
-    def __init__(self, path: str, *, negotiate: bool = True, timeout: float = 20) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rb")
-        assert "QMP" in json.loads(self.file.readline())
-        if negotiate:
-            self.sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-            assert json.loads(self.file.readline()) == {"return": {}}
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv(self) -> dict[str, Any]:
-        """The next reply (events are skipped); AssertionError at EOF."""
-        while True:
-            line = self.file.readline()
-            assert line, "the server closed the connection"
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def qmp_socket(mount: Mount) -> str:
