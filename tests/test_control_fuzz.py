@@ -10,6 +10,14 @@ fuzz, without a mount, is ``tests/test_qmp_proto.py``; a fixed junk corpus is in
 
 Inputs never name a real job without also carrying something invalid, so a generated input
 cannot be a valid command by chance.
+
+The volume tests send ``QMP_MESSAGES`` generated QMP messages and ``CONTROL_LINES`` control lines
+(ten times as many under ``-m slow``) to one live mount each: raw JSON text with what
+``json.dumps`` never writes (``1e999``, ``NaN``, integers of thousands of digits, nesting past
+the limit, invalid UTF-8, NUL characters), over up to 8 concurrent clients, negotiated or not,
+in writes of 1 byte to 1 MiB. Every message gets exactly one reply; after every batch the mount
+serves I/O (bytes compared, on a plain and on a mirrored image) and answers
+``query-block-jobs`` with both jobs unchanged; the mount log must stay free of tracebacks.
 """
 
 from __future__ import annotations
@@ -18,14 +26,15 @@ import errno
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from mounting import Mount, wait_for
+from mounting import Mount, random_image, wait_for
 
 MiB = 1 << 20
 JOBS = ("r.img", "p.img")
@@ -121,19 +130,29 @@ def snapshot(mount: Mount) -> dict[str, dict[str, Any]]:
 
 
 class Connection:
-    """A raw, negotiated QMP connection that reads replies line by line with a timeout."""
+    """A raw QMP connection (negotiated unless told) that reads replies line by line with a timeout."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, negotiate: bool = True, timeout: float = 20) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(20)
+        self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.file = self.sock.makefile("rb")
         assert "QMP" in json.loads(self.file.readline())
-        self.sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-        assert json.loads(self.file.readline()) == {"return": {}}
+        if negotiate:
+            self.sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+            assert json.loads(self.file.readline()) == {"return": {}}
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def recv(self) -> dict[str, Any]:
+        """The next reply (events are skipped); AssertionError at EOF."""
+        while True:
+            line = self.file.readline()
+            assert line, "the server closed the connection"
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
 
     def replies_until(self, msg_id: str) -> list[dict[str, Any]]:
         """Every message until the reply with ``msg_id`` (inclusive); stops early at EOF."""
@@ -252,7 +271,7 @@ def _effective(data: bytes) -> bool:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return True
-    return any(ln.strip() and not ln.lstrip().startswith("#") for ln in text.splitlines())
+    return any(ln.strip() and not ln.lstrip().startswith("#") for ln in text.split("\n"))
 
 
 def test_control_file_fuzz(two_jobs: Mount) -> None:
@@ -293,3 +312,262 @@ def test_control_file_fuzz(two_jobs: Mount) -> None:
     finally:
         bystander.close()
     assert len(tried) >= 30, f"hypothesis ran only {len(tried)} examples"
+
+
+# ---------------------------------------------------------------------------- volume: one mount,
+# thousands of hostile messages and lines, checked batch by batch
+
+QMP_MESSAGES = 10_000
+CONTROL_LINES = 2_000
+SLOW_FACTOR = 10
+BATCH = 50
+LINE_BATCH = 20
+SPLIT_BYTES = 16 * 1024
+SAFE_NAMES = ("nope.img", "../r.img", "/etc/passwd", ".mirrorfs/control", "", "io.img/x")
+IO_IMAGE = "io.img"
+
+# Raw JSON text, built as bytes so it can hold what json.dumps never writes: non-finite and huge
+# numbers, invalid UTF-8 inside strings, nesting past the limit. Every piece is one complete JSON
+# value (or one malformed token), so each line the fuzzer sends gets exactly one reply.
+_raw_number = st.one_of(
+    st.integers(-2**64, 2**65).map(lambda n: str(n).encode()),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()),
+    st.sampled_from([b"1e999", b"-1e999", b"1E+400", b"NaN", b"Infinity", b"-Infinity", b"-0", b"1e-999",
+                     b"0.0000001e-330", b"18446744073709551616", b"-9223372036854775809"]),
+    st.integers(20, 20_000).map(lambda n: b"9" * n),
+    st.integers(20, 2_000).map(lambda n: b"1" + b"0" * n + b".5"),
+)
+_raw_string = st.one_of(
+    st.text(max_size=12).map(lambda t: json.dumps(t).encode()),
+    st.sampled_from(SAFE_NAMES).map(lambda t: json.dumps(t).encode()),
+    # raw bytes without a quote, backslash or control byte: invalid UTF-8, overlong forms, surrogates
+    st.binary(max_size=12).map(lambda b: b'"' + bytes(c for c in b if c >= 0x20 and c not in b'"\\') + b'"'),
+    st.sampled_from([b'"\\ud800"', b'"\\udcff.raw"', b'"\xed\xa0\x80"', b'"\xc0\xaf"', b'"a\\u0000b"']),
+)
+_raw_scalar = st.one_of(st.sampled_from([b"null", b"true", b"false"]), _raw_number, _raw_string)
+
+
+def _raw_object(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    return b"{" + b", ".join(k + b": " + v for k, v in pairs) + b"}"
+
+
+_raw_value = st.recursive(
+    _raw_scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=4).map(lambda xs: b"[" + b", ".join(xs) + b"]"),
+                            st.lists(st.tuples(_raw_string, inner), max_size=4).map(_raw_object)),
+    max_leaves=8)
+_raw_deep = st.tuples(st.integers(100, 1_000), st.sampled_from([b"[", b'{"a": '])).map(
+    lambda t: t[1] * t[0] + b"0" + (b"]" if t[1] == b"[" else b"}") * t[0])
+
+
+@st.composite
+def raw_messages(draw: Any) -> bytes:
+    """One hostile QMP message: mostly commands with arbitrary arguments, never a valid
+    state-changing one (job names are never used; drive-mirror and transaction carry an unknown
+    argument, which they refuse before looking at anything else)."""
+    kind = draw(st.sampled_from(["command", "command", "command", "value", "deep"]))
+    if kind == "value":
+        return draw(_raw_value)
+    if kind == "deep":
+        return draw(_raw_deep)
+    name = draw(st.one_of(st.sampled_from(COMMANDS), st.text(max_size=20)))
+    pairs = draw(st.lists(st.tuples(st.one_of(st.sampled_from(ARG_NAMES), st.text(max_size=8))
+                                    .map(lambda k: json.dumps(k).encode()),
+                                    st.one_of(_raw_value, _raw_deep)), max_size=5))
+    if name in ("drive-mirror", "transaction", "bogus-command") or not name:
+        pairs.append((b'"bogus"', b"1"))
+    members = [(b'"execute"', json.dumps(name).encode())]
+    if pairs or draw(st.booleans()):
+        members.append((b'"arguments"', _raw_object(pairs)))
+    if draw(st.booleans()):
+        members.append((b'"id"', draw(_raw_value)))
+    members = draw(st.permutations(members))
+    return _raw_object(list(members))
+
+
+@st.composite
+def qmp_batches(draw: Any) -> tuple[list[list[bytes]], list[bool], list[int]]:
+    """BATCH messages spread over 1-8 clients; per client: negotiated or not, and write sizes."""
+    messages = draw(st.lists(raw_messages(), min_size=BATCH, max_size=BATCH))
+    clients = draw(st.integers(1, 8))
+    split = [messages[i::clients] for i in range(clients)]
+    negotiate = [draw(st.booleans()) for _ in range(clients)]
+    chunks = [draw(st.sampled_from([1, 7, 100, 4096, 1 << 20])) for _ in range(clients)]
+    return split, negotiate, chunks
+
+
+def _qmp_client(path: str, lines: list[bytes], negotiate: bool, chunk: int, errors: list[str]) -> None:
+    """Send ``lines`` in writes of ``chunk`` bytes, then a sentinel; check one reply per line."""
+    try:
+        conn = Connection(path, negotiate=negotiate, timeout=60)
+        sock = conn.sock
+        try:
+            data = b"".join(line + b"\n" for line in lines)
+            data += b'{"execute": "query-block-jobs", "id": "sentinel"}\n'
+            # Small writes for the first SPLIT_BYTES only: a megabyte a byte at a time is slow
+            # and tests nothing more.
+            cuts = [*range(0, min(len(data), SPLIT_BYTES), chunk), *range(SPLIT_BYTES, len(data), 1 << 16)]
+            sender = threading.Thread(target=lambda: [sock.sendall(data[a:b]) for a, b in
+                                                      zip(cuts, [*cuts[1:], len(data)])])
+            sender.start()  # replies are read meanwhile: a client that never reads is another test
+            replies = [conn.recv()]
+            while replies[-1].get("id") != "sentinel":
+                replies.append(conn.recv())
+            sender.join()
+            *answers, sentinel = replies
+            assert len(answers) == len(lines), f"{len(answers)} replies to {len(lines)} messages"
+            for line, reply in zip(lines, answers):
+                assert "error" in reply or "return" in reply, (line[:200], reply)
+                if "return" in reply and not negotiate:  # only qmp_capabilities runs before it
+                    assert b'"qmp_capabilities"' in line, (line[:200], reply)
+                    negotiate = True
+            assert ("return" in sentinel) == negotiate, sentinel
+        finally:
+            conn.close()
+    except Exception as exc:
+        errors.append(f"{exc!r}"[:2000])
+
+
+def _assert_io_and_jobs(mount: Mount, bystander: Connection, before: dict[str, Any], tag: str) -> None:
+    """The mount serves I/O (bytes compared) and QMP, and no job changed."""
+    data = os.urandom(64 * 1024)
+    offset = int.from_bytes(os.urandom(2), "little") * 16
+    fd = os.open(mount.mountpoint / IO_IMAGE, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+        assert os.pread(fd, len(data), offset) == data
+    finally:
+        os.close(fd)
+    with open(mount.mountpoint / "r.img", "r+b") as f:  # a mirrored image: the write is duplicated
+        f.seek(offset)
+        f.write(data)
+        f.seek(offset)
+        assert f.read(len(data)) == data
+    bystander.send(json.dumps({"execute": "query-block-jobs", "id": tag}).encode() + b"\n")
+    reply = [m for m in bystander.replies_until(tag) if "event" not in m][-1]
+    assert reply["id"] == tag and {j["device"] for j in reply["return"]} == set(JOBS), reply
+    assert stable_state(mount) == before
+
+
+@pytest.fixture
+def volume_mount(two_jobs: Mount) -> Iterator[tuple[Mount, str, Connection, dict[str, Any]]]:
+    """The two jobs plus a plain image for I/O checks: (mount, socket path, bystander, state)."""
+    random_image(two_jobs, IO_IMAGE, 4 * MiB)
+    path = (two_jobs.control / "socket").read_text().strip()
+    bystander = Connection(path)
+    try:
+        yield two_jobs, path, bystander, stable_state(two_jobs)
+    finally:
+        bystander.close()
+
+
+def stable_state(mount: Mount) -> dict[str, dict[str, Any]]:
+    """What no hostile input may change (offsets move: writes to a ready job's image count)."""
+    return {d: {k: j[k] for k in KEYS} for d, j in jobs(mount).items()}
+
+
+VOLUME = [pytest.param(1, id="default", marks=pytest.mark.timeout(900)),
+          pytest.param(SLOW_FACTOR, id="slow", marks=[pytest.mark.slow, pytest.mark.timeout(3600)])]
+
+
+@pytest.mark.parametrize("scale", VOLUME)
+def test_qmp_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
+    """QMP_MESSAGES hostile messages (x10 under -m slow) to one live mount, in batches of BATCH
+    over up to 8 concurrent clients with writes from 1 byte to 1 MiB; after every batch the
+    mount serves I/O and answers query-block-jobs with both jobs unchanged."""
+    mount, path, bystander, before = volume_mount
+    sent = [0]
+
+    @settings(FUZZ, max_examples=scale * QMP_MESSAGES // BATCH, phases=[Phase.explicit, Phase.generate])
+    @given(batch=qmp_batches())
+    @example(batch=([[b'{"execute": "x", "id": 1e999}', b'{"execute": "x", "id": NaN}', b"[" * 200 + b"]" * 200,
+                      b'{"execute": "\xff", "id": 1}', b"9" * 600_000, b"[" * 100_000]], [False], [1]))
+    def one(batch: tuple[list[list[bytes]], list[bool], list[int]]) -> None:
+        split, negotiate, chunks = batch
+        errors: list[str] = []
+        threads = [threading.Thread(target=_qmp_client, args=(path, lines, neg, chunk, errors))
+                   for lines, neg, chunk in zip(split, negotiate, chunks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[:3]
+        sent[0] += sum(map(len, split))
+        _assert_io_and_jobs(mount, bystander, before, f"batch-{sent[0]}")
+
+    one()
+    assert sent[0] >= scale * QMP_MESSAGES, f"sent only {sent[0]} messages"
+
+
+_line_word = st.one_of(
+    st.sampled_from(["nope.img", "../../etc/passwd", "'unclosed", '"a b"', "pivot=maybe", "force=perhaps",
+                     "speed=1e999", "speed=-1", "speed=" + "9" * 5000, "granularity=3K", "colour=blue",
+                     "a\0b", "bogus=1", "#", "\\", "=", "sync=full", "create=true"]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=15),
+    st.sampled_from(["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r", "\t", "\0"]),
+)
+
+
+@st.composite
+def hostile_lines(draw: Any) -> bytes:
+    """One control write that must fail: a command that can never be valid (mirror always
+    carries an unknown option, the others an unknown image), any words and separators; or bytes
+    that are not UTF-8."""
+    roll = draw(st.integers(0, 9))
+    if roll == 0:
+        junk = draw(st.binary(min_size=1, max_size=60))
+        return b"\xff" + junk.replace(b"\n", b" ") + b"\n"
+    if roll == 1:
+        # Well-formed but for a NUL, so it reaches the commands: on an image that exists (not a
+        # job), a target path, a size. A NUL is never valid, so nothing can start.
+        nul = draw(st.text(max_size=4).map(lambda t: t.replace("\n", "") + "\0"))
+        line = draw(st.sampled_from([f"pause {IO_IMAGE}{nul}", f"resume {nul}{IO_IMAGE}",
+                                     f"cancel {IO_IMAGE} force=true{nul}", f"set-speed {IO_IMAGE} 1{nul}M",
+                                     f"mirror {IO_IMAGE} /tmp/t{nul}x.img create=true",
+                                     f"mirror {IO_IMAGE} '/tmp/t x{nul}' bitmap=/tmp/b{nul}"]))
+        return line.encode("utf-8") + b"\n"
+    command = draw(st.sampled_from(CONTROL_WORDS))
+    words = draw(st.lists(_line_word, max_size=6))
+    sep = draw(st.sampled_from([" ", "\t", "\x0b", "\u2028"]))
+    if command == "mirror":
+        words.append("colour=blue")
+    elif command:
+        words.insert(0, "nope.img")
+    else:
+        command = draw(st.text(alphabet="abcdefghij-", min_size=1, max_size=12).filter(
+            lambda c: c not in CONTROL_WORDS))
+    line = sep.join([command, *words])
+    assert not any(job in line for job in JOBS)
+    return line.encode("utf-8") + b"\n"
+
+
+@pytest.mark.parametrize("scale", VOLUME)
+def test_control_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
+    """CONTROL_LINES hostile control lines (x10 under -m slow), each in its own write(2): each
+    fails with EINVAL or EBUSY and a one-line error in the history; after every batch of
+    LINE_BATCH the mount serves I/O and answers query-block-jobs with both jobs unchanged."""
+    mount, path, bystander, before = volume_mount
+    sent = [0]
+
+    @settings(FUZZ, max_examples=scale * CONTROL_LINES // LINE_BATCH, phases=[Phase.explicit, Phase.generate])
+    @given(lines=st.lists(hostile_lines(), min_size=LINE_BATCH, max_size=LINE_BATCH))
+    def one(lines: list[bytes]) -> None:
+        fd = os.open(mount.control / "control", os.O_WRONLY)
+        try:
+            for data in lines:
+                try:
+                    os.write(fd, data)
+                    result = 0
+                except OSError as exc:
+                    result = exc.errno
+                effective = _effective(data)
+                assert result == (errno.EINVAL if effective else 0) or result == errno.EBUSY, (data[:200], result)
+        finally:
+            os.close(fd)
+        last = (mount.control / "control").read_bytes().decode("utf-8").split("\n")[-2]
+        assert " -> error: " in last, last
+        sent[0] += len(lines)
+        _assert_io_and_jobs(mount, bystander, before, f"lines-{sent[0]}")
+
+    one()
+    assert sent[0] >= scale * CONTROL_LINES, f"sent only {sent[0]} lines"

@@ -239,6 +239,58 @@ _wrong_commands = st.one_of(
     st.builds(lambda n, c: b'{"execute": "' + c * n, st.integers(0, 3000), st.sampled_from([b"a", b"\\", b"{"])),
 )
 
+# Number texts at and past what a double or 64 bits hold, as a peer may write them.
+_raw_numbers = st.one_of(
+    st.sampled_from([b"1e999", b"-1e999", b"1E+309", b"1.8e308", b"-0", b"1e-999", b"18446744073709551615",
+                     b"18446744073709551616", b"-9223372036854775808", b"-9223372036854775809", b"NaN",
+                     b"Infinity", b"-Infinity"]),
+    st.integers().map(lambda n: str(n).encode()),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()),
+    st.builds(lambda n, e: b"9" * n + e, st.integers(1, 6000), st.sampled_from([b"", b".5", b"e10", b"e-400"])),
+)
+
+
+@pytest.mark.parametrize("number, decoded", [
+    (b"1e308", 1e308), (b"18446744073709551615", 2**64 - 1), (b"-9223372036854775808", -2**63),
+    (b"18446744073709551616", 1.8446744073709552e19), (b"-9223372036854775809", -9.223372036854776e18),
+    (b"1e-999", 0.0),
+])
+def test_numbers_follow_qemu_integers_past_64_bits_become_doubles(number: bytes, decoded: Any) -> None:
+    pair = ConnectionPair()
+    pair.negotiate()
+    [cmd] = pair.push(b'{"execute": "x", "id": ' + number + b"}")
+    assert cmd.id == decoded and type(cmd.id) is type(decoded)
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1e999", b"1E+309", b"9" * 5000, b"-" + b"9" * 400 + b".0"])
+@pytest.mark.parametrize("negotiated", [False, True])
+def test_numbers_no_double_holds_are_a_parse_error(number: bytes, negotiated: bool) -> None:
+    pair = ConnectionPair()
+    if negotiated:
+        pair.negotiate()
+    for where in (b'{"execute": "x", "id": %s}', b'{"execute": "x", "arguments": {"a": [%s]}}', b"%s\n"):
+        [reply] = pair.push(where.replace(b"%s", number))
+        assert isinstance(reply, Reply) and reply.error_class == "GenericError"
+        assert reply.desc == "JSON parse error, number out of range"
+        assert json.loads(reply.data) == {"error": {"class": "GenericError", "desc": reply.desc}}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(msg_id=_raw_numbers, argument=_raw_numbers, negotiated=st.booleans())
+def test_fuzz_every_accepted_command_can_be_answered(msg_id: bytes, argument: bytes, negotiated: bool) -> None:
+    """Whatever numbers a command holds, the core answers it or hands over a Command whose id and
+    arguments encode again: a reply can never fail to be written."""
+    pair = ConnectionPair()
+    if negotiated:
+        pair.negotiate()
+    [event] = pair.push(b'{"execute": "x", "arguments": {"a": ' + argument + b'}, "id": ' + msg_id + b"}")
+    if isinstance(event, Command):
+        assert json.loads(pair.server.send_return(event.id, event.arguments))["return"] == event.arguments
+        pair.server.send_error(event.id, "GenericError", "no")
+    else:
+        assert isinstance(event, Reply) and json.loads(event.data)["error"]["class"] in (
+            "GenericError", "CommandNotFound")
+
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(junk=st.lists(_wrong_commands, min_size=1, max_size=4), chunk=st.integers(1, 500))

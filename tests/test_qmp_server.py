@@ -255,11 +255,103 @@ async def test_server_commands_and_errors(served: Any, caplog: pytest.LogCapture
         reply = await c.command("crash", id=5)
         assert reply == {"error": {"class": "GenericError", "desc": "internal error: ZeroDivisionError('boom')"},
                          "id": 5}
+        with pytest.raises(EOFError):  # a bug closes that client, after its reply
+            await c.recv()
+        c = await RawClient.connect(server.path)
         reply = await c.command("bad-return", id=6)
         assert reply["error"]["desc"].startswith("internal error: cannot encode QMP message")
+        with pytest.raises(EOFError):
+            await c.recv()
     assert any("ZeroDivisionError: boom" in (r.exc_text or "") for r in caplog.records), "traceback must be logged"
     # The server survived both bugs.
+    c = await RawClient.connect(server.path)
     assert await c.command("echo", {"k": "v"}, id=7) == {"return": {"k": "v"}, "id": 7}
+
+
+# ---------------------------------------------------------------------------- failure containment
+
+def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info or r.exc_text]
+
+
+async def _assert_contained(server: QMPServer, bystander: "RawClient", victim: "RawClient",
+                            caplog: pytest.LogCaptureFixture, marker: str) -> None:
+    """The victim is disconnected, the bug logged once with its traceback, everyone else served."""
+    with trio.fail_after(10):
+        with pytest.raises((EOFError, trio.BrokenResourceError)):
+            while True:
+                await victim.recv()
+        assert (await bystander.command("echo", {"still": "here"}, id="b"))["return"] == {"still": "here"}
+        fresh = await RawClient.connect(server.path)
+        assert (await fresh.command("echo", {"n": 1}))["return"] == {"n": 1}
+        while server.statistics()["clients"] != 2:
+            await trio.sleep(0.01)
+    logged = _tracebacks(caplog)
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert marker in logging.Formatter().format(logged[0]), logged[0]
+
+
+async def test_exception_injected_into_a_handler_closes_that_client_only(
+        served: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, handler = served
+    bystander = await RawClient.connect(server.path)
+    victim = await RawClient.connect(server.path)
+    original = handler.execute
+
+    async def poisoned(name: str, arguments: dict[str, Any]) -> Any:
+        if arguments.get("poison"):
+            raise KeyError("injected into the handler")
+        return await original(name, arguments)
+
+    monkeypatch.setattr(handler, "execute", poisoned)
+    with caplog.at_level(logging.DEBUG, logger="mirrorfs.control.qmp_server"):
+        assert await victim.command("echo", {"poison": True}, id=9) == \
+            {"error": {"class": "GenericError", "desc": "internal error: KeyError('injected into the handler')"},
+             "id": 9}
+        await _assert_contained(server, bystander, victim, caplog, "injected into the handler")
+
+
+async def test_exception_injected_into_the_protocol_core_closes_that_client_only(
+        served: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever raises while a client is served (here: the core, which promises never to) ends
+    that client's task only; nothing reaches the server's nursery."""
+    import mirrorfs.control.qmp_proto as proto
+
+    server, handler = served
+    bystander = await RawClient.connect(server.path)
+    victim = await RawClient.connect(server.path)
+    original = proto._check_command
+
+    def poisoned(msg: Any) -> Any:
+        if isinstance(msg, dict) and "poison" in msg.get("arguments", {}):
+            raise RuntimeError("injected into the core")
+        return original(msg)
+
+    monkeypatch.setattr(proto, "_check_command", poisoned)
+    with caplog.at_level(logging.DEBUG, logger="mirrorfs.control.qmp_server"):
+        await victim.send(b'{"execute": "echo", "arguments": {"poison": 1}}\n')
+        await _assert_contained(server, bystander, victim, caplog, "injected into the core")
+
+
+async def test_exception_injected_into_the_event_writer_closes_that_client_only(
+        served: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, handler = served
+    bystander = await RawClient.connect(server.path)
+    victim = await RawClient.connect(server.path)
+    [victim_client] = [c for n, c in server._clients.items() if n == max(server._clients)]
+    original = victim_client.send
+
+    async def poisoned(data: bytes) -> None:
+        if b'"event"' in data:
+            raise ValueError("injected into the event writer")
+        await original(data)
+
+    monkeypatch.setattr(victim_client, "send", poisoned)
+    with caplog.at_level(logging.DEBUG, logger="mirrorfs.control.qmp_server"):
+        server.emit("SOME_EVENT", {"n": 1})
+        with trio.fail_after(10):
+            assert (await bystander.recv())["event"] == "SOME_EVENT"
+        await _assert_contained(server, bystander, victim, caplog, "injected into the event writer")
 
 
 async def test_many_clients_at_once_and_a_misbehaving_one(served: Any) -> None:

@@ -23,6 +23,25 @@ def _reject_unknown(name: str, args: Mapping[str, Any], allowed: set[str]) -> No
             raise UsageError(f"Parameter '{key}' is unexpected for {name}")
 
 
+def _holds_nul(value: Any) -> bool:
+    # Depth is bounded by the QMP framer (128 levels), so plain recursion is safe.
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, Mapping):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+def _reject_nul(args: Mapping[str, Any]) -> None:
+    # No path, image name or URI can hold a NUL: os and the kernel refuse it with ValueError,
+    # deep inside a command. Refused here, the user gets one line naming the parameter.
+    for key, value in args.items():
+        if _holds_nul(key) or _holds_nul(value):
+            raise UsageError(f"Parameter '{key}' must not contain a NUL character")
+
+
 def _required(args: Mapping[str, Any], key: str) -> Any:
     if key not in args:
         raise UsageError(f"Parameter '{key}' is missing")
@@ -70,6 +89,7 @@ class CommandDispatcher:
                                qmp_class="CommandNotFound", exit_code=2)
         if not isinstance(arguments, Mapping):
             raise UsageError("QMP input member 'arguments' must be an object")
+        _reject_nul(arguments)
         return await handler(arguments)
 
     # ------------------------------------------------------------------ queries

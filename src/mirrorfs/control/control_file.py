@@ -6,7 +6,9 @@ and keeps the recent outcomes that reading the file returns.
 
 Grammar (SPEC): ``mirror IMAGE TARGET [key=value ...]``, ``complete IMAGE... [pivot=false]``,
 ``cancel IMAGE... [force=true]``, ``pause IMAGE``, ``resume IMAGE``, ``set-speed IMAGE RATE``.
-Words are split like a shell does (``shlex``), so paths with spaces can be quoted.
+Words are split like a shell does (``shlex``), so paths with spaces can be quoted. Only ``\n``
+ends a line: a path may hold any other character, also the ones ``str.splitlines`` would break at
+(``\v``, ``\f``, ``\x1c``-``\x1e``, ``\x85``, ``\u2028``, ``\u2029``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shlex
 from typing import Any, Protocol
 
 from ..errors import MirrorfsError, UsageError
+from .render import printable
 
 MIRROR_KEYS = {"sync", "granularity", "bitmap", "speed", "buf-size", "create", "copy-mode",
                "on-target-error", "on-source-error", "job-id", "verify-resync"}
@@ -113,7 +116,7 @@ class ControlFile:
         except UnicodeDecodeError:
             self._record("<binary data>", "error: commands must be UTF-8 text")
             raise UsageError("commands must be UTF-8 text") from None
-        for line in text.splitlines():
+        for line in text.split("\n"):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
@@ -129,7 +132,8 @@ class ControlFile:
         shown = line.strip()
         if len(shown) > 200:
             shown = shown[:200] + "..."
-        self._history.append(f"{stamp} {shown} -> {outcome}")
+        shown = printable(shown)
+        self._history.append(f"{stamp} {shown} -> {printable(outcome)}")
 
     def render(self) -> bytes:
         return "".join(f"{entry}\n" for entry in self._history).encode()

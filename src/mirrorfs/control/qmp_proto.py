@@ -34,6 +34,7 @@ never raise out of the core: it always becomes a :class:`Reply` carrying an erro
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -301,6 +302,30 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid literal {name}")
 
 
+# QEMU's parser keeps an integer that fits int64 or uint64 and makes any other one a double.
+_INT_MIN, _UINT_MAX = -(1 << 63), (1 << 64) - 1
+# Longest integer text that can still fit 64 bits ("-9223372036854775808" is 20 characters).
+_INT_DIGITS = 20
+
+
+def _finite_float(text: str) -> float:
+    # Python turns 1e999 into inf, which no JSON reply can carry back (an echoed id, say):
+    # refuse it here so every value that enters the server is one it can encode.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int | float:
+    # The length test first: int() of thousands of digits is refused (or slow), float() is not.
+    if len(text) <= _INT_DIGITS:
+        value = int(text)
+        if _INT_MIN <= value <= _UINT_MAX:
+            return value
+    return _finite_float(text)
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -311,7 +336,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _decode(text: bytes) -> Any:
-    """Parse one framed JSON value strictly (UTF-8, no NaN, no duplicate keys).
+    """Parse one framed JSON value strictly (UTF-8, no NaN, no duplicate keys, finite numbers).
+
+    Numbers follow QEMU's parser: an integer outside int64/uint64 becomes a double, and a number
+    no double can hold (``1e999``) is refused, so whatever this returns can be encoded again.
 
     Raises:
         ValueError: the text is not valid JSON; the message says why.
@@ -321,7 +349,8 @@ def _decode(text: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise ValueError(f"invalid UTF-8 sequence at byte {exc.start}") from None
     try:
-        return json.loads(s, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        return json.loads(s, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise ValueError(exc.msg.lower()) from None
     except RecursionError:

@@ -14,6 +14,20 @@ Invariants:
   events of one client are written under one lock so messages never interleave on the wire.
 * The socket is created 0600 with no window: bound under a ``0o177`` umask. A stale socket file
   (nobody accepts on it) is replaced; a live one, or a file that is not a socket, is refused.
+
+Failure containment: nothing a client does reaches the mount's service nursery. Two layers
+enforce it:
+
+1. The protocol core never raises on peer input (:mod:`~mirrorfs.control.qmp_proto`): junk,
+   non-finite or huge numbers, deep nesting and invalid UTF-8 become error replies, and every
+   value it accepts can be encoded again (an echoed ``id`` cannot fail).
+2. :meth:`QMPServer._serve_client` is the boundary of one client. A peer that vanishes ends that
+   task quietly; any other exception (a bug in a command handler, in the core or here) is logged
+   once, with its traceback, and closes that client only. A command whose handler failed
+   unexpectedly is answered ``GenericError`` "internal error: ..." before the connection is
+   closed, so the client learns why; it reconnects and queries the state afresh, since an
+   interrupted command may have done part of its work. Other clients, the engine and the mount
+   keep running. Only cancellation (shutdown) crosses this boundary.
 """
 
 from __future__ import annotations
@@ -100,7 +114,8 @@ class QMPServer:
     Error handling:
         A client that sends junk gets error replies; one that disconnects or breaks the stream
         ends its own task only. A handler exception that is not a ``MirrorfsError`` is a bug: it
-        is logged with its traceback and answered ``GenericError`` "internal error: ...".
+        is logged with its traceback, answered ``GenericError`` "internal error: ..." and that
+        client is disconnected (see "Failure containment" above).
     """
 
     def __init__(self, path: str, handler: CommandHandler, *, event_queue_size: int = 1024,
@@ -261,6 +276,13 @@ class QMPServer:
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
             # The peer vanished mid-write or reset the connection: its business only.
             log.debug("QMP client %d gone: %s", number, group.exceptions[0])
+        except* _CommandBug:
+            pass  # logged and answered by _dispatch; leaving the task closes the connection
+        except* Exception as group:
+            # A bug while serving this client: it must not take the other clients or the mount
+            # with it (see "Failure containment" in the module docstring).
+            log.error("QMP client %d closed after an internal error", number,
+                      exc_info=group.exceptions[0] if len(group.exceptions) == 1 else group)
         finally:
             del self._clients[number]
             client.events_send.close()
@@ -286,25 +308,31 @@ class QMPServer:
                 continue
             assert isinstance(event, Command)
             self._stats["commands"] += 1
-            reply = await self._dispatch(conn, event)
+            reply, bug = await self._dispatch(client, event)
             await client.send(reply)
+            if bug is not None:
+                raise bug
 
-    async def _dispatch(self, conn: QMPServerConnection, cmd: Command) -> bytes:
+    async def _dispatch(self, client: _Client, cmd: Command) -> tuple[bytes, "_CommandBug | None"]:
+        """Run one command: its reply, and the bug that must close the client after it."""
+        conn = client.conn
         try:
             value = await self._execute(conn, cmd)
             # LocalProtocolError here: the command returned something JSON cannot carry. A bug.
-            return conn.send_return(cmd.id, value)
+            return conn.send_return(cmd.id, value), None
         except LocalProtocolError as exc:
-            log.exception("QMP command %s returned an unencodable value", cmd.name)
-            self._stats["errors"] += 1
-            return conn.send_error(cmd.id, "GenericError", f"internal error: {exc}")
+            bug: Exception = exc
+            desc = f"internal error: {exc}"
         except MirrorfsError as exc:
             self._stats["errors"] += 1
-            return conn.send_error(cmd.id, exc.qmp_class, str(exc), exit_code=exc.exit_code)
-        except Exception as exc:  # a bug in a command: report it, keep serving (see class doc)
-            log.exception("QMP command %s failed with an internal error", cmd.name)
-            self._stats["errors"] += 1
-            return conn.send_error(cmd.id, "GenericError", f"internal error: {exc!r}")
+            return conn.send_error(cmd.id, exc.qmp_class, str(exc), exit_code=exc.exit_code), None
+        except Exception as exc:  # a bug in a command (see "Failure containment")
+            bug = exc
+            desc = f"internal error: {exc!r}"
+        log.error("QMP command %s failed with an internal error; closing client %d",
+                  cmd.name, client.number, exc_info=bug)
+        self._stats["errors"] += 1
+        return conn.send_error(cmd.id, "GenericError", desc), _CommandBug()
 
     async def _execute(self, conn: QMPServerConnection, cmd: Command) -> Any:
         if cmd.name in ("query-version", "query-commands"):
@@ -318,6 +346,10 @@ class QMPServer:
         if cmd.name not in self.handler.command_names():
             raise _not_found(cmd.name)
         return await self.handler.execute(cmd.name, cmd.arguments)
+
+
+class _CommandBug(Exception):
+    """Closes a client whose command failed unexpectedly (already logged and answered)."""
 
 
 def _generic(message: str) -> MirrorfsError:

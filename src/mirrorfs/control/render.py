@@ -13,11 +13,32 @@ from typing import Any, Sequence
 
 from ..units import format_size
 
-__all__ = ["STATUS_COLUMNS", "job_state", "job_percent", "job_eta", "format_eta", "format_rate",
+__all__ = ["STATUS_COLUMNS", "printable", "job_state", "job_percent", "job_eta", "format_eta", "format_rate",
            "format_progress", "status_row", "render_status_table"]
 
 #: Column headers of the status table, in order.
 STATUS_COLUMNS = ("IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "TARGET", "IO-STATUS", "PAUSED")
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped, so it is one line of plain text.
+
+    Names come from the source directory and from users: a file name that is not UTF-8 holds
+    lone surrogates (``os.fsdecode``), which no UTF-8 file or terminal can carry, and one may
+    hold newlines or terminal escape sequences. A byte smuggled in as a surrogate is shown as
+    ``\\xNN``, anything else as Python's escape (``\\x1b``, ``\\n``, ``\\u2028``).
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 def _int(job: dict[str, Any], key: str) -> int:
@@ -83,14 +104,14 @@ def format_progress(job: dict[str, Any]) -> str:
 def status_row(job: dict[str, Any]) -> list[str]:
     """The cells of one job's row, in the order of :data:`STATUS_COLUMNS`."""
     return [
-        str(job.get("device", "?")),
-        job_state(job),
+        printable(str(job.get("device", "?"))),
+        printable(job_state(job)),
         format_progress(job),
         format_size(_int(job, "dirty-bytes")),
         format_rate(job),
         format_eta(job_eta(job)),
-        str(job.get("target", "-")),
-        str(job.get("io-status", "ok")),
+        printable(str(job.get("target", "-"))),
+        printable(str(job.get("io-status", "ok"))),
         "yes" if job.get("paused") else "no",
     ]
 

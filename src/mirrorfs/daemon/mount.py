@@ -413,8 +413,10 @@ def cli_mount(args: argparse.Namespace) -> int:
         os.dup2(log_fd, 2)
         os.close(null_fd)
         os.close(log_fd)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        # Names from the source directory may not be UTF-8 (lone surrogates): a log line that
+        # mentions one must still be written, escaped, rather than fail in the logging module.
+        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
         _setup_logging(args.log_level, sys.stderr)
 
         def ready() -> None:
