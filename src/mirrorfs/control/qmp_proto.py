@@ -132,7 +132,6 @@ class Event:
     timestamp: dict[str, int]
 
 
-ServerEvent = Union[Command, Reply]
 ClientEvent = Union[Greeting, Return, Error, Event]
 
 
