@@ -528,5 +528,5 @@ class Operations(pyfuse3.Operations):
         await self._fhs.release(fh)
 
     def close_all(self) -> None:
-        """Close every source descriptor (at unmount, after the FUSE session ended)."""
+        """At unmount, once the FUSE session ended: close what the opens left open."""
         self._fhs.close_all()
