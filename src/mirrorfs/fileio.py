@@ -5,35 +5,18 @@ engine, local targets) goes through ``pread``/``pwrite``/``fsync``, and the FUSE
 metadata call on the source (lookup, stat, open, create, rename, unlink, truncate, statfs,
 directory listing, close) through ``call``, so the choice below is made once.
 
-The choice (measured, see below): plain ``pread``/``pwrite`` run in a worker thread through
-``trio.to_thread.run_sync`` with a shared ``CapacityLimiter``. Running them directly on the trio
-thread is cheaper per call, but a single request against slow storage (a stalled disk, NFS, a
-FUSE-on-FUSE source) would then freeze *every* other request of the mount, including
-``.mirrorfs/`` control files and the QMP socket (tests/test_fs_concurrency.py proves it does not).
-``fsync`` always runs in a thread: it is the call that can take seconds.
-
-Measured 2026-11-26 on the shared 2-core machine (load average ~28 during the runs), fio through
-the mount onto an image on tmpfs, O_DIRECT, interleaved thread/direct, medians of 3:
-
-====================  ===========  ===========  ==================
-job                   thread       direct       direct / thread
-====================  ===========  ===========  ==================
-4k randwrite QD1      3280 IOPS    18353 IOPS   5.6x (~300 vs 55 us)
-4k randwrite QD16     7861 IOPS    23406 IOPS   3.0x
-1M seq write QD1      780 MiB/s    656 MiB/s    0.84x (noise: equal)
-====================  ===========  ===========  ==================
-
-So threads cost ~150-250 us of hand-off per small request on this loaded box and nothing for 1 MiB
-requests. We keep threads for the concurrency guarantee. A follow-up could run I/O directly for
-descriptors on memory-backed filesystems (tmpfs never blocks), keeping threads everywhere else.
-
-That follow-up is the default now (``auto``): before each pread/pwrite, one ``fstatfs`` (~1 us)
-asks what the descriptor lives on; on a memory-backed filesystem (tmpfs, ramfs: no device, no
-network, the call costs a memory copy) the call runs directly on the trio thread, anywhere else
-in a worker thread as before. Asking per call, not per open, keeps it right when a descriptor
-number is reused for another file. (``RWF_NOWAIT``, the kernel's own "would this block" test,
-would be more general, but tmpfs answers it with EOPNOTSUPP.) Measured with ``scripts/bench``,
-see docs/performance.md.
+Where the calls run: in a worker thread (``trio.to_thread.run_sync`` with a shared
+``CapacityLimiter``), except on memory-backed filesystems. Running a call on the trio thread is
+cheaper, but a single request against slow storage (a stalled disk, NFS, a FUSE-on-FUSE source)
+would then freeze *every* other request of the mount, including ``.mirrorfs/`` control files and
+the QMP socket (tests/test_fs_concurrency.py proves it does not). A descriptor on tmpfs or ramfs
+(no device, no network: the call costs a memory copy) never blocks, so in ``auto`` mode its
+pread/pwrite run directly on the trio thread, where the thread hand-off would cost more than the
+I/O itself. The question is asked per call (one ``fstatfs``), not per open, so the answer stays
+right when a descriptor number is reused for another file. (``RWF_NOWAIT``, the kernel's own
+"would this block" test, would be more general, but tmpfs answers it with EOPNOTSUPP.) ``fsync``
+always runs in a thread: it is the call that can take seconds. The measurements behind this are
+in docs/performance.md.
 
 The FUSE request paths go one step further (``inline_capable``, ``pread_now``/``pwrite_now``):
 the owner of a descriptor asks once (an ``OpenHandle`` at open and at a pivot, a local target at

@@ -312,12 +312,6 @@ class _BitmapCore:
             n -= self.granularity - partial
         return n
 
-    def cluster_is_dirty(self, index: int) -> bool:
-        """Whether cluster ``index`` is dirty."""
-        if not 0 <= index < self.clusters:
-            raise UsageError(f"cluster {index} is outside the image ({self.clusters} clusters)")
-        return bool((int(self._words[index >> 6]) >> (index & 63)) & 1)
-
     def cluster_runs(self, start: int = 0) -> Iterator[tuple[int, int]]:
         """Runs of dirty clusters as [first, end) cluster indices, from cluster ``start``."""
         return _iter_cluster_runs(self._words, self.clusters, max(0, start))

@@ -133,7 +133,6 @@ class Event:
     timestamp: dict[str, int]
 
 
-ServerEvent = Union[Command, Reply]
 ClientEvent = Union[Greeting, Return, Error, Event]
 
 

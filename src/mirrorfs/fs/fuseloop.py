@@ -3,11 +3,10 @@
 pyfuse3's ``_session_loop`` (``internal.pxi``) serves one request per round: it takes a
 ``trio.Lock`` (a checkpoint even when nobody else holds it), then ``trio.lowlevel.wait_readable``
 on the FUSE device (an ``epoll_ctl`` and a scheduler pass, even when a request is already
-queued), then reads and dispatches. Measured here: a checkpoint costs ~2.8 us, an uncontended
-``async with trio.Lock()`` ~3.8 us and a ``wait_readable`` on a ready descriptor ~6 us, against
-~3 us for mirrorfs's whole write handler. And when the loop sleeps between two requests of a
-synchronous writer, waking it costs more than serving the request: on these VMs an idle vCPU
-halts and needs an interrupt to run again.
+queued), then reads and dispatches. Each of those steps costs about as much as mirrorfs's whole
+write handler (figures in docs/performance.md), so on a fast source they, not the handler, bound
+the request rate. And when the loop sleeps between two requests of a synchronous writer, waking
+it costs more than serving the request: an idle vCPU halts and needs an interrupt to run again.
 
 pyfuse3 has no hook for this, but looks ``trio`` up in its module globals at run time, so
 ``install()`` gives pyfuse3 alone a ``trio`` namespace in which two names differ:

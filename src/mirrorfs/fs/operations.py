@@ -2,7 +2,9 @@
 
 Role: translate FUSE requests into calls on the source directory (or on an ``ImageNode``'s job,
 see ``node.py``) and nothing more. Everything that decides anything lives below (mirror engine)
-or beside (``control_dir``).
+or beside (``control_dir``). The state the handlers keep lives in ``inodes.py`` (paths, inode
+numbers, image nodes) and ``handles.py`` (open handles); the blocking calls they run off the
+trio thread in ``sourcecalls.py``; the attributes they report in ``attrs.py``.
 
 Invariants:
 - Inode numbers are stable while mounted: the table maps source-relative paths to inodes and
@@ -26,17 +28,15 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import inspect
-import itertools
 import logging
 import os
 import stat
 import time
 import types
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -44,20 +44,17 @@ from pyfuse3 import FUSEError
 from .. import fileio
 from ..errors import MirrorfsError, UsageError
 from ..metrics.requests import SLOT_OF, RequestStats, Timing
-from .control_dir import CONTROL_DIR_INODE, CONTROL_DIR_NAME, FIRST_DYNAMIC_INODE, ControlDir, VirtualFile
-from .node import STRIPPED_OPEN_FLAGS, ImageNode, OpenHandle
+from .attrs import source_attributes, virtual_attributes
+from .control_dir import CONTROL_DIR_INODE, CONTROL_DIR_NAME, ControlDir, VirtualFile
+from .handles import HandleTable, VirtualHandle, fd_flags
+from .inodes import ROOT_INODE, InodeTable, fd_of_unlinked
+from .node import ImageNode, OpenHandle
 from .rename2 import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
+from .sourcecalls import apply_setattr, create_file, list_dir, make_dir
 
 log = logging.getLogger(__name__)
 
-ROOT_INODE: int = pyfuse3.ROOT_INODE
 _CONTROL_NAME_B = CONTROL_DIR_NAME.encode()
-#: How long the kernel may cache names and attributes. Short, because the mirror engine can change
-#: what backs a file (pivot) and sizes must come from the backing file.
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-_O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -112,18 +109,6 @@ def _guard(func: F, timing: Timing | None = None) -> F:
     return timed  # type: ignore[return-value]
 
 
-class _VirtualHandle:
-    """An open of a ``.mirrorfs/`` file: the content snapshot taken at open time."""
-
-    __slots__ = ("vfile", "content", "ctx", "flags")
-
-    def __init__(self, vfile: VirtualFile, content: bytes, ctx: pyfuse3.RequestContext, flags: int):
-        self.vfile = vfile
-        self.content = content
-        self.ctx = ctx
-        self.flags = flags
-
-
 class Operations(pyfuse3.Operations):
     """Passthrough of ``source_dir`` plus the virtual ``.mirrorfs/`` directory.
 
@@ -144,19 +129,14 @@ class Operations(pyfuse3.Operations):
         self.source_dir = os.path.abspath(source_dir)
         self.control_dir = ControlDir()
         self._started_ns = time.time_ns()
-        self._owner_uid = os.getuid()
-        self._owner_gid = os.getgid()
+        self._owner = (os.getuid(), os.getgid())
         self._is_root = os.geteuid() == 0
-        # The inode table: see the module invariant "stable inode numbers".
-        self._path_of: dict[int, str] = {ROOT_INODE: ""}
-        self._inode_of: dict[str, int] = {"": ROOT_INODE}
-        self._inode_counter = itertools.count(FIRST_DYNAMIC_INODE)
-        self._nodes: dict[int, ImageNode] = {}
-        # File handles of all kinds share one counter so a number identifies one kind of handle.
-        self._fh_counter = itertools.count(1)
-        self._handles: dict[int, OpenHandle] = {}
-        self._vhandles: dict[int, _VirtualHandle] = {}
-        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._inodes = InodeTable(self.source_dir)
+        self._fhs = HandleTable(self._inodes)
+        # The handle table's own dicts, bound here so that read and write find a handle in one
+        # lookup.
+        self._handles = self._fhs.files
+        self._vhandles = self._fhs.virtual
 
     # ------------------------------------------------------------------ the seam (public API)
 
@@ -173,20 +153,16 @@ class Operations(pyfuse3.Operations):
         rel = os.path.normpath(relpath.lstrip("/")) if relpath.strip("/") else ""
         if not rel or rel == "." or rel.startswith("..") or rel.split("/")[0] == CONTROL_DIR_NAME:
             raise UsageError(f"invalid image name {relpath!r}: give a file path relative to the mount")
-        inode = self._inode_of.get(rel)
-        if inode is not None and inode in self._nodes:
-            return self._nodes[inode]
+        inode = self._inodes.known(rel)
+        if inode is not None and inode in self._inodes.nodes:
+            return self._inodes.nodes[inode]
         try:
-            st = os.stat(self._abspath(rel))
+            st = os.stat(self._inodes.abspath(rel))
         except OSError as exc:
             raise UsageError(f"no such image {relpath!r} in the mount ({exc.strerror})") from None
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{relpath!r} is not a regular file")
-        return self._node_for(self._inode_for(rel), rel)
-
-    def nodes(self) -> Iterator[ImageNode]:
-        """Every ``ImageNode`` currently known (looked up or open)."""
-        return iter(list(self._nodes.values()))
+        return self._inodes.node_for(self._inodes.inode_for(rel), rel)
 
     def time_requests(self, stats: RequestStats) -> None:
         """Count and time every request type into ``stats`` from now on (``--metrics``).
@@ -200,163 +176,20 @@ class Operations(pyfuse3.Operations):
                 unguarded = getattr(handler, "__wrapped__", handler)
                 setattr(self, name, types.MethodType(_guard(unguarded, stats.timing(name)), self))
 
-    def handle(self, fh: int) -> OpenHandle:
-        """The ``OpenHandle`` for a FUSE file handle.
-
-        Raises:
-            KeyError: no such open handle.
-        """
-        return self._handles[fh]
-
-    # ------------------------------------------------------------------ inode table helpers
-
-    def _abspath(self, relpath: str) -> str:
-        return os.path.join(self.source_dir, relpath) if relpath else self.source_dir
-
-    def _inode_for(self, relpath: str) -> int:
-        inode = self._inode_of.get(relpath)
-        if inode is None:
-            inode = next(self._inode_counter)
-            self._inode_of[relpath] = inode
-            self._path_of[inode] = relpath
-        return inode
-
-    def _node_for(self, inode: int, relpath: str) -> ImageNode:
-        node = self._nodes.get(inode)
-        if node is None:
-            node = ImageNode(inode=inode, relpath=relpath, backing_path=self._abspath(relpath))
-            self._nodes[inode] = node
-        return node
-
-    def _relpath(self, inode: int) -> str:
-        try:
-            return self._path_of[inode]
-        except KeyError:
-            raise FUSEError(errno.ENOENT) from None
-
-    def _child(self, parent_inode: int, name: bytes) -> str:
-        """Source-relative path of ``name`` in directory ``parent_inode``."""
-        if parent_inode == CONTROL_DIR_INODE:
-            raise FUSEError(errno.EPERM)
-        parent = self._relpath(parent_inode)
-        fname = os.fsdecode(name)
-        if "/" in fname or fname in ("", ".", ".."):
-            raise FUSEError(errno.EINVAL)
-        return f"{parent}/{fname}" if parent else fname
-
-    def _forget_path(self, relpath: str) -> None:
-        """Drop the table entry of a removed path (and of everything below it)."""
-        prefix = relpath + "/"
-        for rel in [r for r in self._inode_of if r == relpath or r.startswith(prefix)]:
-            inode = self._inode_of.pop(rel)
-            self._path_of.pop(inode, None)
-            node = self._nodes.get(inode)
-            if node is not None:
-                node.relpath = ""
-                if not node.handles:
-                    del self._nodes[inode]
-
-    def _move_paths(self, moves: list[tuple[str, str]]) -> None:
-        """Give every entry at or below each ``old`` the path below ``new`` instead, all moves at
-        once (so ``[(a, b), (b, a)]`` swaps two names)."""
-        moved = []
-        for old, new in moves:
-            prefix = old + "/"
-            moved += [(rel, new + rel[len(old):]) for rel in self._inode_of if rel == old or rel.startswith(prefix)]
-        inodes = [self._inode_of.pop(rel) for rel, _ in moved]
-        for (rel, target), inode in zip(moved, inodes):
-            self._inode_of[target] = inode
-            self._path_of[inode] = target
-            node = self._nodes.get(inode)
-            if node is not None:
-                if node.backing_path == self._abspath(rel):
-                    node.backing_path = self._abspath(target)
-                node.relpath = target
-
-    def _check_modify(self, relpath: str, op: str, *, subtree: bool = False) -> None:
-        """Ask the job of every node at (or, for directories, below) ``relpath`` to allow ``op``."""
-        inode = self._inode_of.get(relpath)
-        node = self._nodes.get(inode) if inode is not None else None
-        if node is not None and node.job is not None:
-            node.job.check_modify(op)
-        if subtree:
-            prefix = relpath + "/"
-            for node in list(self._nodes.values()):
-                if node.job is not None and node.relpath.startswith(prefix):
-                    node.job.check_modify(op)
-
     def _check_not_control(self, parent_inode: int, name: bytes) -> None:
         if parent_inode == CONTROL_DIR_INODE or (parent_inode == ROOT_INODE and name == _CONTROL_NAME_B):
             raise FUSEError(errno.EPERM)
 
     # ------------------------------------------------------------------ attributes
 
-    def _attr(self, inode: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = inode
-        entry.generation = 0
-        entry.entry_timeout = ENTRY_TIMEOUT
-        entry.attr_timeout = ATTR_TIMEOUT
-        entry.st_mode = st.st_mode
-        entry.st_nlink = st.st_nlink
-        entry.st_uid = st.st_uid
-        entry.st_gid = st.st_gid
-        entry.st_rdev = st.st_rdev
-        entry.st_size = st.st_size
-        entry.st_blksize = st.st_blksize
-        entry.st_blocks = st.st_blocks
-        entry.st_atime_ns = st.st_atime_ns
-        entry.st_mtime_ns = st.st_mtime_ns
-        entry.st_ctime_ns = st.st_ctime_ns
-        return entry
-
-    def _virtual_attr(self, inode: int, mode: int, size: int, nlink: int = 1) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = inode
-        # Never cached: the content (and so the size) changes all the time.
-        entry.entry_timeout = 0
-        entry.attr_timeout = 0
-        entry.st_mode = mode
-        entry.st_nlink = nlink
-        entry.st_uid = self._owner_uid
-        entry.st_gid = self._owner_gid
-        entry.st_size = size
-        entry.st_blksize = 4096
-        entry.st_blocks = (size + 511) // 512
-        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self._started_ns
-        return entry
-
-    def _stat_plan(self, inode: int) -> Callable[[], os.stat_result]:
-        """The blocking stat of what backs ``inode`` (decided here, run by the caller).
-
-        The backing file for a node (after a pivot: the target), else the source path. An
-        unlinked node is only reachable through an open descriptor (see ``_fd_of_unlinked``).
-        """
-        node = self._nodes.get(inode)
-        if node is not None:
-            if node.unlinked:
-                return functools.partial(_fstat_and_close, self._fd_of_unlinked(node))
-            return functools.partial(os.stat, node.backing_path)
-        return functools.partial(os.lstat, self._abspath(self._relpath(inode)))
-
-    def _fd_of_unlinked(self, node: ImageNode) -> int:
-        """A descriptor of the unlinked ``node`` for a call in a worker thread, which must close it.
-
-        A copy (``dup``, which asks no filesystem): another request may close the handle's own
-        descriptor, and the kernel reuse its number, while the thread works.
-        """
-        for handle in node.handles.values():
-            return os.dup(handle.fd)
-        raise FUSEError(errno.ENOENT)
-
     def _virtual_getattr(self, inode: int) -> pyfuse3.EntryAttributes | None:
         """Attributes of ``.mirrorfs`` and its files; None for any other inode."""
         if inode == CONTROL_DIR_INODE:
-            return self._virtual_attr(inode, stat.S_IFDIR | 0o755, 0, nlink=2)
+            return virtual_attributes(inode, stat.S_IFDIR | 0o755, 0, 2, self._owner, self._started_ns)
         found = self.control_dir.lookup_inode(inode)
         if found is not None:
             _, vfile = found
-            return self._virtual_attr(inode, vfile.mode, len(vfile.read()))
+            return virtual_attributes(inode, vfile.mode, len(vfile.read()), 1, self._owner, self._started_ns)
         if self.control_dir.is_reserved(inode):
             raise FUSEError(errno.ENOENT)
         return None
@@ -366,7 +199,7 @@ class Operations(pyfuse3.Operations):
         if attr is not None:
             return attr
         # Source metadata can be slow too (NFS, a FUSE source): never stat on the trio thread.
-        return self._attr(inode, await fileio.call(self._stat_plan(inode)))
+        return source_attributes(inode, await fileio.call(self._inodes.stat_plan(inode)))
 
     async def _lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INODE and name == _CONTROL_NAME_B:
@@ -376,16 +209,16 @@ class Operations(pyfuse3.Operations):
             if inode is None:
                 raise FUSEError(errno.ENOENT)
             return await self._getattr(inode)
-        relpath = self._child(parent_inode, name)
-        st = await fileio.call(os.lstat, self._abspath(relpath))
+        relpath = self._inodes.child(parent_inode, name)
+        st = await fileio.call(os.lstat, self._inodes.abspath(relpath))
         # No race with unlink/rename of this name while we waited: the kernel holds the
         # directory's lock across both, so table updates stay consistent with the source.
-        inode = self._inode_for(relpath)
+        inode = self._inodes.inode_for(relpath)
         if stat.S_ISREG(st.st_mode):
-            node = self._node_for(inode, relpath)
-            if node.backing_path != self._abspath(relpath):
+            node = self._inodes.node_for(inode, relpath)
+            if node.backing_path != self._inodes.abspath(relpath):
                 st = await fileio.call(os.stat, node.backing_path)
-        return self._attr(inode, st)
+        return source_attributes(inode, st)
 
     # ------------------------------------------------------------------ metadata handlers
 
@@ -410,131 +243,70 @@ class Operations(pyfuse3.Operations):
             if fields.update_size and not (fields.update_mode or fields.update_uid or fields.update_gid):
                 return await self._getattr(inode)
             raise FUSEError(errno.EPERM)
-        node = self._nodes.get(inode)
+        node = self._inodes.nodes.get(inode)
         if fields.update_size and node is not None and node.job is not None:
             node.job.check_modify("truncate")
         path = ""
         if node is None:
-            path = self._abspath(self._relpath(inode))
+            path = self._inodes.abspath(self._inodes.relpath(inode))
         elif not node.unlinked:
             path = node.backing_path
         # An unlinked file can only be reached through a descriptor.
-        fd = self._fd_of_unlinked(node) if node is not None and node.unlinked else None
-        st = await fileio.call(self._apply_setattr, path, fd, node is not None, attr, fields)
-        return self._attr(inode, st)
-
-    @staticmethod
-    def _apply_setattr(path: str, fd: int | None, follow: bool, attr: pyfuse3.EntryAttributes,
-                       fields: pyfuse3.SetattrFields) -> os.stat_result:
-        """The blocking part of ``setattr``, on ``fd`` (which it closes) if given, else on
-        ``path``; returns the new attributes (``follow``: stat through a symlink, as getattr does
-        for image nodes)."""
-        try:
-            Operations._apply_setattr_fields(path, fd, attr, fields)
-            if fd is not None:
-                return os.fstat(fd)
-            return os.stat(path) if follow else os.lstat(path)
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    @staticmethod
-    def _apply_setattr_fields(path: str, fd: int | None, attr: pyfuse3.EntryAttributes,
-                              fields: pyfuse3.SetattrFields) -> None:
-        if fields.update_size:
-            if fd is not None:
-                os.ftruncate(fd, attr.st_size)
-            else:
-                os.truncate(path, attr.st_size)
-        if fields.update_mode:
-            if fd is not None:
-                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
-            else:
-                # The kernel resolves symlinks before chmod, so path is never a symlink here.
-                os.chmod(path, stat.S_IMODE(attr.st_mode))
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
-            if fd is not None:
-                os.fchown(fd, uid, gid)
-            else:
-                os.chown(path, uid, gid, follow_symlinks=False)
-        if fields.update_atime or fields.update_mtime:
-            cur = os.fstat(fd) if fd is not None else os.lstat(path)
-            atime = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
-            if fd is not None:
-                os.utime(fd, ns=(atime, mtime))
-            else:
-                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        fd = fd_of_unlinked(node) if node is not None and node.unlinked else None
+        st = await fileio.call(apply_setattr, path, fd, node is not None, attr, fields)
+        return source_attributes(inode, st)
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         if self.control_dir.is_reserved(inode):
             raise FUSEError(errno.EINVAL)
-        return os.fsencode(await fileio.call(os.readlink, self._abspath(self._relpath(inode))))
+        return os.fsencode(await fileio.call(os.readlink, self._inodes.abspath(self._inodes.relpath(inode))))
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_not_control(parent_inode, name)
-        relpath = self._child(parent_inode, name)
-        st = await fileio.call(self._make_dir, self._abspath(relpath), self._new_mode(mode, ctx),
+        relpath = self._inodes.child(parent_inode, name)
+        st = await fileio.call(make_dir, self._inodes.abspath(relpath), self._new_mode(mode, ctx),
                                self._new_owner(ctx))
-        return self._attr(self._inode_for(relpath), st)
-
-    @staticmethod
-    def _make_dir(path: str, mode: int, owner: tuple[int, int] | None) -> os.stat_result:
-        os.mkdir(path, mode)
-        try:
-            # Not by path: between mkdir and chown the name could be renamed away and replaced.
-            # O_NOFOLLOW | O_DIRECTORY: whatever took the name, never a symlink or a file.
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                return _set_owner_and_mode(fd, owner, mode)
-            finally:
-                os.close(fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.rmdir(path)  # only if still empty: nothing of anyone else's goes
-            raise
+        return source_attributes(self._inodes.inode_for(relpath), st)
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_not_control(parent_inode, name)
-        relpath = self._child(parent_inode, name)
-        await fileio.call(os.rmdir, self._abspath(relpath))
-        self._forget_path(relpath)
+        relpath = self._inodes.child(parent_inode, name)
+        await fileio.call(os.rmdir, self._inodes.abspath(relpath))
+        self._inodes.forget_path(relpath)
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_not_control(parent_inode, name)
-        relpath = self._child(parent_inode, name)
-        self._check_modify(relpath, "unlink")
-        await fileio.call(os.unlink, self._abspath(relpath))
-        self._forget_path(relpath)
+        relpath = self._inodes.child(parent_inode, name)
+        self._inodes.check_modify(relpath, "unlink")
+        await fileio.call(os.unlink, self._inodes.abspath(relpath))
+        self._inodes.forget_path(relpath)
 
     @_guard
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         self._check_not_control(parent_inode_old, name_old)
         self._check_not_control(parent_inode_new, name_new)
-        old = self._child(parent_inode_old, name_old)
-        new = self._child(parent_inode_new, name_new)
+        old = self._inodes.child(parent_inode_old, name_old)
+        new = self._inodes.child(parent_inode_new, name_new)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise FUSEError(errno.EINVAL)  # RENAME_WHITEOUT: for overlay filesystems only
         # Both sides: the file moved away and the one it replaces (or trades places with).
-        self._check_modify(old, "rename", subtree=True)
-        self._check_modify(new, "rename", subtree=True)
+        self._inodes.check_modify(old, "rename", subtree=True)
+        self._inodes.check_modify(new, "rename", subtree=True)
         # The flags go to the kernel: "is the new name free?" is answered atomically there.
-        await fileio.call(rename2, self._abspath(old), self._abspath(new), flags)
+        await fileio.call(rename2, self._inodes.abspath(old), self._inodes.abspath(new), flags)
         if old == new:
             return
         if flags & RENAME_EXCHANGE:
-            self._move_paths([(old, new), (new, old)])
+            self._inodes.move_paths([(old, new), (new, old)])
         else:
-            self._forget_path(new)
-            self._move_paths([(old, new)])
+            self._inodes.forget_path(new)
+            self._inodes.move_paths([(old, new)])
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -558,22 +330,22 @@ class Operations(pyfuse3.Operations):
         if inode == CONTROL_DIR_INODE:
             entries = [(n.encode(), self.control_dir.inode_of(n) or 0) for n in self.control_dir.names()]
         else:
-            relpath = self._relpath(inode)
+            relpath = self._inodes.relpath(inode)
             entries = []
             if inode == ROOT_INODE:
                 entries.append((_CONTROL_NAME_B, CONTROL_DIR_INODE))
-            for name in await fileio.call(_list_dir, self._abspath(relpath)):
+            for name in await fileio.call(list_dir, self._inodes.abspath(relpath)):
                 if inode == ROOT_INODE and name == CONTROL_DIR_NAME:
                     continue  # the source's own .mirrorfs never shows through
                 rel = f"{relpath}/{name}" if relpath else name
-                entries.append((os.fsencode(name), self._inode_for(rel)))
-        fh = next(self._fh_counter)
-        self._dirs[fh] = entries
+                entries.append((os.fsencode(name), self._inodes.inode_for(rel)))
+        fh = self._fhs.new_fh()
+        self._fhs.dirs[fh] = entries
         return fh
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dirs.get(fh)
+        entries = self._fhs.dirs.get(fh)
         if entries is None:
             raise FUSEError(errno.EBADF)
         # Decide every stat here, run them all in one hop off the trio thread, then reply.
@@ -581,7 +353,7 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             try:
-                wanted.append((index, name, inode, self._virtual_getattr(inode) or self._stat_plan(inode)))
+                wanted.append((index, name, inode, self._virtual_getattr(inode) or self._inodes.stat_plan(inode)))
             except (OSError, FUSEError):
                 continue  # removed since opendir
 
@@ -601,40 +373,16 @@ class Operations(pyfuse3.Operations):
             elif st is None:
                 continue  # removed since opendir
             else:
-                attr = self._attr(inode, st)
+                attr = source_attributes(inode, st)
             # readdirplus: the kernel caches these as lookups, so they must be complete.
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                 break
 
     @_guard
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        self._fhs.dirs.pop(fh, None)
 
     # ------------------------------------------------------------------ files
-
-    async def _open_source(self, node: ImageNode, flags: int) -> OpenHandle:
-        """Open the node's backing file with this open's own access mode (see node.py)."""
-        fd_flags = self._fd_flags(flags)
-        if flags & os.O_TRUNC:
-            if node.job is not None:
-                node.job.check_modify("truncate")
-            fd_flags |= os.O_TRUNC
-        # O_APPEND is left to the kernel, which passes the end-of-file offset with each write.
-        fd, inline_io = await fileio.call(_open_classified, node.backing_path, fd_flags)
-        return self._add_handle(node, flags, fd, inline_io)
-
-    @staticmethod
-    def _fd_flags(flags: int) -> int:
-        """The flags of the source descriptor for an open with ``flags`` (see node.py)."""
-        return (flags & ~STRIPPED_OPEN_FLAGS & ~os.O_APPEND & ~os.O_NOCTTY) | os.O_CLOEXEC
-
-    def _add_handle(self, node: ImageNode, flags: int, fd: int, inline_io: bool) -> OpenHandle:
-        fh = next(self._fh_counter)
-        handle = OpenHandle(fh=fh, node=node, flags=flags & ~STRIPPED_OPEN_FLAGS, fd=fd,
-                            direct=bool(flags & _O_DIRECT), inline_io=inline_io)
-        node.handles[fh] = handle
-        self._handles[fh] = handle
-        return handle
 
     def _new_owner(self, ctx: pyfuse3.RequestContext) -> tuple[int, int] | None:
         """Who gets what a request creates: as root the daemon creates for the caller, as the
@@ -656,24 +404,24 @@ class Operations(pyfuse3.Operations):
             return self._open_virtual(found[1], flags, ctx)
         if self.control_dir.is_reserved(inode):
             raise FUSEError(errno.ENOENT)
-        node = self._nodes.get(inode)
+        node = self._inodes.nodes.get(inode)
         if node is None:
-            relpath = self._relpath(inode)
-            if not stat.S_ISREG((await fileio.call(os.lstat, self._abspath(relpath))).st_mode):
+            relpath = self._inodes.relpath(inode)
+            if not stat.S_ISREG((await fileio.call(os.lstat, self._inodes.abspath(relpath))).st_mode):
                 raise FUSEError(errno.EACCES)
-            node = self._node_for(inode, relpath)
-        handle = await self._open_source(node, flags)
+            node = self._inodes.node_for(inode, relpath)
+        handle = await self._fhs.open_source(node, flags)
         return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct, keep_cache=False)
 
     def _open_virtual(self, vfile: VirtualFile, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if (flags & os.O_ACCMODE) != os.O_RDONLY:
             if not vfile.writable:
                 raise FUSEError(errno.EACCES)
-            if vfile.owner_only_write and ctx.uid not in (0, self._owner_uid):
+            if vfile.owner_only_write and ctx.uid not in (0, self._owner[0]):
                 raise FUSEError(errno.EACCES)
         content = vfile.read() if (flags & os.O_ACCMODE) != os.O_WRONLY else b""
-        fh = next(self._fh_counter)
-        self._vhandles[fh] = _VirtualHandle(vfile, content, ctx, flags)
+        fh = self._fhs.new_fh()
+        self._vhandles[fh] = VirtualHandle(vfile, content, ctx, flags)
         # direct_io: reads are not clipped to the size getattr reported before open.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
 
@@ -684,28 +432,28 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EEXIST)
         if parent_inode == CONTROL_DIR_INODE:
             raise FUSEError(errno.EACCES)
-        relpath = self._child(parent_inode, name)
-        created = await fileio.call(_create_file, self._abspath(relpath), self._fd_flags(flags),
+        relpath = self._inodes.child(parent_inode, name)
+        created = await fileio.call(create_file, self._inodes.abspath(relpath), fd_flags(flags),
                                     self._new_mode(mode, ctx), self._new_owner(ctx))
         if created is None:
             # The name exists (or appeared since the kernel's lookup): an O_EXCL open fails,
             # any other opens the file that is there, as open(2) would.
             if flags & os.O_EXCL:
                 raise FUSEError(errno.EEXIST)
-            node = self._node_for(self._inode_for(relpath), relpath)
-            handle = await self._open_source(node, flags & ~(os.O_CREAT | os.O_EXCL))
+            node = self._inodes.node_for(self._inodes.inode_for(relpath), relpath)
+            handle = await self._fhs.open_source(node, flags & ~(os.O_CREAT | os.O_EXCL))
             try:
                 st = await fileio.call(os.fstat, handle.fd)
             except BaseException:
-                await self._release_handle(handle.fh)
+                await self._fhs.release(handle.fh)
                 raise
         else:
             fd, inline_io, st = created
-            if relpath in self._inode_of:
-                self._forget_path(relpath)  # a stale entry: the file was removed behind our back
-            node = self._node_for(self._inode_for(relpath), relpath)
-            handle = self._add_handle(node, flags, fd, inline_io)
-        attr = self._attr(node.inode, st)
+            if self._inodes.known(relpath) is not None:
+                self._inodes.forget_path(relpath)  # a stale entry: the file was removed behind our back
+            node = self._inodes.node_for(self._inodes.inode_for(relpath), relpath)
+            handle = self._fhs.add(node, flags, fd, inline_io)
+        attr = source_attributes(node.inode, st)
         return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct, keep_cache=False), attr
 
     def _get_handle(self, fh: int) -> OpenHandle:
@@ -773,107 +521,12 @@ class Operations(pyfuse3.Operations):
         else:
             await fileio.fsync(handle.fd, bool(datasync))
 
-    def _drop_handle(self, fh: int) -> OpenHandle | None:
-        """Forget the open ``fh``; the caller closes its descriptor."""
-        handle = self._handles.pop(fh, None)
-        if handle is None:
-            return None
-        node = handle.node
-        node.handles.pop(fh, None)
-        if node.unlinked and not node.handles and node.job is None:
-            self._nodes.pop(node.inode, None)
-        return handle
-
-    @staticmethod
-    def _close_fd(fd: int, path: str) -> None:
-        try:
-            os.close(fd)
-        except OSError as exc:
-            log.info("close of %s failed: %s", path, exc)
-
-    async def _release_handle(self, fh: int) -> None:
-        handle = self._drop_handle(fh)
-        if handle is not None:
-            # close(2) may write back (NFS) or ask a FUSE source: not on the trio thread.
-            await fileio.call(self._close_fd, handle.fd, handle.node.backing_path)
-
     @_guard
     async def release(self, fh: int) -> None:
         if self._vhandles.pop(fh, None) is not None:
             return
-        await self._release_handle(fh)
+        await self._fhs.release(fh)
 
     def close_all(self) -> None:
-        """Close every source descriptor (at unmount, after the FUSE session ended)."""
-        for fh in list(self._handles):
-            handle = self._drop_handle(fh)
-            if handle is not None:
-                self._close_fd(handle.fd, handle.node.backing_path)
-        self._vhandles.clear()
-        self._dirs.clear()
-
-
-def _fstat_and_close(fd: int) -> os.stat_result:
-    try:
-        return os.fstat(fd)
-    finally:
-        os.close(fd)
-
-
-def _list_dir(path: str) -> list[str]:
-    with os.scandir(path) as it:
-        return [de.name for de in it]
-
-
-def _open_classified(path: str, flags: int) -> tuple[int, bool]:
-    """Open ``path`` and ask whether its I/O may run inline (``fstatfs``: on a FUSE or NFS file a
-    request to that filesystem, so asked here in the worker thread too)."""
-    fd = os.open(path, flags)
-    try:
-        return fd, fileio.inline_capable(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _set_owner_and_mode(fd: int, owner: tuple[int, int] | None, mode: int) -> os.stat_result:
-    """Give the new file or directory ``fd`` its ``owner`` (None: leave it) and exactly ``mode``
-    (the process umask applied at creation is not the caller's); returns its attributes."""
-    if owner is not None:
-        os.fchown(fd, *owner)  # first: a chown clears set-user-ID and set-group-ID bits
-    st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):
-        mode |= st.st_mode & stat.S_ISGID  # inherited from a set-group-ID parent, as mkdir(2) does
-    if stat.S_IMODE(st.st_mode) != mode:
-        os.fchmod(fd, mode)
-        st = os.fstat(fd)
-    return st
-
-
-def _create_file(path: str, fd_flags: int, mode: int, owner: tuple[int, int] | None
-                 ) -> tuple[int, bool, os.stat_result] | None:
-    """Create ``path`` exclusively and open it with ``fd_flags``; None if the name exists.
-
-    Returns the descriptor, whether its I/O may run inline, and its attributes. Owner and mode
-    are set through the descriptor before it is returned, so they reach the file that was
-    created whatever happens to its name meanwhile. On failure nothing is left behind.
-    """
-    try:
-        fd = os.open(path, fd_flags | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        return None
-    try:
-        st = _set_owner_and_mode(fd, owner, mode)
-        return fd, fileio.inline_capable(fd), st
-    except BaseException:
-        _unlink_if_same(path, fd)
-        os.close(fd)
-        raise
-
-
-def _unlink_if_same(path: str, fd: int) -> None:
-    """Remove ``path`` if it still names the file open as ``fd``."""
-    with contextlib.suppress(OSError):
-        mine, now = os.fstat(fd), os.lstat(path)
-        if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
-            os.unlink(path)
+        """At unmount, once the FUSE session ended: close what the opens left open."""
+        self._fhs.close_all()

@@ -305,63 +305,73 @@ _REP_ERR_TEXT = {
 }
 
 
-class ClientConnection:
-    """The client side of one NBD connection, as a sans-I/O state machine.
+def _option_error(export_name: str, option: int, reply: int, message: str) -> Exception:
+    """The error that reports the server's refusal ``reply`` of ``option``."""
+    text = _REP_ERR_TEXT.get(reply, f"unknown error reply 0x{reply:x}")
+    detail = f": {message}" if message else ""
+    if option == NBD_OPT_GO:
+        what = f"export {export_name!r} refused"
+    elif option == NBD_OPT_STARTTLS:
+        what = "TLS refused"
+    else:
+        what = f"option {option} refused"
+    err = f"{what}: {text}{detail}"
+    if reply == NBD_REP_ERR_SHUTDOWN:
+        return TargetRetryableError(err)
+    return TargetFatalError(err)
 
-    Args:
-        export_name: the export to ask for with ``NBD_OPT_GO``.
-        tls: negotiate ``NBD_OPT_STARTTLS`` first (the adapter then wraps the transport).
-        structured_replies: ask for ``NBD_OPT_STRUCTURED_REPLY``.
-        allow_read_only: accept an export flagged ``NBD_FLAG_READ_ONLY`` (reads only); mirrors
-            never do.
+
+def _parse_info(info: dict[str, object], payload: bytes) -> None:
+    """Record what one ``NBD_REP_INFO`` reply tells about the export in ``info``."""
+    if len(payload) < 2:
+        raise RemoteProtocolError("NBD_REP_INFO without an info type")
+    (kind,) = struct.unpack_from(">H", payload)
+    if kind == NBD_INFO_EXPORT:
+        if len(payload) != 12:
+            raise RemoteProtocolError("NBD_INFO_EXPORT of the wrong length")
+        info["size"], info["flags"] = struct.unpack_from(">QH", payload, 2)
+    elif kind == NBD_INFO_BLOCK_SIZE:
+        if len(payload) != 14:
+            raise RemoteProtocolError("NBD_INFO_BLOCK_SIZE of the wrong length")
+        mn, pref, mx = struct.unpack_from(">III", payload, 2)
+        if not (mn and mn & (mn - 1) == 0 and mn <= 65536 and pref >= mn
+                and pref & (pref - 1) == 0 and mx >= pref):
+            raise RemoteProtocolError(f"invalid block sizes {mn}/{pref}/{mx}")
+        info["blocks"] = (mn, pref, mx)
+    elif kind == NBD_INFO_NAME:
+        info["name"] = payload[2:].decode("utf-8", "replace")
+    elif kind == NBD_INFO_DESCRIPTION:
+        info["description"] = payload[2:].decode("utf-8", "replace")
+    # other info types are ignored, as the protocol asks
+
+
+def _ready_from_info(info: dict[str, object], structured: bool) -> Ready:
+    """The :class:`Ready` event for what the ``NBD_REP_INFO`` replies told."""
+    if "size" not in info:
+        raise RemoteProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
+    flags = int(info["flags"])  # type: ignore[call-overload]
+    if not flags & NBD_FLAG_HAS_FLAGS:
+        flags = NBD_FLAG_HAS_FLAGS  # flags field invalid: assume nothing is offered
+    mn, pref, mx = info.get("blocks", (1, 4096, DEFAULT_MAX_BLOCK))  # type: ignore[misc]
+    return Ready(size=int(info["size"]),  # type: ignore[call-overload]
+                 flags=flags, structured_replies=structured,
+                 min_block=mn, preferred_block=pref, max_block=min(mx, DEFAULT_MAX_BLOCK),
+                 name=info.get("name"),  # type: ignore[arg-type]
+                 description=info.get("description"))  # type: ignore[arg-type]
+
+
+class _Wire:
+    """The byte buffers under a connection: what came in and is not parsed yet, what is to go out.
+
+    Parsing advances ``_inpos``; the consumed bytes are dropped in batches (``_compact``), so a
+    reply is not copied once per field.
     """
 
-    def __init__(self, export_name: str = "", *, tls: bool = False,
-                 structured_replies: bool = True, allow_read_only: bool = False) -> None:
-        self.export_name = export_name
-        self._export_bytes = export_name.encode("utf-8")
-        if len(self._export_bytes) > 4096:
-            raise LocalProtocolError("export name longer than 4096 bytes")
-        self._want_tls = tls
-        self._want_structured = structured_replies
-        self._allow_read_only = allow_read_only
-        self._state = _S_GREETING
+    def __init__(self) -> None:
         self._inbuf = bytearray()
         self._inpos = 0
         self._eof = False
         self._out: list[bytes] = []
-        self._next_cookie = 1
-        self._pending: dict[int, _Pending] = {}
-        # filled during the handshake
-        self._structured = False
-        self._info: dict[str, object] = {}
-        self.ready: Ready | None = None
-
-    # ---- generic byte plumbing ---------------------------------------------------------------
-    @property
-    def state(self) -> str:
-        """The current phase: greeting, starttls, tls-wait, structured, go, transmission, closed."""
-        return self._state
-
-    @property
-    def pending(self) -> int:
-        """Number of requests sent whose reply is not complete yet."""
-        return len(self._pending)
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes received from the server; ``b""`` means the server closed the connection.
-
-        Raises:
-            LocalProtocolError: data after EOF, or in clear text while TLS is being set up.
-        """
-        if self._eof:
-            raise LocalProtocolError("data received after end of stream")
-        if not data:
-            self._eof = True
-            return
-        if self._state == _S_TLS_WAIT:
-            raise LocalProtocolError("clear-text data received while TLS is being set up")
-        self._inbuf += data
 
     def data_to_send(self) -> bytes:
         """Bytes to send to the server now (possibly ``b""``); for requests prefer the chunks
@@ -409,6 +419,62 @@ class ClientConnection:
     def _need(self, n: int) -> bool:
         return self._available() >= n
 
+
+class ClientConnection(_Wire):
+    """The client side of one NBD connection, as a sans-I/O state machine.
+
+    Args:
+        export_name: the export to ask for with ``NBD_OPT_GO``.
+        tls: negotiate ``NBD_OPT_STARTTLS`` first (the adapter then wraps the transport).
+        structured_replies: ask for ``NBD_OPT_STRUCTURED_REPLY``.
+        allow_read_only: accept an export flagged ``NBD_FLAG_READ_ONLY`` (reads only); mirrors
+            never do.
+    """
+
+    def __init__(self, export_name: str = "", *, tls: bool = False,
+                 structured_replies: bool = True, allow_read_only: bool = False) -> None:
+        self.export_name = export_name
+        self._export_bytes = export_name.encode("utf-8")
+        if len(self._export_bytes) > 4096:
+            raise LocalProtocolError("export name longer than 4096 bytes")
+        self._want_tls = tls
+        self._want_structured = structured_replies
+        self._allow_read_only = allow_read_only
+        super().__init__()
+        self._state = _S_GREETING
+        self._next_cookie = 1
+        self._pending: dict[int, _Pending] = {}
+        # filled during the handshake
+        self._structured = False
+        self._info: dict[str, object] = {}
+        self.ready: Ready | None = None
+
+    # ---- generic byte plumbing ---------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """The current phase: greeting, starttls, tls-wait, structured, go, transmission, closed."""
+        return self._state
+
+    @property
+    def pending(self) -> int:
+        """Number of requests sent whose reply is not complete yet."""
+        return len(self._pending)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes received from the server; ``b""`` means the server closed the connection.
+
+        Raises:
+            LocalProtocolError: data after EOF, or in clear text while TLS is being set up.
+        """
+        if self._eof:
+            raise LocalProtocolError("data received after end of stream")
+        if not data:
+            self._eof = True
+            return
+        if self._state == _S_TLS_WAIT:
+            raise LocalProtocolError("clear-text data received while TLS is being set up")
+        self._inbuf += data
+
     # ---- the handshake -----------------------------------------------------------------------
     def _send_option(self, option: int, payload: bytes = b"") -> None:
         self._out.append(_OPTION.pack(IHAVEOPT, option, len(payload)) + payload)
@@ -448,20 +514,6 @@ class ClientConnection:
             out = b""
         self._state = _S_CLOSED
         return out
-
-    def _option_error(self, option: int, reply: int, message: str) -> Exception:
-        text = _REP_ERR_TEXT.get(reply, f"unknown error reply 0x{reply:x}")
-        detail = f": {message}" if message else ""
-        if option == NBD_OPT_GO:
-            what = f"export {self.export_name!r} refused"
-        elif option == NBD_OPT_STARTTLS:
-            what = "TLS refused"
-        else:
-            what = f"option {option} refused"
-        err = f"{what}: {text}{detail}"
-        if reply == NBD_REP_ERR_SHUTDOWN:
-            return TargetRetryableError(err)
-        return TargetFatalError(err)
 
     def _handshake_event(self) -> Event | _NeedData:
         if self._state == _S_GREETING:
@@ -507,7 +559,7 @@ class ClientConnection:
                 return self._handshake_event()
             if self._state == _S_GO and reply == NBD_REP_ERR_UNSUP:
                 raise TargetFatalError("the NBD server is too old: it does not support NBD_OPT_GO")
-            raise self._option_error(option, reply, message)
+            raise _option_error(self.export_name, option, reply, message)
         if self._state == _S_STARTTLS:
             if reply != NBD_REP_ACK:
                 raise RemoteProtocolError(f"unexpected reply {reply} to NBD_OPT_STARTTLS")
@@ -523,49 +575,17 @@ class ClientConnection:
             return self._handshake_event()
         # NBD_OPT_GO
         if reply == NBD_REP_INFO:
-            self._parse_info(payload)
+            _parse_info(self._info, payload)
             return self._handshake_event()
         if reply != NBD_REP_ACK:
             raise RemoteProtocolError(f"unexpected reply {reply} to NBD_OPT_GO")
         return self._finish_go()
 
-    def _parse_info(self, payload: bytes) -> None:
-        if len(payload) < 2:
-            raise RemoteProtocolError("NBD_REP_INFO without an info type")
-        (kind,) = struct.unpack_from(">H", payload)
-        if kind == NBD_INFO_EXPORT:
-            if len(payload) != 12:
-                raise RemoteProtocolError("NBD_INFO_EXPORT of the wrong length")
-            self._info["size"], self._info["flags"] = struct.unpack_from(">QH", payload, 2)
-        elif kind == NBD_INFO_BLOCK_SIZE:
-            if len(payload) != 14:
-                raise RemoteProtocolError("NBD_INFO_BLOCK_SIZE of the wrong length")
-            mn, pref, mx = struct.unpack_from(">III", payload, 2)
-            if not (mn and mn & (mn - 1) == 0 and mn <= 65536 and pref >= mn
-                    and pref & (pref - 1) == 0 and mx >= pref):
-                raise RemoteProtocolError(f"invalid block sizes {mn}/{pref}/{mx}")
-            self._info["blocks"] = (mn, pref, mx)
-        elif kind == NBD_INFO_NAME:
-            self._info["name"] = payload[2:].decode("utf-8", "replace")
-        elif kind == NBD_INFO_DESCRIPTION:
-            self._info["description"] = payload[2:].decode("utf-8", "replace")
-        # other info types are ignored, as the protocol asks
-
     def _finish_go(self) -> Ready:
-        if "size" not in self._info:
-            raise RemoteProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
-        flags = int(self._info["flags"])  # type: ignore[call-overload]
-        if not flags & NBD_FLAG_HAS_FLAGS:
-            flags = NBD_FLAG_HAS_FLAGS  # flags field invalid: assume nothing is offered
-        mn, pref, mx = self._info.get("blocks", (1, 4096, DEFAULT_MAX_BLOCK))  # type: ignore[misc]
-        ready = Ready(size=int(self._info["size"]),  # type: ignore[call-overload]
-                      flags=flags, structured_replies=self._structured,
-                      min_block=mn, preferred_block=pref, max_block=min(mx, DEFAULT_MAX_BLOCK),
-                      name=self._info.get("name"),  # type: ignore[arg-type]
-                      description=self._info.get("description"))  # type: ignore[arg-type]
+        ready = _ready_from_info(self._info, self._structured)
         self.ready = ready
         self._state = _S_TRANSMISSION
-        if flags & NBD_FLAG_READ_ONLY and not self._allow_read_only:
+        if ready.flags & NBD_FLAG_READ_ONLY and not self._allow_read_only:
             raise TargetFatalError(f"export {self.export_name!r} is read-only: "
                                    f"a mirror target must be writable")
         return ready

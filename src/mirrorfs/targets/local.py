@@ -111,7 +111,6 @@ class LocalFileTarget(Target):
     def __init__(self, path: str | os.PathLike, *, expected_size: int | None = None) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.description = self.path
-        self._expected = expected_size
         self._size = expected_size
         self._fd: int | None = None
         self._inflight = 0
@@ -216,7 +215,7 @@ class LocalFileTarget(Target):
             raise self._error(exc, "resize") from None
         finally:
             self._end()
-        self._size = self._expected = size
+        self._size = size
 
     def _begin(self) -> int:
         if self._fd is None:
