@@ -170,7 +170,7 @@ def test_mirror_translates_every_option(mount: Any, capsys: Any) -> None:
     cwd = os.getcwd()
     assert sent(st, "drive-mirror") == [{
         "device": "vm/a.img", "target": os.path.join(cwd, "out/t.img"), "sync": "top", "mode": "absolute-paths",
-        "copy-mode": "write-blocking", "on-target-error": "stop", "granularity": MiB, "speed": 10 * MiB,
+        "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "report", "granularity": MiB, "speed": 10 * MiB,
         "buf-size": 2 * MiB, "bitmap": os.path.join(cwd, "bm/a.bitmap"), "job-id": "j1"}]
     assert "mirroring vm/a.img" in out and "job j1" in out
 
@@ -181,7 +181,7 @@ def test_mirror_defaults_and_nbd_target(mount: Any, capsys: Any) -> None:
     assert code == 0
     assert sent(st, "drive-mirror") == [{"device": "a.img", "target": "nbd+unix:///exp?socket=/run/x.sock",
                                          "sync": "full", "mode": "existing", "copy-mode": "background",
-                                         "on-target-error": "report"}]
+                                         "on-target-error": "report", "on-source-error": "report"}]
 
 
 @pytest.mark.parametrize("argv, message", [
