@@ -186,3 +186,14 @@ def test_encode_header_refuses_what_it_cannot_represent() -> None:
         fmt.encode_header(HEADER.replace(source_id="a\0b"))
     with pytest.raises(UsageError, match="shorter path"):
         fmt.encode_header(HEADER.replace(target_id="x" * fmt.IDENTITY_SIZE))
+
+
+def test_the_format_page_states_the_structs_the_codec_uses() -> None:
+    from pathlib import Path
+    page = (Path(__file__).resolve().parents[1] / "docs" / "journal-format.md").read_text()
+    assert f"`{fmt.HEADER_STRUCT.format.replace(' ', '')}`" in page
+    assert f"`{fmt.RECORD_STRUCT.format.replace(' ', '')}`" in page
+    assert f"Header ({fmt.HEADER_SIZE} bytes" in page
+    assert f"| {fmt.CHECKSUM_OFFSET} " in page and f"| {fmt.STATE_OFFSET} " in page
+    assert f"`0x{fmt.STATE_OVERFLOWED:x}`" in page and f"at least {fmt.MIN_CAPACITY}" in page
+    assert f"1..{fmt.MAX_PAYLOAD}" in page
