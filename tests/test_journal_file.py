@@ -102,6 +102,12 @@ def test_a_journal_of_another_job_is_refused(tmp_path: Path) -> None:
     with pytest.raises(JournalFormatError, match="image has 4096:"):
         WriteJournal.open(path, image_size=4096, source_id=IDS["source_id"],
                           target_id=IDS["target_id"])
+    whole = path.read_bytes()
+    for cut in (fmt.HEADER_SIZE, fmt.RECORDS_OFFSET - 1):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(JournalFormatError, match="truncated"):
+            _open(path)
+        assert path.read_bytes() == whole[:cut]  # refused, and left as it was
     (tmp_path / "not").write_bytes(b"hello")
     with pytest.raises(JournalFormatError, match="not a mirrorfs journal"):
         _open(tmp_path / "not")

@@ -120,9 +120,11 @@ def test_a_temp_file_left_by_a_crashed_save_is_dropped(tmp_path: Path) -> None:
     with StateDir.open(path) as state:
         state.save(RECORD)
     (path / ".job-vm.raw.json.123.abcd.tmp").write_bytes(b"{half")
+    (path / ".notes.tmp").write_bytes(b"not ours")
     with StateDir.open(path) as state:
         assert state.load_all() == ([RECORD], [])
     assert not (path / ".job-vm.raw.json.123.abcd.tmp").exists()
+    assert (path / ".notes.tmp").read_bytes() == b"not ours"
 
 
 def test_two_mounts_cannot_share_a_state_directory(tmp_path: Path) -> None:

@@ -143,7 +143,12 @@ class WriteJournal:
         try:
             if not _still_names(path, fd):
                 raise JournalFormatError(f"journal {path} was replaced while it was opened: try again")
-            header, state = fmt.decode_header(os.pread(fd, fmt.RECORDS_OFFSET, 0), name=path)
+            block = os.pread(fd, fmt.RECORDS_OFFSET, 0)
+            header, state = fmt.decode_header(block, name=path)
+            if len(block) < fmt.RECORDS_OFFSET:
+                raise JournalFormatError(f"journal {path} is truncated ({len(block)} bytes, the "
+                                         f"header block is {fmt.RECORDS_OFFSET}): remove the "
+                                         f"journal; the job resyncs from its bitmap")
             fmt.check_match(header, size=image_size, source_id=source_id, target_id=target_id,
                             name=path)
         except BaseException:

@@ -108,7 +108,7 @@ class StateDir:
     def _remove_temp_files(self) -> None:
         """Temp files of a save that a crash interrupted: never a record, safe to drop."""
         for name in os.listdir(self._fd):
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith("." + _PREFIX) and name.endswith(".tmp"):
                 try:
                     os.unlink(name, dir_fd=self._fd)
                 except FileNotFoundError:
