@@ -146,6 +146,36 @@ def test_a_garbage_tail_is_cut_and_a_stale_record_never_replays(tmp_path: Path, 
         assert journal.discarded_bytes == len(tail)
 
 
+def test_a_damaged_record_ends_the_journal_there(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    with _create(path) as journal:
+        want = _fill(journal, 3)
+    whole = path.read_bytes()
+    second_payload = fmt.RECORDS_OFFSET + fmt.RECORD_HEADER_SIZE + len(want[0][4]) \
+        + fmt.RECORD_HEADER_SIZE + fmt.RECORD_HEADER_SIZE + 10  # inside record 3's payload
+    damaged = bytearray(whole)
+    damaged[second_payload] ^= 1
+    path.write_bytes(bytes(damaged))
+    with _open(path) as journal:
+        assert _summary(journal) == want[:2]
+        assert journal.discarded_bytes == len(whole) - journal.used
+
+
+def test_an_applied_mark_going_back_is_not_a_record_mirrorfs_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    with _create(path) as journal:
+        want = _fill(journal, 2)
+        journal.truncate_to(3)
+        seq = journal.next_seq
+    with open(path, "ab") as f:
+        f.write(fmt.encode_record(Kind.APPLIED, seq, 1, 0, 0))
+        f.write(fmt.encode_record(Kind.FLUSH, seq + 1, 0, 0, 0))
+    with _open(path) as journal:
+        assert journal.applied_through == 3
+        assert _summary(journal) == want[3:]
+        assert journal.discarded_bytes == 2 * fmt.RECORD_HEADER_SIZE
+
+
 def test_a_record_left_behind_by_a_reset_is_never_replayed(tmp_path: Path) -> None:
     path = tmp_path / "j"
     with _create(path) as journal:
