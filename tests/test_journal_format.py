@@ -184,7 +184,7 @@ def test_encode_header_refuses_what_it_cannot_represent() -> None:
         fmt.encode_header(HEADER.replace(capacity=4096))
     with pytest.raises(UsageError, match="NUL"):
         fmt.encode_header(HEADER.replace(source_id="a\0b"))
-    with pytest.raises(UsageError, match="shorter path"):
+    with pytest.raises(UsageError, match="shorter path"):  # the limit of the bitmap's identities
         fmt.encode_header(HEADER.replace(target_id="x" * fmt.IDENTITY_SIZE))
 
 

@@ -71,13 +71,12 @@ def _open_error(path: str, exc: OSError) -> JournalFormatError:
     return JournalFormatError(f"cannot open journal {path}: {exc.strerror}")
 
 
-def _lock(fd: int, path: str) -> None:
+def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        raise JournalFormatError(f"journal {path} is in use by a running job (it is locked): stop "
-                                 f"that job first, or use another journal file") from None
+        return False
+    return True
 
 
 class WriteJournal:
@@ -136,11 +135,9 @@ class WriteJournal:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise JournalFormatError(f"journal {path} is not a regular file")
-        except BaseException:
-            os.close(fd)
-            raise
-        _lock(fd, path)
-        try:
+            if not _try_lock(fd):
+                raise JournalFormatError(f"journal {path} is in use by a running job (it is "
+                                         f"locked): stop that job first, or use another journal file")
             if not _still_names(path, fd):
                 raise JournalFormatError(f"journal {path} was replaced while it was opened: try again")
             block = os.pread(fd, fmt.RECORDS_OFFSET, 0)

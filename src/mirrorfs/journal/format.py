@@ -21,14 +21,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+# The identities are the job's bitmap's, encoded the same way (what fits one fits the other).
+from ..bitmap.format import IDENTITY_SIZE, _encode_identity
 from ..errors import JournalFormatError, UsageError
 
 MAGIC = b"MFSJOURN"
 VERSION = 1
 #: where the first record starts; the header block is one page.
 RECORDS_OFFSET = 4096
-#: bytes of each identity field (UTF-8, NUL padded; at most IDENTITY_SIZE - 1 bytes of text).
-IDENTITY_SIZE = 1024
 
 # magic, version, header_size, flags, image_size, capacity, first_seq, created_at, source_id,
 # target_id, checksum
@@ -134,16 +134,6 @@ class Record:
     length: int
     time_ns: int
     payload: bytes = b""
-
-
-def _encode_identity(text: str, what: str) -> bytes:
-    raw = text.encode("utf-8")
-    if b"\0" in raw:
-        raise UsageError(f"{what} identity {text!r} contains a NUL character")
-    if len(raw) >= IDENTITY_SIZE:
-        raise UsageError(f"{what} identity is {len(raw)} bytes long; at most {IDENTITY_SIZE - 1} "
-                         f"bytes fit in a journal file: use a shorter path")
-    return raw
 
 
 def encode_header(header: JournalHeader, state: int = STATE_OK) -> bytes:
