@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mirrorfs.errors import JournalFormatError, JournalFullError, UsageError
 from mirrorfs.journal import format as fmt
@@ -321,3 +326,116 @@ def test_sigkill_while_appending_leaves_a_prefix_with_every_flushed_record(tmp_p
             journal.truncate_to(journal.next_seq - 1)
             journal.reset()
             first = journal.next_seq
+
+
+class JournalModel(RuleBasedStateMachine):
+    """The file against a list: whatever is appended, applied, reopened, torn or reset, replay
+    yields exactly the model's unapplied records, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="journal-model-")
+        self.path = os.path.join(self.dir, "j")
+        self.journal = WriteJournal.create(self.path, capacity=fmt.MIN_CAPACITY, **IDS)
+        self.records: list[tuple] = []  # (seq, kind, offset, length, payload), APPLIED left out
+        self.applied = 0
+        self.overflowed = False
+
+    def _append(self, call, kind: str, offset: int, length: int, payload: bytes) -> None:
+        try:
+            seq = call()
+        except JournalFullError:
+            assert self.overflowed or self.journal.used + fmt.RECORD_HEADER_SIZE + len(payload) \
+                > self.journal.capacity
+            self.overflowed = True
+            return
+        assert not self.overflowed
+        self.records.append((seq, kind, offset, length, payload))
+
+    @rule(offset=st.integers(0, SIZE), data=st.binary(min_size=1, max_size=64) | st.sampled_from(
+        [bytes(300_000)]))
+    def write(self, offset: int, data: bytes) -> None:
+        self._append(lambda: self.journal.append_write(offset, data), "WRITE", offset, len(data),
+                     data)
+
+    @rule(offset=st.integers(0, SIZE), length=st.integers(0, SIZE))
+    def zero(self, offset: int, length: int) -> None:
+        self._append(lambda: self.journal.append_zero(offset, length), "ZERO", offset, length, b"")
+
+    @rule()
+    def flush(self) -> None:
+        self._append(self.journal.append_flush, "FLUSH", 0, 0, b"")
+
+    @precondition(lambda self: not self.overflowed and any(r[0] > self.applied for r in self.records))
+    @rule(data=st.data())
+    def apply(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from([r[0] for r in self.records if r[0] > self.applied]))
+        try:
+            self.journal.truncate_to(seq)
+        except JournalFullError:
+            self.overflowed = True
+            return
+        self.applied = seq
+
+    @rule()
+    def reopen(self) -> None:
+        self.journal.close()
+        self.journal = WriteJournal.open(self.path, **IDS)
+
+    @precondition(lambda self: self.overflowed or all(r[0] <= self.applied for r in self.records))
+    @rule()
+    def reset(self) -> None:
+        self.journal.reset()
+        self.records, self.overflowed = [], False
+        self.applied = self.journal.next_seq - 1
+
+    @precondition(lambda self: not self.overflowed and self.records
+                  and self.records[-1][0] == self.journal.next_seq - 1)
+    @rule(cut=st.integers(1, fmt.RECORD_HEADER_SIZE))
+    def tear_the_last_record(self, cut: int) -> None:
+        self.journal.close()
+        os.truncate(self.path, os.path.getsize(self.path) - cut)
+        self.records.pop()
+        self.journal = WriteJournal.open(self.path, **IDS)
+
+    @invariant()
+    def replay_matches(self) -> None:
+        got = [(r.seq, r.kind.name, r.offset, r.length, r.payload) for r in self.journal.replay()]
+        assert got == [r for r in self.records if r[0] > self.applied]
+        assert self.journal.overflowed == self.overflowed
+        assert self.journal.used == os.path.getsize(self.path) <= self.journal.capacity
+
+    def teardown(self) -> None:
+        self.journal.close()
+        shutil.rmtree(self.dir)
+
+
+JournalModel.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+test_journal_against_a_model = JournalModel.TestCase
+
+
+_NO_SPACE = textwrap.dedent("""
+    import resource, signal, sys
+    from mirrorfs.errors import JournalFullError
+    from mirrorfs.journal.file import WriteJournal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    journal = WriteJournal.open(sys.argv[1], image_size=1 << 30, source_id="/src/vm.raw",
+                                target_id="nbd+unix:///x?socket=/s")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+    journal.append_write(0, b"a" * 1000)
+    try:
+        journal.append_write(0, b"b" * 5000)
+    except JournalFullError as exc:
+        print(exc)
+""")
+
+
+def test_a_failed_append_marks_the_journal_overflowed(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _create(path).close()
+    out = subprocess.run([sys.executable, "-c", _NO_SPACE, str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "is full (short write): the job resyncs from its bitmap" in out  # EFBIG after 8K
+    with _open(path) as journal:
+        assert journal.overflowed
+        assert [r.payload for r in journal.replay()] == [b"a" * 1000]  # the torn one is cut off

@@ -115,7 +115,7 @@ class WriteJournal:
         except OSError as exc:
             raise _open_error(path, exc) from None
         assert fd is not None
-        return cls._attach(path, fd, header, fmt.STATE_OK, fmt.RECORDS_OFFSET)
+        return cls._attach(path, fd, header, fmt.STATE_OK)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, image_size: int, source_id: str,
@@ -151,7 +151,7 @@ class WriteJournal:
         except BaseException:
             os.close(fd)
             raise
-        self = cls._attach(path, fd, header, state, fmt.RECORDS_OFFSET)
+        self = cls._attach(path, fd, header, state)
         try:
             self._recover()
         except BaseException:
@@ -160,14 +160,19 @@ class WriteJournal:
         return self
 
     @classmethod
-    def _attach(cls, path: str, fd: int, header: fmt.JournalHeader, state: int,
-                end: int) -> "WriteJournal":
+    def _attach(cls, path: str, fd: int, header: fmt.JournalHeader, state: int) -> "WriteJournal":
         self = cls.__new__(cls)
         self.path = path
+        self._stats = {"writes": 0, "zeroes": 0, "flushes": 0, "fsyncs": 0, "bytes": 0}
+        self._start(fd, header, state)
+        return self
+
+    def _start(self, fd: int, header: fmt.JournalHeader, state: int) -> None:
+        """Take over ``fd`` (open, locked) holding ``header`` and no record indexed yet."""
         self._fd = fd  # holds the flock while the journal is open
         self.header = header
         self._overflowed = state != fmt.STATE_OK
-        self._end = end
+        self._end = fmt.RECORDS_OFFSET
         self._offsets = array("Q")  # file offset of record first_seq + i
         self._times = array("Q")
         self._kinds = array("B")
@@ -175,8 +180,6 @@ class WriteJournal:
         self._synced = True
         self._closed = False
         self.discarded_bytes = 0
-        self._stats = {"writes": 0, "zeroes": 0, "flushes": 0, "fsyncs": 0, "bytes": 0}
-        return self
 
     def _recover(self) -> None:
         """Index every valid record and cut the file after the last one."""
@@ -403,10 +406,8 @@ class WriteJournal:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise JournalFormatError(f"cannot reset journal {self.path}: {reason}") from None
         assert fd is not None
-        os.close(self._fd)
-        fresh = self._attach(self.path, fd, header, fmt.STATE_OK, fmt.RECORDS_OFFSET)
-        fresh._stats = self._stats
-        self.__dict__.update(fresh.__dict__)
+        os.close(self._fd)  # the old inode's lock; the new one is locked already
+        self._start(fd, header, fmt.STATE_OK)
 
     def close(self) -> None:
         """fsync and release the file. Idempotent."""
