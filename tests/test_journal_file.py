@@ -439,3 +439,17 @@ def test_a_failed_append_marks_the_journal_overflowed(tmp_path: Path) -> None:
     with _open(path) as journal:
         assert journal.overflowed
         assert [r.payload for r in journal.replay()] == [b"a" * 1000]  # the torn one is cut off
+
+
+def test_a_flush_is_fsynced_before_it_returns_and_a_write_is_not(tmp_path: Path) -> None:
+    # Power loss cannot be simulated here; this pins the discipline the crash argument rests on.
+    with _create(tmp_path / "j") as journal:
+        journal.append_write(0, b"a")
+        journal.append_zero(0, 4096)
+        assert journal.statistics()["fsyncs"] == 0
+        journal.append_flush()
+        assert journal.statistics()["fsyncs"] == 1
+        journal.append_flush()
+        assert journal.statistics()["fsyncs"] == 2
+        journal.sync()  # nothing new: free
+        assert journal.statistics()["fsyncs"] == 2
