@@ -21,7 +21,7 @@ LAYERS = {
     # the base: sizes, the error hierarchy, blocking I/O off the trio thread
     "units": 0, "errors": 0, "fileio": 0,
     # self-contained building blocks; metrics knows neither jobs nor FUSE (counters, exporter)
-    "bitmap": 1, "nbd": 1, "targets": 1, "metrics": 1,
+    "bitmap": 1, "nbd": 1, "targets": 1, "metrics": 1, "journal": 1, "state": 1,
     # the job engine
     "mirror": 2,
     # the pyfuse3 adapter and the control surfaces, side by side

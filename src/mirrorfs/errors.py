@@ -15,6 +15,9 @@ stderr and an exit code. Anything else that escapes is a bug and is allowed to c
     ├── AccessDeniedError       the caller may not do this (EACCES)
     ├── MountError              mount / unmount could not be done (CLI exit 2)
     ├── BitmapFormatError       a bitmap file that is truncated, corrupt or mismatched
+    ├── JournalFormatError      a write journal whose header is corrupt or mismatched
+    ├── JournalFullError        the write journal reached its bound: resync from the bitmap
+    ├── StateDirError           a --state-dir that is unsafe, in use, or holds a bad record
     ├── SourceError             the job's read of the source image failed (carries the errno)
     ├── TargetError             the target failed an operation
     │   ├── TargetRetryableError    connection lost, timeout: reconnect and go on
@@ -86,6 +89,29 @@ class BitmapFormatError(MirrorfsError):
 
     exit_code = 2
     errno = _errno.EINVAL
+
+
+class JournalFormatError(MirrorfsError):
+    """A write journal file is not one, is corrupt in its header or belongs to another job."""
+
+    exit_code = 2
+    errno = _errno.EINVAL
+
+
+class JournalFullError(MirrorfsError):
+    """The write journal cannot take another record (its bound, or the disk, is full).
+
+    Not a failure of the job: the journal is marked overflowed (durably) and the job falls back to
+    a resync driven by its bitmap, which holds every write the journal missed.
+    """
+
+    errno = _errno.ENOSPC
+
+
+class StateDirError(MirrorfsError):
+    """A state directory is unsafe or in use, or one of its job records cannot be used."""
+
+    exit_code = 2
 
 
 class SourceError(MirrorfsError):
