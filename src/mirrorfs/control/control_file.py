@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import re
 import shlex
 from typing import Any, Protocol
 
@@ -49,9 +50,14 @@ def _arguments(command: str, positional: dict[str, str], words: list[str]) -> di
     return args
 
 
+#: ``key=value``: an option. A path or URI may hold ``=`` too (``nbd+unix:///x?socket=/s``), but
+#: what comes before it is then no parameter name.
+_OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*=")
+
+
 def _split(words: list[str]) -> tuple[list[str], list[str]]:
     """(positional words, ``key=value`` words)."""
-    return [w for w in words if "=" not in w], [w for w in words if "=" in w]
+    return ([w for w in words if not _OPTION_RE.match(w)], [w for w in words if _OPTION_RE.match(w)])
 
 
 def parse_command(line: str) -> tuple[str, dict]:
