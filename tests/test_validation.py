@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from mirrorfs.control.control_file import parse_command
 from mirrorfs.control.render import printable
 from mirrorfs.errors import UsageError
 from mirrorfs.mirror.params import MIRROR_PARAMS, MirrorParams, job_arguments
@@ -194,3 +195,26 @@ def test_job_command_bad_input_same_message_everywhere(live: tuple[Mount, Path],
         r = mount.cli(*[a.format(mnt=mount.mountpoint) for a in argv], check=False)
         assert (r.returncode, r.stdout, r.stderr) == (2, "", f"mirrorfs {argv[0]}: {message}\n")
     _assert_nothing_changed(mount, out)
+
+
+def test_control_file_words_with_equals_signs_are_paths_and_uris() -> None:
+    """Only ``name=value`` is an option: an NBD URI's ``?socket=`` or a path holding ``=`` is a
+    positional word, as it is on the command line."""
+    assert parse_command("mirror a.img nbd+unix:///x?socket=/run/s.sock sync=top create=yes") == (
+        "drive-mirror", {"device": "a.img", "target": "nbd+unix:///x?socket=/run/s.sock",
+                         "sync": "top", "create": True})
+    assert parse_command("mirror a.img /out/x=y.img")[1] == {"device": "a.img", "target": "/out/x=y.img"}
+    with pytest.raises(UsageError, match="^Parameter 'device' is given twice$"):
+        parse_command("mirror a.img /out/t.img device=b.img")
+
+
+def test_cli_options_and_help_come_from_the_table() -> None:
+    from mirrorfs.cli import build_parser
+
+    mirror = next(a for a in build_parser()._actions if a.dest == "command").choices["mirror"]
+    options = {a.option_strings[0][2:]: a for a in mirror._actions if a.option_strings and a.dest != "help"}
+    assert set(options) == _CLI_KEYS
+    for param in MIRROR_PARAMS:
+        if param.cli:
+            assert options[param.key].help == param.full_help
+            assert tuple(options[param.key].choices or ()) == param.choice_names
