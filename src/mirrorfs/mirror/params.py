@@ -60,6 +60,7 @@ class Param:
         metavar: the CLI's placeholder.
         cli: offered as a ``mirrorfs mirror`` option (False: QEMU's names kept for QMP clients).
         required: the command cannot run without it.
+        aliases: other accepted names of choices (QEMU's), alias -> choice.
     """
 
     key: str
@@ -70,6 +71,7 @@ class Param:
     metavar: str | None = None
     cli: bool = True
     required: bool = False
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def choice_names(self) -> tuple[str, ...]:
@@ -96,7 +98,7 @@ MIRROR_PARAMS: tuple[Param, ...] = (
         ("full", "copy the whole image"),
         ("top", "copy only the allocated extents of the source file (holes stay holes)"),
         ("dirty", "copy only the clusters set in --bitmap FILE, to finish an interrupted job"),
-        ("none", "copy nothing now, only what is written from now on"))),
+        ("none", "copy nothing now, only what is written from now on")), aliases=SYNC_ALIASES),
     Param("granularity", "size", "size of a dirty-bitmap cluster, a power of two from 4K to 64M "
           f"(default {DEFAULT_GRANULARITY >> 10}K)", default=DEFAULT_GRANULARITY, metavar="SIZE"),
     Param("bitmap", "path", "keep the dirty bitmap in FILE so the job's remaining work survives a "
@@ -179,11 +181,7 @@ def reject_nul(args: Mapping[str, Any]) -> None:
     """
     for key, value in args.items():
         if _holds_nul(key) or _holds_nul(value):
-            raise UsageError(f"Parameter {printable_key(key)!r} must not contain a NUL character")
-
-
-def printable_key(key: Any) -> str:
-    return str(key).replace("\0", "\\0")
+            raise UsageError(f"Parameter {key!r} must not contain a NUL character")
 
 
 def reject_unknown(args: Mapping[str, Any], allowed: Mapping[str, Any] | set[str]) -> None:
@@ -209,11 +207,11 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
-def _choice(param: Param, value: Any, aliases: Mapping[str, str] | None = None) -> str:
-    allowed = (*param.choice_names, *(aliases or {}))
+def _choice(param: Param, value: Any) -> str:
+    allowed = (*param.choice_names, *param.aliases)
     if not isinstance(value, str) or value not in allowed:
         raise UsageError(f"parameter {param.key!r} must be one of {', '.join(allowed)} (got {value!r})")
-    return (aliases or {}).get(value, value)
+    return param.aliases.get(value, value)
 
 
 def _number(key: str, value: Any) -> int:
@@ -246,7 +244,7 @@ def _value(param: Param, args: Mapping[str, Any]) -> Any:
     if param.kind == "bool":
         return _bool(param.key, value)
     if param.kind == "choice":
-        return _choice(param, value, SYNC_ALIASES if param.key == "sync" else None)
+        return _choice(param, value)
     if param.kind == "image":
         return normalize_image_name(value)
     if param.kind == "target":
