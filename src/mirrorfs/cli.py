@@ -13,9 +13,12 @@ import importlib
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import MirrorfsError
+
+if TYPE_CHECKING:
+    from .mirror.params import Param
 
 #: subcommand -> "module:function"; each function takes the parsed namespace and returns an exit code.
 _HANDLERS = {
@@ -71,34 +74,28 @@ def _version() -> str:
     return f"mirrorfs {__version__}"
 
 
-def _choices_help(choices: Sequence[str], descriptions: dict[str, str], default: str) -> str:
-    # Indexing by the validator's choices: a new choice without a description fails loudly.
-    return "; ".join(f"{name}: {descriptions[name]}" for name in choices) + f" (default {default})"
+class _OpenChoices(tuple):
+    """The choices of an option, for its usage line and ``--help``; argparse lets any value
+    through so that the validator (``mirror.params``) refuses a bad one with the message the
+    control file and QMP give."""
+
+    def __contains__(self, value: object) -> bool:
+        return True
 
 
-#: What each choice of ``mirror`` does; the choices themselves come from ``mirror.params``.
-SYNC_HELP = {
-    "full": "copy the whole image",
-    "top": "copy only the allocated extents of the source file (holes stay holes)",
-    "dirty": "copy only the clusters set in --bitmap FILE, to finish an interrupted job",
-    "none": "copy nothing now, only what is written from now on",
-}
-COPY_MODE_HELP = {
-    "background": "writes go to the source and are copied later",
-    "write-blocking": "once ready, a write returns only when it is on the source and the target",
-}
-ON_TARGET_ERROR_HELP = {
-    "report": "the job fails",
-    "ignore": "the job goes on; the cluster stays dirty and is copied again",
-    "stop": "the job pauses with io-status failed until 'resume'",
-    "enospc": "stop on ENOSPC, report on any other error",
-}
-ON_SOURCE_ERROR_HELP = {
-    "report": "the job fails",
-    "ignore": "the job goes on and reads the range again later",
-    "stop": "the job pauses with io-status failed until 'resume'",
-    "enospc": "stop on ENOSPC, report on any other error",
-}
+def _add_params(parser: argparse.ArgumentParser, table: "Sequence[Param]") -> None:
+    """One ``--KEY`` option per parameter of ``table`` offered on the command line; an option
+    not given is left out of the arguments, so the validator's default applies."""
+    for param in table:
+        if not param.cli:
+            continue
+        if param.kind == "bool":
+            parser.add_argument(f"--{param.key}", action="store_true", default=None, help=param.full_help)
+        elif param.choices:
+            parser.add_argument(f"--{param.key}", choices=_OpenChoices(param.choice_names),
+                                help=param.full_help)
+        else:
+            parser.add_argument(f"--{param.key}", metavar=param.metavar, help=param.full_help)
 
 
 def _add_mountpoint(parser: argparse.ArgumentParser) -> None:
@@ -107,8 +104,7 @@ def _add_mountpoint(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .daemon.mount_options import MountOptionsAction, option_spellings
-    from .mirror.params import (COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY, ERROR_POLICIES,
-                                SYNC_MODES)
+    from .mirror.params import MIRROR_PARAMS, params_of
 
     parser = _Parser(prog="mirrorfs", description="Live mirroring of disk images beneath a FUSE mount. "
                      "Exit codes: 0 done, 1 refused in the current state, 2 bad input or cannot mount.")
@@ -152,39 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mirror", help="start mirroring IMAGE to TARGET",
                        description="Start a drive-mirror job copying IMAGE to TARGET while it is in use.")
     _add_mountpoint(p)
-    p.add_argument("image", metavar="IMAGE", help="the image, as a path relative to the mount")
-    p.add_argument("target", metavar="TARGET",
-                   help="a file path (outside the mount) or an NBD URI: nbd://HOST[:PORT]/EXPORT or "
-                        "nbd+unix:///EXPORT?socket=PATH")
-    p.add_argument("--sync", default="full", choices=SYNC_MODES,
-                   help="what to copy: " + _choices_help(SYNC_MODES, SYNC_HELP, "full"))
-    p.add_argument("--granularity", metavar="SIZE",
-                   help="size of a dirty-bitmap cluster, a power of two from 4K to 64M "
-                        f"(default {DEFAULT_GRANULARITY >> 10}K)")
-    p.add_argument("--bitmap", metavar="FILE",
-                   help="keep the dirty bitmap in FILE so the job's remaining work survives a "
-                        "restart or crash (default: in memory only); with --sync dirty, the "
-                        "bitmap of the interrupted job")
-    p.add_argument("--speed", metavar="RATE",
-                   help="limit the background copy to RATE bytes/s, e.g. 100M (default 0: unlimited)")
-    p.add_argument("--buf-size", metavar="SIZE",
-                   help="bytes the background copy keeps in flight, at least the granularity "
-                        f"(default {DEFAULT_BUF_SIZE >> 20}M)")
-    p.add_argument("--create", action="store_true",
-                   help="create the target file (sparse, the image's size); without it the target "
-                        "must exist and be at least as large as the image")
-    p.add_argument("--verify-resync", action="store_true",
-                   help="compare every cluster of image and target, copying those that differ "
-                        "(needed to resume from a bitmap whose job ended)")
-    p.add_argument("--copy-mode", default="background", choices=COPY_MODES,
-                   help="how writes reach the target: " + _choices_help(COPY_MODES, COPY_MODE_HELP, "background"))
-    p.add_argument("--on-target-error", default="report", choices=ERROR_POLICIES,
-                   help="what a target write error does (a lost NBD connection is retried instead): "
-                        + _choices_help(ERROR_POLICIES, ON_TARGET_ERROR_HELP, "report"))
-    p.add_argument("--on-source-error", default="report", choices=ERROR_POLICIES,
-                   help="what a read error on the source does to the job (the guest's own request "
-                        "gets the error either way): " + _choices_help(ERROR_POLICIES, ON_SOURCE_ERROR_HELP, "report"))
-    p.add_argument("--job-id", metavar="ID", help="name of the job in QMP and events (default IMAGE)")
+    p.add_argument("image", metavar="IMAGE", help=params_of("drive-mirror")["device"].help)
+    p.add_argument("target", metavar="TARGET", help=params_of("drive-mirror")["target"].help)
+    _add_params(p, MIRROR_PARAMS)
 
     p = sub.add_parser("status", help="show the jobs",
                        description="Show the jobs: a table, JSON, or live progress bars.")

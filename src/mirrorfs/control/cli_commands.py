@@ -2,9 +2,9 @@
 
 Each ``cli_*`` function takes the argparse namespace of :mod:`mirrorfs.cli` and returns an exit
 code. They find the mount's QMP socket through ``MOUNTPOINT/.mirrorfs/socket`` (one line: its
-path), check what can be checked locally (image names that would leave the mount, sizes, rates)
-so bad input fails with exit 2 before anything is sent, and translate to QMP with QEMU's argument
-names. Failures are ``MirrorfsError``s: ``cli.py`` prints them as one line and exits with their
+path), build the QMP arguments (QEMU's names) and check them with the validator the daemon runs
+(``mirror.params``), so bad input fails with exit 2 before anything is sent and with the message
+QMP and the control file give. Failures are ``MirrorfsError``s: ``cli.py`` prints them as one line and exits with their
 code (``QMPCommandError``: 2 for DeviceNotFound/CommandNotFound, 1 for other refusals).
 
 ``complete`` and ``cancel`` return once the jobs have ended (their BLOCK_JOB_COMPLETED /
@@ -17,23 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import sys
 import time
 from typing import Any, Iterable
 
 from ..errors import QMPCommandError, QMPConnectError, UsageError
-from ..mirror.params import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY
-from ..units import parse_size
+from ..mirror.params import MIRROR_PARAMS, MirrorParams, is_uri, job_arguments, normalize_image_name
 from .qmp_client import QMPClient, socket_timeout_default
 from .render import format_eta, format_rate, job_eta, job_state, render_status_table
 
 __all__ = ["cli_mirror", "cli_status", "cli_complete", "cli_cancel", "cli_pause", "cli_resume",
-           "cli_set_speed", "cli_qmp", "socket_path_for", "validate_image", "mirror_arguments"]
+           "cli_set_speed", "cli_qmp", "socket_path_for", "mirror_arguments"]
 
-_URI_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_NBD_SCHEMES = {"nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp"}
 _END_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 _ENDED_STATES = ("concluded", "null")
 
@@ -68,127 +64,74 @@ def _connect(mountpoint: str) -> QMPClient:
                              timeout=socket_timeout_default())
 
 
-# ---------------------------------------------------------------------------- local validation
-
-def validate_image(image: str) -> str:
-    """Normalise an image name (or job id) given on the command line; the QMP ``device``.
-
-    Raises:
-        UsageError: the name is empty, absolute, or leaves the mount through ``..``.
-    """
-    if not image or not image.strip():
-        raise UsageError("empty image name: give the image's path relative to the mount")
-    if os.path.isabs(image):
-        raise UsageError(f"image {image!r} must be a path relative to the mount "
-                         f"(e.g. 'vm/disk.img'), not an absolute path")
-    norm = os.path.normpath(image)
-    if norm == ".":
-        raise UsageError(f"image {image!r} names the mount itself: give a file under it")
-    if norm == ".." or norm.startswith("../"):
-        raise UsageError(f"image {image!r} leaves the mount: give a path inside it")
-    if norm.split("/")[0] == ".mirrorfs":
-        # The server refuses it too, but as GenericError (exit 1): it is bad input (exit 2).
-        raise UsageError(f"image {image!r} is a mirrorfs control file, not an image")
-    return norm
-
+# ---------------------------------------------------------------------------- arguments
 
 def _devices(images: Iterable[str]) -> list[str]:
     devices: list[str] = []
     for image in images:
-        device = validate_image(image)
+        device = normalize_image_name(image)
         if device in devices:
             raise UsageError(f"image {image!r} is given twice")
         devices.append(device)
     return devices
 
 
-def _target(target: str, mountpoint: str) -> str:
-    if not target:
-        raise UsageError("empty target: give a file path or an NBD URI (nbd://HOST[:PORT]/EXPORT)")
-    m = _URI_RE.match(target)
-    if m:
-        if m.group(1).lower() not in _NBD_SCHEMES:
-            raise UsageError(f"unsupported target URI {target!r}: use a file path, "
-                             f"nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
-        return target
-    # The server runs elsewhere (another cwd): send it an absolute path.
-    path = os.path.abspath(target)
-    mount = os.path.abspath(mountpoint)
-    if path == mount or path.startswith(mount.rstrip("/") + "/"):
-        raise UsageError(f"target {target!r} lies inside the mount {mountpoint}: "
-                         f"mirror to a path outside it")
-    return path
+def _absolute(path: str) -> str:
+    # The daemon runs elsewhere (another cwd): it gets an absolute path. An empty one is left
+    # for the validator to refuse.
+    return os.path.abspath(path) if path else path
 
 
-def _granularity(text: str) -> int:
-    value = parse_size(text, what="granularity")
-    if value < MIN_GRANULARITY or value > MAX_GRANULARITY or value & (value - 1):
-        raise UsageError(f"invalid granularity {text!r}: must be a power of two from 4K to 64M")
-    return value
+def mirror_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], MirrorParams]:
+    """The ``drive-mirror`` arguments for ``mirrorfs mirror``, checked by the validator the
+    daemon runs (``MirrorParams.from_arguments``) so bad input fails before anything is sent,
+    with the message QMP and the control file give.
 
-
-def mirror_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``drive-mirror`` arguments for ``mirrorfs mirror`` (validated locally).
+    Returns:
+        (the arguments to send, what the daemon will make of them).
 
     Raises:
-        UsageError: a malformed image, target, size or rate, or ``--sync dirty`` without
-            ``--bitmap``.
+        UsageError: a malformed argument, or a target inside the mount.
     """
-    arguments: dict[str, Any] = {
-        "device": validate_image(args.image),
-        "target": _target(args.target, args.mountpoint),
-        "sync": args.sync,
-        "mode": "absolute-paths" if args.create else "existing",
-        "copy-mode": args.copy_mode,
-        "on-target-error": args.on_target_error,
-        "on-source-error": args.on_source_error,
-    }
-    if args.granularity is not None:
-        arguments["granularity"] = _granularity(args.granularity)
-    if args.speed is not None:
-        arguments["speed"] = parse_size(args.speed, what="rate")
-    if args.buf_size is not None:
-        buf_size = parse_size(args.buf_size, what="buffer size")
-        if buf_size == 0:
-            raise UsageError(f"invalid buffer size {args.buf_size!r}: must be more than 0")
-        granularity = arguments.get("granularity", DEFAULT_GRANULARITY)
-        if buf_size < granularity:
-            raise UsageError(f"invalid buffer size {args.buf_size!r}: must be at least the granularity "
-                             f"({granularity} bytes)")
-        arguments["buf-size"] = buf_size
-    if args.bitmap is not None:
-        if not args.bitmap:
-            raise UsageError("empty --bitmap: give the path of the bitmap file")
-        arguments["bitmap"] = os.path.abspath(args.bitmap)
-    elif args.sync == "dirty":
-        raise UsageError("--sync dirty copies the clusters set in a bitmap: give it with --bitmap FILE")
-    if getattr(args, "verify_resync", False):
-        arguments["verify-resync"] = True
-    if args.job_id is not None:
-        if not args.job_id:
-            raise UsageError("empty --job-id")
-        arguments["job-id"] = args.job_id
-    return arguments
+    target = args.target
+    arguments: dict[str, Any] = {"device": args.image,
+                                 "target": target if is_uri(target) else _absolute(target)}
+    for param in MIRROR_PARAMS:
+        value = getattr(args, param.key.replace("-", "_"), None) if param.cli else None
+        if value is not None:
+            arguments[param.key] = _absolute(value) if param.kind == "path" else value
+    params = MirrorParams.from_arguments(arguments)
+    # Sent as QEMU's clients send them: the normalised name, sizes and rates as numbers.
+    arguments["device"] = params.image
+    for key in ("granularity", "speed", "buf-size"):
+        if key in arguments:
+            arguments[key] = getattr(params, key.replace("-", "_"))
+    if not params.is_nbd:
+        mount = os.path.abspath(args.mountpoint)
+        if params.target == mount or params.target.startswith(mount.rstrip("/") + "/"):
+            raise UsageError(f"target {target!r} lies inside the mount {args.mountpoint}: "
+                             f"mirror to a path outside it")
+    return arguments, params
 
 
 # ---------------------------------------------------------------------------- job commands
 
 def cli_mirror(args: argparse.Namespace) -> int:
     """``mirrorfs mirror``: start a ``drive-mirror`` job."""
-    arguments = mirror_arguments(args)
+    arguments, params = mirror_arguments(args)
     with _connect(args.mountpoint) as client:
         client.execute("drive-mirror", arguments)
-    job = arguments.get("job-id", arguments["device"])
-    print(f"mirroring {arguments['device']} to {arguments['target']} (job {job}); "
+    print(f"mirroring {params.image} to {params.target} (job {params.job_id}); "
           f"'mirrorfs status {args.mountpoint}' shows its progress")
     return 0
 
 
 def _job_command(args: argparse.Namespace, qmp_name: str, extra: dict[str, Any] | None = None) -> str:
-    device = validate_image(args.image)
+    arguments = {"device": normalize_image_name(args.image), **(extra or {})}
+    job_arguments(qmp_name, arguments)
     with _connect(args.mountpoint) as client:
-        client.execute(qmp_name, {"device": device, **(extra or {})})
-    return device
+        client.execute(qmp_name, arguments)
+    return arguments["device"]
 
 
 def cli_pause(args: argparse.Namespace) -> int:
@@ -205,7 +148,7 @@ def cli_resume(args: argparse.Namespace) -> int:
 
 def cli_set_speed(args: argparse.Namespace) -> int:
     """``mirrorfs set-speed``: ``block-job-set-speed``."""
-    speed = parse_size(args.rate, what="rate")
+    speed = job_arguments("block-job-set-speed", {"device": args.image, "speed": args.rate})["speed"]
     device = _job_command(args, "block-job-set-speed", {"speed": speed})
     print(f"{device}: speed limit {'none' if speed == 0 else format_rate({'rate': speed})}")
     return 0
@@ -221,6 +164,8 @@ def _run_ending(args: argparse.Namespace, action: str, data: dict[str, Any]) -> 
             a job had not ended within the timeout.
     """
     devices = _devices(args.images)
+    for device in devices:
+        job_arguments(action, {"device": device, **data})
     with _connect(args.mountpoint) as client:
         if len(devices) == 1:
             client.execute(action, {"device": devices[0], **data})

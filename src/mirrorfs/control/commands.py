@@ -1,7 +1,8 @@
 """Command dispatch shared by the QMP socket, the ``.mirrorfs/control`` file and (through QMP) the CLI.
 
-Role: checks the arguments of each command with QEMU's names and messages, and calls the job
-manager. Every failure is a ``MirrorfsError``; its ``qmp_class`` (QMP), ``errno`` (control file) and
+Role: checks the arguments of each command with the one validator of ``mirror.params`` (which
+the CLI and the control file also call, so every surface refuses bad input with the same line),
+and calls the job manager. Every failure is a ``MirrorfsError``; its ``qmp_class`` (QMP), ``errno`` (control file) and
 ``exit_code`` (CLI) say how each edge reports it. No I/O of its own.
 """
 
@@ -13,46 +14,7 @@ import trio
 
 from ..errors import ControlError, UsageError
 from ..mirror.manager import Action, JobManager
-from ..mirror.params import MirrorParams
-from ..units import parse_size
-
-
-def _reject_unknown(name: str, args: Mapping[str, Any], allowed: set[str]) -> None:
-    for key in args:
-        if key not in allowed:
-            raise UsageError(f"Parameter '{key}' is unexpected for {name}")
-
-
-def _holds_nul(value: Any) -> bool:
-    # Depth is bounded by the QMP framer (128 levels), so plain recursion is safe.
-    if isinstance(value, str):
-        return "\0" in value
-    if isinstance(value, Mapping):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_holds_nul(v) for v in value)
-    return False
-
-
-def _reject_nul(args: Mapping[str, Any]) -> None:
-    # No path, image name or URI can hold a NUL: os and the kernel refuse it with ValueError,
-    # deep inside a command. Refused here, the user gets one line naming the parameter.
-    for key, value in args.items():
-        if _holds_nul(key) or _holds_nul(value):
-            raise UsageError(f"Parameter '{key}' must not contain a NUL character")
-
-
-def _required(args: Mapping[str, Any], key: str) -> Any:
-    if key not in args:
-        raise UsageError(f"Parameter '{key}' is missing")
-    return args[key]
-
-
-def _typed(args: Mapping[str, Any], key: str, kind: type, default: Any, what: str) -> Any:
-    value = args.get(key, default)
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise UsageError(f"Invalid parameter type for '{key}', expected: {what}")
-    return value
+from ..mirror.params import MirrorParams, job_arguments, reject_nul, reject_unknown
 
 
 class CommandDispatcher:
@@ -89,17 +51,17 @@ class CommandDispatcher:
                                qmp_class="CommandNotFound", exit_code=2)
         if not isinstance(arguments, Mapping):
             raise UsageError("QMP input member 'arguments' must be an object")
-        _reject_nul(arguments)
+        reject_nul(arguments)
         return await handler(arguments)
 
     # ------------------------------------------------------------------ queries
 
     async def _query_block_jobs(self, args: Mapping[str, Any]) -> Any:
-        _reject_unknown("query-block-jobs", args, set())
+        reject_unknown(args, set())
         return self.manager.query()
 
     async def _query_block(self, args: Mapping[str, Any]) -> Any:
-        _reject_unknown("query-block", args, set())
+        reject_unknown(args, set())
         return [{"device": job.params.image, "qdev": "", "locked": False, "removable": False,
                  "inserted": {"file": job.node.backing_path, "drv": "raw", "ro": False,
                               "image": {"filename": job.node.backing_path,
@@ -108,7 +70,7 @@ class CommandDispatcher:
                 for job in self.manager.jobs.values() if not job.finished]
 
     async def _query_dirty_bitmaps(self, args: Mapping[str, Any]) -> Any:
-        _reject_unknown("query-dirty-bitmaps", args, set())
+        reject_unknown(args, set())
         result = []
         for job in self.manager.jobs.values():
             bitmap = job.bitmap
@@ -137,37 +99,31 @@ class CommandDispatcher:
         return {}
 
     def _complete_action(self, args: Mapping[str, Any]) -> Action:
-        _reject_unknown("block-job-complete", args, {"device", "pivot"})
-        device = _typed(args, "device", str, _required(args, "device"), "string")
-        pivot = _typed(args, "pivot", bool, True, "boolean")
-        return Action("complete", device, pivot=pivot)
+        v = job_arguments("block-job-complete", args)
+        return Action("complete", v["device"], pivot=v["pivot"])
 
     def _cancel_action(self, args: Mapping[str, Any]) -> Action:
-        _reject_unknown("block-job-cancel", args, {"device", "force"})
-        device = _typed(args, "device", str, _required(args, "device"), "string")
-        force = _typed(args, "force", bool, False, "boolean")
-        return Action("cancel", device, force=force)
+        v = job_arguments("block-job-cancel", args)
+        return Action("cancel", v["device"], force=v["force"])
 
     async def _pause(self, args: Mapping[str, Any]) -> Any:
-        _reject_unknown("block-job-pause", args, {"device"})
-        await self.manager.pause(_typed(args, "device", str, _required(args, "device"), "string"))
+        await self.manager.pause(job_arguments("block-job-pause", args)["device"])
         return {}
 
     async def _resume(self, args: Mapping[str, Any]) -> Any:
-        _reject_unknown("block-job-resume", args, {"device"})
-        self.manager.resume(_typed(args, "device", str, _required(args, "device"), "string"))
+        self.manager.resume(job_arguments("block-job-resume", args)["device"])
         return {}
 
     async def _set_speed(self, args: Mapping[str, Any]) -> Any:
-        _reject_unknown("block-job-set-speed", args, {"device", "speed"})
-        device = _typed(args, "device", str, _required(args, "device"), "string")
-        speed = parse_size(_required(args, "speed"), what="speed")
-        self.manager.set_speed(device, speed)
+        v = job_arguments("block-job-set-speed", args)
+        self.manager.set_speed(v["device"], v["speed"])
         return {}
 
     async def _transaction(self, args: Mapping[str, Any]) -> Any:
-        _reject_unknown("transaction", args, {"actions", "properties"})
-        actions = _required(args, "actions")
+        reject_unknown(args, {"actions", "properties"})
+        if "actions" not in args:
+            raise UsageError("Parameter 'actions' is missing")
+        actions = args["actions"]
         if not isinstance(actions, list) or not actions:
             raise UsageError("Invalid parameter type for 'actions', expected: non-empty array")
         mirrors: list[MirrorParams] = []

@@ -1,7 +1,8 @@
 """The ``MOUNTPOINT/.mirrorfs/control`` file: one command per line, for people at a shell.
 
-``parse_command`` (pure) turns a line into the QMP command it stands for, so the control file and
-QMP share one dispatcher and one set of rules. ``ControlFile`` runs the lines written to the file
+``parse_command`` (pure) turns a line into the QMP command and arguments it stands for, so the
+control file, QMP and the CLI share one dispatcher and one validator (``mirror.params``): a bad
+value gets the same message on each. ``ControlFile`` runs the lines written to the file
 and keeps the recent outcomes that reading the file returns.
 
 Grammar (SPEC): ``mirror IMAGE TARGET [key=value ...]``, ``complete IMAGE... [pivot=false]``,
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import collections
 import datetime
+import re
 import shlex
 from typing import Any, Protocol
 
 from ..errors import MirrorfsError, UsageError
+from ..mirror.params import params_of, parse_bool_word
 from .render import printable
 
-MIRROR_KEYS = {"sync", "granularity", "bitmap", "speed", "buf-size", "create", "copy-mode",
-               "on-target-error", "on-source-error", "job-id", "verify-resync"}
 MAX_LINE = 64 * 1024
 HISTORY = 50
 
@@ -31,26 +32,32 @@ class Executor(Protocol):
     async def execute(self, name: str, arguments: dict) -> Any: ...
 
 
-def _bool(key: str, value: str) -> bool:
-    if value.lower() in ("true", "yes", "on", "1"):
-        return True
-    if value.lower() in ("false", "no", "off", "0"):
-        return False
-    raise UsageError(f"{key}={value!r}: expected true or false")
+def _arguments(command: str, positional: dict[str, str], words: list[str]) -> dict[str, Any]:
+    """The QMP arguments of ``command``: the positional words, then every ``key=value`` word.
 
-
-def _split_options(words: list[str], allowed: set[str], command: str) -> tuple[list[str], dict[str, str]]:
-    positional, options = [], {}
+    Only the text is translated here (a boolean word to a bool, by the parameter table); what
+    the values mean, and which keys exist, the one validator of ``mirror.params`` decides when
+    the command runs, as it does for QMP and the CLI.
+    """
+    table = params_of(command)
+    args: dict[str, Any] = dict(positional)
     for word in words:
-        if "=" in word:
-            key, _, value = word.partition("=")
-            if key not in allowed:
-                known = ", ".join(sorted(allowed)) or "none"
-                raise UsageError(f"{command}: unknown option {key!r} (options: {known})")
-            options[key] = value
-        else:
-            positional.append(word)
-    return positional, options
+        key, _, value = word.partition("=")
+        if key in positional:
+            raise UsageError(f"Parameter {key!r} is given twice")
+        param = table.get(key)
+        args[key] = parse_bool_word(value) if param is not None and param.kind == "bool" else value
+    return args
+
+
+#: ``key=value``: an option. A path or URI may hold ``=`` too (``nbd+unix:///x?socket=/s``), but
+#: what comes before it is then no parameter name.
+_OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*=")
+
+
+def _split(words: list[str]) -> tuple[list[str], list[str]]:
+    """(positional words, ``key=value`` words)."""
+    return ([w for w in words if not _OPTION_RE.match(w)], [w for w in words if _OPTION_RE.match(w)])
 
 
 def parse_command(line: str) -> tuple[str, dict]:
@@ -69,23 +76,20 @@ def parse_command(line: str) -> tuple[str, dict]:
         raise UsageError("empty command")
     command, rest = words[0], words[1:]
     if command == "mirror":
-        positional, options = _split_options(rest, MIRROR_KEYS, command)
+        positional, options = _split(rest)
         if len(positional) != 2:
             raise UsageError("usage: mirror IMAGE TARGET [key=value ...]")
-        args: dict[str, Any] = {"device": positional[0], "target": positional[1]}
-        for key, value in options.items():
-            args[key] = _bool(key, value) if key in ("create", "verify-resync") else value
-        return "drive-mirror", args
+        return "drive-mirror", _arguments("drive-mirror", {"device": positional[0],
+                                                           "target": positional[1]}, options)
     if command in ("complete", "cancel"):
-        flag, default = ("pivot", True) if command == "complete" else ("force", False)
-        positional, options = _split_options(rest, {flag}, command)
+        positional, options = _split(rest)
         if not positional:
-            raise UsageError(f"usage: {command} IMAGE... [{flag}={'false' if default else 'true'}]")
-        value = _bool(flag, options[flag]) if flag in options else default
+            hint = "pivot=false" if command == "complete" else "force=true"
+            raise UsageError(f"usage: {command} IMAGE... [{hint}]")
         qmp = "block-job-complete" if command == "complete" else "block-job-cancel"
         if len(positional) == 1:
-            return qmp, {"device": positional[0], flag: value}
-        return "transaction", {"actions": [{"type": qmp, "data": {"device": image, flag: value}}
+            return qmp, _arguments(qmp, {"device": positional[0]}, options)
+        return "transaction", {"actions": [{"type": qmp, "data": _arguments(qmp, {"device": image}, options)}
                                            for image in positional]}
     if command in ("pause", "resume"):
         if len(rest) != 1:

@@ -44,6 +44,7 @@ from pyfuse3 import FUSEError
 from .. import fileio
 from ..errors import MirrorfsError, UsageError
 from ..metrics.requests import SLOT_OF, RequestStats, Timing
+from ..mirror.params import normalize_image_name
 from .attrs import source_attributes, virtual_attributes
 from .control_dir import CONTROL_DIR_INODE, CONTROL_DIR_NAME, ControlDir, VirtualFile
 from .handles import HandleTable, VirtualHandle, fd_flags
@@ -150,9 +151,7 @@ class Operations(pyfuse3.Operations):
         Raises:
             UsageError: no regular file by that name exists in the source directory.
         """
-        rel = os.path.normpath(relpath.lstrip("/")) if relpath.strip("/") else ""
-        if not rel or rel == "." or rel.startswith("..") or rel.split("/")[0] == CONTROL_DIR_NAME:
-            raise UsageError(f"invalid image name {relpath!r}: give a file path relative to the mount")
+        rel = normalize_image_name(relpath.lstrip("/"))
         inode = self._inodes.known(rel)
         if inode is not None and inode in self._inodes.nodes:
             return self._inodes.nodes[inode]
