@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import subprocess
 from pathlib import Path
@@ -90,8 +91,11 @@ def test_ready_job_keeps_image_and_target_out_of_the_page_cache(mounted: Mount, 
     target = tmp_path / "target.raw"
     make_image(source, SIZE, 2, holes=False)
     disk_backed(source)
+    drop_cache(source)
     mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--copy-mode", "write-blocking")
     wait_ready(mounted, name)
+    # the copy task reads and writes with O_DIRECT on a disk, whatever the clients do
+    assert resident(source) <= 1 * MiB and resident(target) <= 1 * MiB
     drop_cache(source)
     drop_cache(target)
     assert resident(source) == resident(target) == 0
@@ -140,3 +144,59 @@ def test_a_filesystem_refusing_odirect_is_logged_once(monkeypatch: pytest.Monkey
         assert fileio.open_direct(str(path), os.O_RDWR, "test") is None
     lines = [r.getMessage() for r in caplog.records if "refuses O_DIRECT" in r.getMessage()]
     assert len(lines) == 1, lines
+
+
+def test_an_odirect_open_keeps_o_direct_across_a_pivot(mounted: Mount, tmp_path: Path) -> None:
+    """The engine swaps the open's descriptor to the target at the pivot; its O_DIRECT twin
+    follows, so the writes after the pivot stay out of the target's page cache too."""
+    name = "vm.raw"
+    source = mounted.source / name
+    target = tmp_path / "target.raw"
+    make_image(source, SIZE, 3, holes=False)
+    disk_backed(source)
+    fd = os.open(mounted.mountpoint / name, os.O_RDWR | os.O_DIRECT)
+    try:
+        mounted.cli("mirror", mounted.mountpoint, name, target, "--create")
+        wait_ready(mounted, name)
+        mounted.cli("complete", mounted.mountpoint, name)
+        assert job(mounted, name) is None
+        drop_cache(target)
+        block = mmap.mmap(-1, MiB)  # page-aligned, as an O_DIRECT client's buffers are
+        block.write(os.urandom(MiB))
+        for n in range(WRITTEN // MiB):
+            assert os.pwrite(fd, block, n * MiB) == MiB
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert resident(target) <= 1 * MiB
+    with open(target, "rb") as f:
+        assert all(os.pread(f.fileno(), MiB, n * MiB) == bytes(block) for n in range(WRITTEN // MiB))
+    # the source was left as it was at the pivot
+    with open(source, "rb") as f:
+        assert os.pread(f.fileno(), MiB, 0) != bytes(block)
+
+
+def test_a_job_on_tmpfs_under_odirect_writers(mount_factory, shm_path: Path) -> None:
+    """On tmpfs (which takes O_DIRECT) a job still copying meets ``qemu-io -t none`` writes of
+    aligned and unaligned sizes; the target ends identical to the source."""
+    (shm_path / "src").mkdir()
+    mount = mount_factory(source=shm_path / "src")
+    name = "vm.raw"
+    source = mount.source / name
+    target = shm_path / "target.raw"
+    make_image(source, 16 * MiB, 4)
+    mount.cli("mirror", mount.mountpoint, name, target, "--create", "--copy-mode", "write-blocking",
+              "--speed", "4M")
+    commands = []
+    for n in range(40):
+        offset, length = (n * 397 * 1024) % (15 * MiB), (4096, 65536, 512, 1000)[n % 4]
+        commands += ["-c", f"write -P {n % 251 + 1} {offset - offset % 512 if length == 512 else offset} {length}"]
+    proc = subprocess.run(["qemu-io", "-f", "raw", "-t", "none", *commands, str(mount.mountpoint / name)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
+    entry = job(mount, name)
+    assert entry is not None and not entry["ready"], "the writes did not meet a copying job"
+    mount.cli("set-speed", mount.mountpoint, name, "0")
+    wait_ready(mount, name)
+    mount.cli("complete", mount.mountpoint, name, "--no-pivot")
+    assert_identical(source, target)

@@ -199,6 +199,9 @@ async def preadinto(fd: int, view: memoryview, offset: int) -> int:
     Raises:
         OSError: the read failed; ``errno`` says why.
     """
+    twin = _TWINS.get(fd)
+    if twin is not None:
+        return await trio.to_thread.run_sync(_preadinto_twin, fd, twin, view, offset, limiter=LIMITER)
     if _direct(fd, len(view)):
         await _direct_checkpoint()
         return _preadinto_all(fd, view, offset)
@@ -318,6 +321,17 @@ def open_direct_twin(fd: int, flags: int, kind: str) -> None:
         _TWINS[fd] = twin
 
 
+def open_copy_twin(fd: int) -> None:
+    """An O_DIRECT twin for a copy's reads of ``fd`` on a disk (the page cache would keep the
+    whole image a copy reads, evicting what the host uses); none on tmpfs or ramfs, whose pages
+    are the file, nor where it cannot be opened (the reads then stay buffered)."""
+    try:
+        if not memory_backed(fd):
+            open_direct_twin(fd, os.O_RDONLY, "source")
+    except OSError as exc:
+        log.info("the copy reads of descriptor %d stay buffered: %s", fd, exc.strerror or exc)
+
+
 def close_direct_twin(fd: int) -> None:
     """Forget and close ``fd``'s twin, if any; before ``fd`` itself is closed, whose number the
     kernel may then give to another file."""
@@ -385,6 +399,23 @@ def _pread_twin(fd: int, twin: int, size: int, offset: int) -> bytes:
             raise
         return os.pread(fd, size, offset)
     return view[:n].tobytes()  # a copy: the buffer is this thread's next request's
+
+
+def _preadinto_twin(fd: int, twin: int, view: memoryview, offset: int) -> int:
+    length = len(view)
+    if length == 0 or not _is_aligned(offset, length):
+        return _preadinto_all(fd, view, offset)
+    address = _address(view)
+    into = view if address is not None and address % ALIGN == 0 else _bounce(length)[:length]
+    try:
+        n = _preadinto_all(twin, into, offset)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # also a short read at an unaligned end of file: buffered
+            raise
+        return _preadinto_all(fd, view, offset)
+    if into is not view:
+        view[:n] = into[:n]
+    return n
 
 
 async def pwrite_aligned(fd: int, twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:

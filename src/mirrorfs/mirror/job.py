@@ -153,6 +153,7 @@ class MirrorJob:
         """
         try:
             self._source_fd = os.open(self.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
+            fileio.open_copy_twin(self._source_fd)
         except OSError as exc:
             raise SourceError(f"cannot read image {self.params.image!r}: {exc.strerror}",
                               errno=exc.errno) from None
@@ -195,6 +196,7 @@ class MirrorJob:
     def _detach(self) -> None:
         self._detach_node()
         if self._source_fd >= 0:
+            fileio.close_direct_twin(self._source_fd)
             os.close(self._source_fd)
             self._source_fd = -1
 
