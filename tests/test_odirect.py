@@ -14,33 +14,22 @@ import logging
 import mmap
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from benchscripts import SCRIPTS
 from mirrorfs import fileio
 from mounting import Mount
-from test_mirror_mount import assert_identical, job, make_image, wait_ready
+
+sys.path.insert(0, str(SCRIPTS))
+from benchlib.images import drop_cache, resident  # noqa: E402  (fsync + fadvise; fincore)
+from test_mirror_mount import assert_identical, job, make_image, wait_ready  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 64 * MiB
 WRITTEN = 32 * MiB
-
-
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def resident(path: Path) -> int:
-    """Bytes of ``path`` in the host's page cache."""
-    proc = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                          capture_output=True, text=True, timeout=30, check=True)
-    return int(proc.stdout.split()[0])
 
 
 def fio(path: Path, direct: int, cwd: Path) -> None:
