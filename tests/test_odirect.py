@@ -21,6 +21,7 @@ import pytest
 
 from benchscripts import SCRIPTS
 from mirrorfs import fileio
+from mirrorfs.targets.local import LocalFileTarget
 from mounting import Mount
 
 sys.path.insert(0, str(SCRIPTS))
@@ -189,3 +190,29 @@ def test_a_job_on_tmpfs_under_odirect_writers(mount_factory, shm_path: Path) -> 
     wait_ready(mount, name)
     mount.cli("complete", mount.mountpoint, name, "--no-pivot")
     assert_identical(source, target)
+
+
+async def test_local_target_direct_writes_of_every_shape(tmp_path: Path) -> None:
+    """``pwrite(direct=True)``: aligned writes (from ``bytes``, which are copied into an aligned
+    buffer, and from an mmap, which is written as it is) bypass the page cache; unaligned ones
+    are written buffered; every byte lands where it should."""
+    path = tmp_path / "t.raw"
+    target = LocalFileTarget.create(path, 8 * MiB)
+    await target.connect()
+    try:
+        expected = bytearray(8 * MiB)
+        aligned = fileio.aligned_buffer(MiB)
+        aligned[:] = os.urandom(MiB)
+        writes: list[tuple[int, bytes | bytearray | memoryview]] = [
+            (0, os.urandom(MiB)), (MiB, memoryview(aligned)), (2 * MiB, bytearray(os.urandom(4096))),
+            (3 * MiB + 512, os.urandom(512)), (4 * MiB + 1, os.urandom(10000)),
+            (5 * MiB, memoryview(aligned)[4096:8192]),
+        ]
+        for offset, data in writes:
+            await target.pwrite(offset, data, direct=True)
+            expected[offset:offset + len(data)] = data
+        await target.flush()
+        assert resident(path) <= 8 * 4096  # the pages of the two unaligned writes at most
+        assert path.read_bytes() == bytes(expected)
+    finally:
+        await target.close()

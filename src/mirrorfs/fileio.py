@@ -24,11 +24,13 @@ connect) and keeps the answer with the descriptor, and a request on tmpfs then r
 without an ``await``, so it needs no gate and no in-flight bookkeeping (``MirrorJob.write``).
 
 O_DIRECT (see ``open_direct_twin``): a descriptor opened for an O_DIRECT client gets a second
-descriptor of the same file opened with O_DIRECT, its "twin". ``pread``/``pwrite`` and their
-``_thread`` forms look the descriptor up (one dict lookup) and send aligned requests through the
-twin via a reused, page-aligned (mmap) buffer of the worker thread; unaligned requests take the
-buffered descriptor, a whole request at a time: a read-modify-write of partial blocks through the
-twin would race with concurrent writers of the same blocks.
+descriptor of the same file opened with O_DIRECT, its "twin" (as does the descriptor a copy
+reads a disk-backed image through). ``pread``/``pwrite``/``preadinto`` and the ``_thread`` forms
+look the descriptor up (one dict lookup) and send its aligned requests through the twin, always in
+a worker thread (O_DIRECT I/O waits for the device), via a reused page-aligned (mmap) buffer of
+that thread; unaligned requests take the buffered descriptor, a whole request at a time: a
+read-modify-write of partial blocks through the twin would race with concurrent writers of the
+same blocks.
 
 ``MIRRORFS_IO_MODE`` in the environment: ``auto`` (default), ``thread`` (always a worker thread)
 or ``direct`` (never; benchmarks only).

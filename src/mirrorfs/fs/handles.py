@@ -74,7 +74,8 @@ class HandleTable:
         return self.add(node, flags, fd, inline_io)
 
     def add(self, node: ImageNode, flags: int, fd: int, inline_io: bool) -> OpenHandle:
-        """Register the open of ``node`` on ``fd`` (with its O_DIRECT twin if ``flags`` ask)."""
+        """Register the open of ``node`` on ``fd`` (opened with its O_DIRECT twin if ``flags``
+        ask for O_DIRECT)."""
         fh = next(self._counter)
         direct = bool(flags & _O_DIRECT)
         handle = OpenHandle(fh=fh, node=node, flags=flags & ~STRIPPED_OPEN_FLAGS, fd=fd,
