@@ -376,7 +376,7 @@ def _pwrite_twin(fd: int, twin: int, data: bytes | bytearray | memoryview, offse
     length = len(data)
     if length == 0 or not _is_aligned(offset, length):
         return _pwrite_all(fd, data, offset)
-    address = _address(data)
+    address = None if isinstance(data, bytes) else _address(data)  # FUSE's bytes: no exception
     if address is not None and address % ALIGN == 0:
         view = data  # already aligned (the copy task's mmap buffers): no copy
     else:
