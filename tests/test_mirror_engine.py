@@ -202,7 +202,7 @@ class SlowTarget:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def pwrite(self, offset: int, data: bytes) -> None:
+    async def pwrite(self, offset: int, data: bytes, *, direct: bool = False) -> None:
         await trio.sleep(self._rng.random() * 0.003)
         await self._inner.pwrite(offset, data)
 

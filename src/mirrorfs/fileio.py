@@ -23,6 +23,15 @@ the owner of a descriptor asks once (an ``OpenHandle`` at open and at a pivot, a
 connect) and keeps the answer with the descriptor, and a request on tmpfs then runs its whole I/O
 without an ``await``, so it needs no gate and no in-flight bookkeeping (``MirrorJob.write``).
 
+O_DIRECT (see ``open_direct_twin``): a descriptor opened for an O_DIRECT client gets a second
+descriptor of the same file opened with O_DIRECT, its "twin" (as does the descriptor a copy
+reads a disk-backed image through). ``pread``/``pwrite``/``preadinto`` and the ``_thread`` forms
+look the descriptor up (one dict lookup) and send its aligned requests through the twin, always in
+a worker thread (O_DIRECT I/O waits for the device), via a reused page-aligned (mmap) buffer of
+that thread; unaligned requests take the buffered descriptor, a whole request at a time: a
+read-modify-write of partial blocks through the twin would race with concurrent writers of the
+same blocks.
+
 ``MIRRORFS_IO_MODE`` in the environment: ``auto`` (default), ``thread`` (always a worker thread)
 or ``direct`` (never; benchmarks only).
 """
@@ -30,14 +39,20 @@ or ``direct`` (never; benchmarks only).
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
+import mmap
 import os
 import struct
+import threading
 import time
 from typing import Any, Callable, TypeVar
 
 import trio
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: "auto" (default), "thread" or "direct": where pread/pwrite run. fsync always runs in a thread.
 IO_MODE: str = os.environ.get("MIRRORFS_IO_MODE", "auto")
@@ -159,6 +174,9 @@ async def pread(fd: int, size: int, offset: int) -> bytes:
     Raises:
         OSError: the read failed; ``errno`` says why (EIO, EBADF, ...).
     """
+    twin = _TWINS.get(fd)
+    if twin is not None:
+        return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
     if _direct(fd, size):
         await _direct_checkpoint()
         return os.pread(fd, size, offset)
@@ -183,6 +201,9 @@ async def preadinto(fd: int, view: memoryview, offset: int) -> int:
     Raises:
         OSError: the read failed; ``errno`` says why.
     """
+    twin = _TWINS.get(fd)
+    if twin is not None:
+        return await trio.to_thread.run_sync(_preadinto_twin, fd, twin, view, offset, limiter=LIMITER)
     if _direct(fd, len(view)):
         await _direct_checkpoint()
         return _preadinto_all(fd, view, offset)
@@ -195,6 +216,9 @@ async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
     Raises:
         OSError: nothing could be written; ``errno`` says why (ENOSPC, EIO, EBADF, ...).
     """
+    twin = _TWINS.get(fd)
+    if twin is not None:
+        return await pwrite_aligned(fd, twin, data, offset)
     if _direct(fd, len(data)):
         await _direct_checkpoint()
         return _pwrite_all(fd, data, offset)
@@ -207,11 +231,17 @@ async def pread_thread(fd: int, size: int, offset: int) -> bytes:
     Skips the per-call ``fstatfs`` of ``pread``: on a FUSE or NFS descriptor that call is itself a
     request to the (possibly stalled) filesystem, and it would run on the trio thread.
     """
+    twin = _TWINS.get(fd)
+    if twin is not None:
+        return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=LIMITER)
 
 
 async def pwrite_thread(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     """``pwrite`` of all of ``data`` in a worker thread (see ``pread_thread``)."""
+    twin = _TWINS.get(fd)
+    if twin is not None:
+        return await pwrite_aligned(fd, twin, data, offset)
     return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
 
 
@@ -239,3 +269,158 @@ async def fsync(fd: int, datasync: bool = False) -> None:
     """
     func = os.fdatasync if datasync else os.fsync
     await trio.to_thread.run_sync(func, fd, limiter=LIMITER)
+
+
+# ---------------------------------------------------------------------- O_DIRECT
+
+#: Offsets, lengths and buffer addresses of requests sent through an O_DIRECT descriptor are
+#: multiples of this: the page size covers every logical block size a disk reports (512, 4096).
+ALIGN = mmap.PAGESIZE
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+#: buffered descriptor -> its O_DIRECT twin (see the module docstring)
+_TWINS: dict[int, int] = {}
+#: (kind, st_dev) of filesystems already reported as refusing O_DIRECT: one log line each
+_REFUSED: set[tuple[str, int]] = set()
+_local = threading.local()
+
+
+def open_direct(path: str, flags: int, kind: str) -> int | None:
+    """Open ``path`` with ``flags | O_DIRECT``; None where its filesystem refuses O_DIRECT
+    (EINVAL), which is logged once per ``kind`` of descriptor and filesystem.
+
+    Raises:
+        OSError: the open failed for another reason.
+    """
+    try:
+        return os.open(path, flags | _O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or not _O_DIRECT:
+            raise
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        dev = -1
+    if (kind, dev) not in _REFUSED:
+        _REFUSED.add((kind, dev))
+        log.info("the filesystem of %s refuses O_DIRECT: %s I/O on it stays buffered", path, kind)
+    return None
+
+
+def open_direct_twin(fd: int, flags: int, kind: str) -> None:
+    """Give the buffered descriptor ``fd`` an O_DIRECT twin of the same file (opened through
+    ``/proc/self/fd``, so a rename cannot make it another file); ``pread``/``pwrite`` use it for
+    aligned requests from now on. Nothing happens where the filesystem refuses O_DIRECT.
+    Blocking (an open): call it in a worker thread for a source that may be slow.
+
+    Raises:
+        OSError: the open failed for another reason than O_DIRECT.
+    """
+    # Acts-once flags must not act again; O_APPEND would make pwrite ignore its offset.
+    once = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
+    twin = open_direct(f"/proc/self/fd/{fd}", flags & ~once, kind)
+    if twin is not None:
+        _TWINS[fd] = twin
+
+
+def open_copy_twin(fd: int) -> None:
+    """An O_DIRECT twin for a copy's reads of ``fd`` on a disk (the page cache would keep the
+    whole image a copy reads, evicting what the host uses); none on tmpfs or ramfs, whose pages
+    are the file, nor where it cannot be opened (the reads then stay buffered)."""
+    try:
+        if not memory_backed(fd):
+            open_direct_twin(fd, os.O_RDONLY, "source")
+    except OSError as exc:
+        log.info("the copy reads of descriptor %d stay buffered: %s", fd, exc.strerror or exc)
+
+
+def close_direct_twin(fd: int) -> None:
+    """Forget and close ``fd``'s twin, if any; before ``fd`` itself is closed, whose number the
+    kernel may then give to another file."""
+    twin = _TWINS.pop(fd, None)
+    if twin is not None:
+        os.close(twin)
+
+
+def has_direct_twin(fd: int) -> bool:
+    return fd in _TWINS
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A zeroed, page-aligned buffer of ``size`` bytes (anonymous memory, faulted in on use)."""
+    return mmap.mmap(-1, max(size, 1))
+
+
+def _bounce(size: int) -> memoryview:
+    """The worker thread's own aligned buffer, at least ``size`` bytes, reused across calls."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = memoryview(aligned_buffer(max(size, 1 << 20)))
+        _local.buf = buf
+    return buf
+
+
+def _is_aligned(offset: int, length: int) -> bool:
+    return not (offset | length) % ALIGN
+
+
+def _address(data: bytes | bytearray | memoryview) -> int | None:
+    """The address of a writable buffer (an mmap-backed one); None for read-only ``bytes``."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except TypeError:
+        return None
+
+
+def _pwrite_twin(fd: int, twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    length = len(data)
+    if length == 0 or not _is_aligned(offset, length):
+        return _pwrite_all(fd, data, offset)
+    address = None if isinstance(data, bytes) else _address(data)  # FUSE's bytes: no exception
+    if address is not None and address % ALIGN == 0:
+        view = data  # already aligned (the copy task's mmap buffers): no copy
+    else:
+        view = _bounce(length)[:length]
+        view[:] = data
+    try:
+        return _pwrite_all(twin, view, offset)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # the filesystem wants a larger alignment: buffered
+            raise
+    return _pwrite_all(fd, data, offset)
+
+
+def _pread_twin(fd: int, twin: int, size: int, offset: int) -> bytes:
+    if size == 0 or not _is_aligned(offset, size):
+        return os.pread(fd, size, offset)
+    view = _bounce(size)
+    try:
+        n = _preadinto_all(twin, view[:size], offset)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return os.pread(fd, size, offset)
+    return view[:n].tobytes()  # a copy: the buffer is this thread's next request's
+
+
+def _preadinto_twin(fd: int, twin: int, view: memoryview, offset: int) -> int:
+    length = len(view)
+    if length == 0 or not _is_aligned(offset, length):
+        return _preadinto_all(fd, view, offset)
+    address = _address(view)
+    into = view if address is not None and address % ALIGN == 0 else _bounce(length)[:length]
+    try:
+        n = _preadinto_all(twin, into, offset)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # also a short read at an unaligned end of file: buffered
+            raise
+        return _preadinto_all(fd, view, offset)
+    if into is not view:
+        view[:n] = into[:n]
+    return n
+
+
+async def pwrite_aligned(fd: int, twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """``pwrite`` through the O_DIRECT descriptor ``twin`` of ``fd``'s file where the request is
+    aligned, else through ``fd``; in a worker thread (O_DIRECT I/O waits for the device)."""
+    return await trio.to_thread.run_sync(_pwrite_twin, fd, twin, data, offset, limiter=LIMITER)

@@ -2,9 +2,9 @@
 
 Invariants:
 - All kinds of handle share one counter, so a number names one handle of one kind.
-- Each source open gets its own descriptor with its own access mode and never O_DIRECT
-  (see ``node.py``); closing it runs off the trio thread (close(2) may write back on NFS or ask
-  a FUSE source).
+- Each source open gets its own descriptor with its own access mode and never O_DIRECT; an
+  O_DIRECT open gets an O_DIRECT twin of it besides (see ``node.py``). Closing them runs off the
+  trio thread (close(2) may write back on NFS or ask a FUSE source), the twin first.
 - A node whose name was removed is dropped from the inode table with its last handle, unless a
   job still holds it.
 """
@@ -69,13 +69,17 @@ class HandleTable:
             if node.job is not None:
                 node.job.check_modify("truncate")
             fdf |= os.O_TRUNC
-        fd, inline_io = await fileio.call(open_classified, node.backing_path, fdf)
+        fd, inline_io = await fileio.call(open_classified, node.backing_path, fdf,
+                                          bool(flags & _O_DIRECT))
         return self.add(node, flags, fd, inline_io)
 
     def add(self, node: ImageNode, flags: int, fd: int, inline_io: bool) -> OpenHandle:
+        """Register the open of ``node`` on ``fd`` (opened with its O_DIRECT twin if ``flags``
+        ask for O_DIRECT)."""
         fh = next(self._counter)
+        direct = bool(flags & _O_DIRECT)
         handle = OpenHandle(fh=fh, node=node, flags=flags & ~STRIPPED_OPEN_FLAGS, fd=fd,
-                            direct=bool(flags & _O_DIRECT), inline_io=inline_io)
+                            direct=direct, inline_io=inline_io and not direct)
         node.handles[fh] = handle
         self.files[fh] = handle
         return handle

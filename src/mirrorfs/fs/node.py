@@ -11,8 +11,11 @@ adds an ``OpenHandle`` to ``node.handles``. The FUSE operations route I/O like t
 Invariants:
 - Each open has its OWN descriptor with its own access mode (QEMU keeps a read-only handle open
   while it opens the image again read-write; sharing one descriptor breaks its writes with EBADF).
-- ``OpenHandle.fd`` never carries O_DIRECT: Python buffers are not aligned. O_DIRECT opens get
-  ``direct_io`` in FUSE instead, so the kernel does not cache them.
+- ``OpenHandle.fd`` never carries O_DIRECT: the buffers FUSE hands over are not aligned, and
+  unaligned requests must still work. An O_DIRECT open gets ``direct_io`` in FUSE (the kernel
+  does not cache it) and an O_DIRECT twin of ``fd`` (``fileio.open_direct_twin``) that
+  ``fileio``'s pread/pwrite use for its aligned requests, so the source's pages stay out of the
+  host's page cache too. Such a handle never runs inline: the twin's I/O waits for the device.
 - New opens use ``node.backing_path``; the engine changes it (and may swap ``handle.fd`` of open
   handles) when it pivots the image to its target. ``getattr`` stats ``backing_path``.
 """
@@ -29,7 +32,7 @@ from .. import fileio
 
 #: Flags the kernel passes to open() that must not be stored on (or passed to) the source fd.
 #: O_CREAT/O_EXCL/O_TRUNC act once at open time; O_DIRECT would make unaligned Python buffers fail
-#: with EINVAL (the FUSE ``direct_io`` flag keeps the page cache out instead).
+#: with EINVAL (the descriptor's O_DIRECT twin carries it instead, see ``fileio``).
 STRIPPED_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
 
@@ -95,7 +98,8 @@ class OpenHandle:
             O_SYNC, ... as the opener asked).
         fd: the descriptor of the backing file, opened with this handle's own access mode; the
             engine may swap it (pivot).
-        direct: the opener asked for O_DIRECT (served with FUSE ``direct_io``).
+        direct: the opener asked for O_DIRECT (served with FUSE ``direct_io`` and an O_DIRECT
+            twin of ``fd``, which follows ``fd`` when the engine swaps it).
         inline_io: requests of up to ``fileio.DIRECT_MAX`` bytes may run ``fd``'s I/O on the trio
             thread (``fileio.inline_capable``); kept with ``fd``, so a swapped descriptor is
             asked anew.
@@ -121,8 +125,13 @@ class OpenHandle:
 
     @fd.setter
     def fd(self, fd: int) -> None:
+        # A swap (pivot) on the trio thread: the new file is a local target, whose open is quick.
+        old = getattr(self, "_fd", None)
+        if self.direct and old is not None:
+            fileio.close_direct_twin(old)  # before the caller closes old, freeing its number
+            fileio.open_direct_twin(fd, self.flags, "source")
         self._fd = fd
-        self.inline_io = fileio.inline_capable(fd)
+        self.inline_io = not self.direct and fileio.inline_capable(fd)
 
     def runs_inline(self, size: int) -> bool:
         """Whether a request of ``size`` bytes on this handle runs its I/O on the trio thread."""

@@ -13,7 +13,8 @@ Invariants:
 - Every handler raises only ``FUSEError``: ``OSError`` becomes its errno, ``MirrorfsError`` its
   ``errno`` attribute, and anything else is a bug that is logged with its traceback and answered
   with EIO, because any other exception would end ``pyfuse3.main()`` and leave a dead mount.
-- Each open gets its own source descriptor with its own access mode and never O_DIRECT.
+- Each open gets its own source descriptor with its own access mode and never O_DIRECT; an
+  O_DIRECT open gets an O_DIRECT twin of it for its aligned requests (``node.py``).
 - No call on the source runs on the trio thread, metadata included (``fileio.call``): a source
   directory may be, or hold, a slow filesystem (NFS, another FUSE), and a request it holds must
   hold only itself. The exceptions: the inline read/write paths of descriptors on tmpfs
@@ -56,6 +57,7 @@ from .sourcecalls import apply_setattr, create_file, list_dir, make_dir
 log = logging.getLogger(__name__)
 
 _CONTROL_NAME_B = CONTROL_DIR_NAME.encode()
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -433,7 +435,8 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EACCES)
         relpath = self._inodes.child(parent_inode, name)
         created = await fileio.call(create_file, self._inodes.abspath(relpath), fd_flags(flags),
-                                    self._new_mode(mode, ctx), self._new_owner(ctx))
+                                    self._new_mode(mode, ctx), self._new_owner(ctx),
+                                    bool(flags & _O_DIRECT))
         if created is None:
             # The name exists (or appeared since the kernel's lookup): an O_EXCL open fails,
             # any other opens the file that is there, as open(2) would.

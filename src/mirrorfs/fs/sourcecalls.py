@@ -27,20 +27,25 @@ def list_dir(path: str) -> list[str]:
 
 
 def close_fd(fd: int, path: str) -> None:
+    """Close a source descriptor and its O_DIRECT twin, if it has one."""
     try:
+        fileio.close_direct_twin(fd)
         os.close(fd)
     except OSError as exc:
         log.info("close of %s failed: %s", path, exc)
 
 
-def open_classified(path: str, flags: int) -> tuple[int, bool]:
-    """Open ``path`` and ask whether its I/O may run inline (``fstatfs``: on a FUSE or NFS file a
-    request to that filesystem, so asked here in the worker thread too)."""
+def open_classified(path: str, flags: int, direct: bool = False) -> tuple[int, bool]:
+    """Open ``path`` (with an O_DIRECT twin if ``direct``) and ask whether its I/O may run
+    inline (``fstatfs``: on a FUSE or NFS file a request to that filesystem, so asked here in
+    the worker thread too)."""
     fd = os.open(path, flags)
     try:
+        if direct:
+            fileio.open_direct_twin(fd, flags, "source")
         return fd, fileio.inline_capable(fd)
     except BaseException:
-        os.close(fd)
+        close_fd(fd, path)
         raise
 
 
@@ -58,8 +63,8 @@ def set_owner_and_mode(fd: int, owner: tuple[int, int] | None, mode: int) -> os.
     return st
 
 
-def create_file(path: str, fd_flags: int, mode: int, owner: tuple[int, int] | None
-                ) -> tuple[int, bool, os.stat_result] | None:
+def create_file(path: str, fd_flags: int, mode: int, owner: tuple[int, int] | None,
+                direct: bool = False) -> tuple[int, bool, os.stat_result] | None:
     """Create ``path`` exclusively and open it with ``fd_flags``; None if the name exists.
 
     Returns the descriptor, whether its I/O may run inline, and its attributes. Owner and mode
@@ -72,10 +77,12 @@ def create_file(path: str, fd_flags: int, mode: int, owner: tuple[int, int] | No
         return None
     try:
         st = set_owner_and_mode(fd, owner, mode)
+        if direct:
+            fileio.open_direct_twin(fd, fd_flags, "source")
         return fd, fileio.inline_capable(fd), st
     except BaseException:
         _unlink_if_same(path, fd)
-        os.close(fd)
+        close_fd(fd, path)
         raise
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 from typing import AbstractSet, Any, Callable
 
@@ -132,7 +133,7 @@ class MirrorJob:
         self._end_request: tuple[str, str | None] | None = None
         self._zero = bytes(self.chunk_size)
         #: copy buffers, one per copy in flight, reused (see ``_copy_data``)
-        self._copy_buffers: list[bytearray] = []
+        self._copy_buffers: list[mmap.mmap] = []
         # The source's last data extent found by SEEK_HOLE: tmpfs scans page by page to the end of
         # the extent, so a fully written image would be rescanned for every chunk (quadratic).
         self._data_extent = (0, 0)
@@ -152,6 +153,7 @@ class MirrorJob:
         """
         try:
             self._source_fd = os.open(self.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
+            fileio.open_copy_twin(self._source_fd)
         except OSError as exc:
             raise SourceError(f"cannot read image {self.params.image!r}: {exc.strerror}",
                               errno=exc.errno) from None
@@ -194,6 +196,7 @@ class MirrorJob:
     def _detach(self) -> None:
         self._detach_node()
         if self._source_fd >= 0:
+            fileio.close_direct_twin(self._source_fd)
             os.close(self._source_fd)
             self._source_fd = -1
 
@@ -403,31 +406,33 @@ class MirrorJob:
             return written
         payload = data if written == length else data[:written]
         if self.params.copy_mode == "write-blocking":
-            await self._duplicate(op, offset, payload, edges)
+            await self._duplicate(op, offset, payload, edges, handle.direct)
         elif (self._dup_bytes + written <= self.params.buf_size
               and self._duplicates.count < MAX_BACKGROUND_DUPLICATES and self._nursery is not None):
             self._dup_bytes += written
-            self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges)
+            self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges,
+                                     handle.direct)
         else:
             self.stats["skipped-duplicates"] += 1
             self._abandon(op)
         return written
 
     async def _background_duplicate(self, op: Operation, offset: int, data: bytes,
-                                    edges: set[int]) -> None:
+                                    edges: set[int], direct: bool) -> None:
         try:
-            await self._duplicate(op, offset, data, edges)
+            await self._duplicate(op, offset, data, edges, direct)
         finally:
             self._dup_bytes -= len(data)
 
-    async def _duplicate(self, op: Operation, offset: int, data: bytes, edges: set[int]) -> None:
+    async def _duplicate(self, op: Operation, offset: int, data: bytes, edges: set[int],
+                         direct: bool = False) -> None:
         """Write the guest's bytes to the target, then clear what is now known identical.
 
         Raises nothing: the guest's write reached the source, which is all its caller reports.
         """
         self._duplicates.enter()
         try:
-            await self.target.pwrite(offset, data)
+            await self.target.pwrite(offset, data, direct=direct)  # as the guest's handle
         except TargetError as exc:
             self._abandon(op)
             self._on_target_error(exc)
@@ -698,8 +703,8 @@ class MirrorJob:
         buffers = self._copy_buffers
         if length > self.chunk_size:  # not from the copy loop's chunks: a one-off buffer
             buf = bytearray(length)
-        else:
-            buf = buffers.pop() if buffers else bytearray(self.chunk_size)
+        else:  # page-aligned, so a local target can write them with O_DIRECT as they are
+            buf = buffers.pop() if buffers else fileio.aligned_buffer(self.chunk_size)
         try:
             view = memoryview(buf)[:length]
             try:
@@ -717,7 +722,7 @@ class MirrorJob:
                 await self._write_differing(offset, bytes(view))
             else:
                 # Targets use the buffer only until pwrite returns (NBDClient.pwrite's contract).
-                await self.target.pwrite(offset, view)
+                await self.target.pwrite(offset, view, direct=True)
                 self.stats["copied-bytes"] += length
         finally:
             if len(buf) == self.chunk_size:
@@ -746,11 +751,9 @@ class MirrorJob:
                 self.stats["verified-equal-bytes"] += step
             pos += step
 
-    def _all_zero(self, buf: bytearray, length: int) -> bool:
+    def _all_zero(self, buf: bytearray | mmap.mmap, length: int) -> bool:
         """Whether ``buf[:length]`` is all zeroes (bytes comparisons are one memcmp that stops at
         the first difference; memoryview comparisons go byte by byte, 50x slower)."""
-        if length == len(buf) == len(self._zero):
-            return buf == self._zero
         head = min(length, 4096)
         if buf[:head] != self._zero[:head]:  # data seldom starts with a zero page: no big copy
             return False

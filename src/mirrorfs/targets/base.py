@@ -46,8 +46,10 @@ class Target(abc.ABC):
         """Read ``length`` bytes at ``offset`` (short only at end of device)."""
 
     @abc.abstractmethod
-    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write all of ``data`` at ``offset``."""
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *,
+                     direct: bool = False) -> None:
+        """Write all of ``data`` at ``offset``; ``direct``: keep it out of the host's page
+        cache where the target can (an O_DIRECT client's write, the copy task's chunks)."""
 
     def can_write_now(self, length: int) -> bool:
         """Whether ``pwrite_now`` can write ``length`` bytes without waiting (a local file on

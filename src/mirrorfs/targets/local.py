@@ -1,6 +1,10 @@
 """A local file (or block device) as a mirror target.
 
-The file is opened ``O_RDWR`` without ``O_DIRECT`` (Python buffers are not aligned); I/O goes
+The file is opened ``O_RDWR`` twice: buffered, and with ``O_DIRECT`` where the file system takes
+it (else one log line, and everything stays buffered). Writes whose caller asks for ``direct``
+(the duplicates of an O_DIRECT client's writes, the copy task's chunks) and that are aligned go
+through the O_DIRECT descriptor via a page-aligned buffer (``fileio.pwrite_aligned``), so they
+stay out of the host's page cache; everything else goes through the buffered one. I/O goes
 through :mod:`mirrorfs.fileio`, so it runs where the rest of mirrorfs runs its file I/O.
 ``write_zeroes`` punches a hole (``fallocate(PUNCH_HOLE|KEEP_SIZE)``) and falls back to writing
 zeroes where the file system cannot; ``flush`` is ``fdatasync``.
@@ -113,6 +117,7 @@ class LocalFileTarget(Target):
         self.description = self.path
         self._size = expected_size
         self._fd: int | None = None
+        self._dfd: int | None = None  # the O_DIRECT descriptor, where the file system has one
         self._inflight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -197,8 +202,14 @@ class LocalFileTarget(Target):
             os.close(fd)
             raise TargetFatalError(f"target {self.path} is in use by another program (another "
                                    f"mirrorfs job or a QEMU holds a lock on it); stop that first")
+        try:
+            dfd = fileio.open_direct(self.path, os.O_RDWR, "target")
+        except OSError as exc:
+            os.close(fd)
+            raise self._error(exc, "open") from None
         self._size = size
         self._fd = fd
+        self._dfd = dfd
         self._inline = fileio.inline_capable(fd)
         self._punch = True
 
@@ -256,10 +267,15 @@ class LocalFileTarget(Target):
                 raise OSError(_errno.EIO, "short write")
             done += n
 
-    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *,
+                     direct: bool = False) -> None:
         self._check_range("write", offset, len(data))
         fd = self._begin()
         try:
+            dfd = self._dfd
+            if direct and dfd is not None:
+                if await fileio.pwrite_aligned(fd, dfd, data, offset) == len(data):
+                    return
             await self._write_all(fd, offset, data)
         except OSError as exc:
             raise self._error(exc, "write") from None
@@ -327,8 +343,11 @@ class LocalFileTarget(Target):
 
     async def close(self) -> None:
         fd, self._fd = self._fd, None
+        dfd, self._dfd = self._dfd, None
         if fd is None:
             return
         with trio.CancelScope(shield=True):
             await self._idle.wait()  # requests still running keep using fd until they finish
+        if dfd is not None:
+            os.close(dfd)
         os.close(fd)

@@ -117,7 +117,8 @@ class NBDTarget(Target):
         return await client.pread(offset, length)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *,
-                     fua: bool = False) -> None:
+                     fua: bool = False, direct: bool = False) -> None:
+        # direct: the server decides its own caching
         client = self._require()
         self._check_range("write", offset, len(data))
         await client.pwrite(offset, data, fua=fua)
