@@ -40,8 +40,10 @@ from ..errors import (MirrorfsError, SourceError, StateError, TargetError, Targe
                       TargetNoSpaceError, TargetRetryableError)
 from ..targets.base import Target
 from .gate import ActivityCounter, IOGate
+from .extents import next_data
 from .inflight import InflightOps, Operation
 from .params import MirrorParams
+from .seams import Handle, ImageIO, JobBitmap, Node
 from .ratelimit import RateLimiter, RateMeter
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class MirrorJob:
             in the middle of a transaction or a shutdown acting on the job.
     """
 
-    def __init__(self, params: MirrorParams, node: Any, target: Target, bitmap: Any, *,
+    def __init__(self, params: MirrorParams, node: Node, target: Target, bitmap: JobBitmap, *,
                  size: int, emit: EmitFn, end_lock: trio.Lock | None = None) -> None:
         self.params = params
         self.id = params.job_id
@@ -108,7 +110,7 @@ class MirrorJob:
         self.finished = False
         #: What serves the image after a pivot to an NBD target (set by the manager). Requests
         #: that waited at the closed gate during the pivot still come through this job.
-        self.successor: Any = None
+        self.successor: ImageIO | None = None
         self.stats = {"copied-bytes": 0, "zeroed-bytes": 0, "duplicated-bytes": 0,
                       "skipped-duplicates": 0, "conflicts": 0, "verified-equal-bytes": 0,
                       "reconnects": 0}
@@ -161,15 +163,13 @@ class MirrorJob:
                 self.node.job = self
                 # Writes that began before we attached bypass the write path: mark their ranges
                 # and let them land before the first copy reads the source.
-                for offset, length in list(getattr(self.node, "passthrough_writes", {}).values()):
+                for offset, length in list(self.node.passthrough_writes.values()):
                     end = min(offset + length, self.size)
                     if end > offset:
                         self.bitmap.mark(offset, end - offset)
                 self._set_status("running")  # the manager's sign that the job started
                 task_status.started()
-                wait_idle = getattr(self.node, "wait_passthrough_idle", None)
-                if wait_idle is not None:
-                    await wait_idle()
+                await self.node.wait_passthrough_idle()
                 with trio.CancelScope() as scope:
                     self._cancel_scope = scope
                     try:
@@ -241,16 +241,16 @@ class MirrorJob:
 
     # ------------------------------------------------------------------ the FUSE seam
 
-    async def read(self, handle: Any, offset: int, size: int) -> bytes:
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         if not self.gate.closed and self.successor is None and handle.runs_inline(size):
             # Nothing else runs until this returns, so the open gate needs no holding.
             return fileio.pread_now(handle.fd, size, offset)
         async with self.gate.hold():
             if self.successor is not None:
                 return await self.successor.read(handle, offset, size)
-            return await fileio.pread(handle.fd, size, offset)
+            return await _source_pread(handle, size, offset)
 
-    async def write(self, handle: Any, offset: int, data: bytes) -> int:
+    async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         if not self.gate.closed and self.successor is None and handle.runs_inline(len(data)):
             if self.finished:
                 return fileio.pwrite_now(handle.fd, data, offset)
@@ -261,10 +261,10 @@ class MirrorJob:
             if self.successor is not None:  # pivoted to NBD: handle.fd is still the source
                 return await self.successor.write(handle, offset, data)
             if self.finished:
-                return await fileio.pwrite(handle.fd, data, offset)
+                return await _source_pwrite(handle, data, offset)
             return await self._intercepted_write(handle, offset, data)
 
-    async def fsync(self, handle: Any, datasync: bool = False) -> None:
+    async def fsync(self, handle: Handle, datasync: bool = False) -> None:
         async with self.gate.hold():
             if self.successor is not None:
                 return await self.successor.fsync(handle, datasync)
@@ -338,7 +338,7 @@ class MirrorJob:
         if op is not None:
             self.inflight.unregister(op)
 
-    def _write_inline(self, handle: Any, offset: int, data: bytes) -> int | None:
+    def _write_inline(self, handle: Handle, offset: int, data: bytes) -> int | None:
         """The whole intercepted write without yielding, where nothing in it has to wait: the
         source and the target are in memory (tmpfs). None, having done nothing, where it cannot.
 
@@ -384,17 +384,17 @@ class MirrorJob:
             self._duplicated_raised(op, exc)
         return written
 
-    async def _intercepted_write(self, handle: Any, offset: int, data: bytes) -> int:
+    async def _intercepted_write(self, handle: Handle, offset: int, data: bytes) -> int:
         length = len(data)
         if length == 0:
-            return await fileio.pwrite(handle.fd, data, offset)
+            return await _source_pwrite(handle, data, offset)
         if offset + length > self.size:
             await self._grow(offset + length)
             if offset + length > self.size:  # could not grow: the job is failing; the source
-                return await fileio.pwrite(handle.fd, data, offset)  # write must still happen
+                return await _source_pwrite(handle, data, offset)  # write must still happen
         op, edges = self._begin_write(offset, length)
         try:
-            written = await fileio.pwrite(handle.fd, data, offset)
+            written = await _source_pwrite(handle, data, offset)
         except BaseException:
             self._abandon(op)
             raise
@@ -492,23 +492,33 @@ class MirrorJob:
             await self._flush_and_commit()
             self._durable_done = covers
 
-    async def _flush_and_commit(self) -> None:
-        commit = getattr(self.bitmap, "begin_clear_commit", None)
-        token = commit() if commit is not None else None  # before the flush: see bitmap docs
-        if self._target_ok:
+    async def _flush_and_commit(self, *, strict: bool = False) -> None:
+        """The commit step: flush the target, commit the clears that flush made durable, and
+        make the bits durable.
+
+        ``strict`` (``converge``): a target error raises (TargetError) and so does a bitmap
+        that cannot be written (StateError; the job fails). Otherwise a target error follows
+        ``on-target-error`` and the clears stay uncommitted.
+        """
+        token = self.bitmap.begin_clear_commit()  # before the flush: see bitmap docs
+        if strict:
+            await self.target.flush()
+            self.bitmap.finish_clear_commit(token)
+        elif self._target_ok:
             try:
                 await self.target.flush()
             except TargetError as exc:
                 self._on_target_error(exc)
             else:
-                if token is not None:
-                    self.bitmap.finish_clear_commit(token)
-        flush = getattr(self.bitmap, "flush", None)
-        if flush is not None:
-            try:
-                await trio.to_thread.run_sync(flush)
-            except OSError as exc:
-                self._bitmap_write_failed(exc)
+                self.bitmap.finish_clear_commit(token)
+        if self.bitmap.volatile:
+            return
+        try:
+            await trio.to_thread.run_sync(self.bitmap.flush)
+        except OSError as exc:
+            self._bitmap_write_failed(exc)
+            if strict:
+                raise StateError(f"job {self.id!r} failed: {self.error}") from None
 
     def _bitmap_write_failed(self, exc: OSError) -> None:
         """msync of the bitmap file failed (its storage did): the job cannot keep its promise."""
@@ -636,7 +646,7 @@ class MirrorJob:
                 self.bitmap.clear(offset, length)
             self.meter.add(length)
         finally:
-            self.inflight.unregister(op, length)
+            self.inflight.unregister(op)
             self._copy_slots.release()
             self._copies.leave()
 
@@ -654,19 +664,16 @@ class MirrorJob:
 
     async def _copy_range(self, offset: int, length: int) -> None:
         """Copy source bytes to the target; holes and runs of zeroes become zero writes."""
-        if self._is_hole(offset, length):
+        if self._data_at(offset, offset + length) == offset + length:
             await self.target.write_zeroes(offset, length)
             self.stats["zeroed-bytes"] += length
             return
-        # A chunk (4 MiB) is larger than the source's extents may be: copy its data extents and
+        # A chunk is larger than the source's extents may be: copy its data extents and
         # its holes each as they are, so the target stays as sparse as the source.
         end = offset + length
         pos = offset
         while pos < end:
-            try:
-                data_at = min(end, os.lseek(self._source_fd, pos, os.SEEK_DATA))
-            except OSError as exc:  # ENXIO: no data up to the end of the file; else: assume data
-                data_at = end if exc.errno == errno.ENXIO else pos
+            data_at = self._data_at(pos, end)
             if data_at > pos:
                 await self.target.write_zeroes(pos, data_at - pos)
                 self.stats["zeroed-bytes"] += data_at - pos
@@ -758,23 +765,21 @@ class MirrorJob:
             return buf[:length] == self._zero[:length]
         return buf.count(0, 0, length) == length
 
+    def _data_at(self, offset: int, end: int) -> int:
+        """Where the source's data begins in ``offset .. end`` (``end``: none there). An lseek
+        that fails otherwise than at the end of the file says data: copying is never wrong."""
+        try:
+            data_at = next_data(self._source_fd, offset)
+        except OSError:
+            return offset
+        return end if data_at is None else min(end, data_at)
+
     def _hole_span(self, offset: int, length: int) -> int:
         """How much of ``offset .. offset+length`` is a source hole from ``offset`` on, in whole
         clusters and at most MAX_HOLE_SPAN: such a span is copied as one zero write (one punch)
         instead of one per chunk."""
-        try:
-            data_at = os.lseek(self._source_fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            data_at = offset + length if exc.errno == errno.ENXIO else offset
-        span = min(length, data_at - offset, MAX_HOLE_SPAN)
+        span = min(length, self._data_at(offset, offset + length) - offset, MAX_HOLE_SPAN)
         return max(0, span - span % self.params.granularity)
-
-    def _is_hole(self, offset: int, length: int) -> bool:
-        try:
-            data_at = os.lseek(self._source_fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            return exc.errno == errno.ENXIO  # no data from offset to the end of the file
-        return data_at >= offset + length
 
     # ------------------------------------------------------------------ states and errors
 
@@ -968,23 +973,21 @@ class MirrorJob:
                 n = min(self.chunk_size, offset + length - start)
                 await self._copy_range(start, n)
                 self.bitmap.clear(start, n)
-        await self.target.flush()
-        commit = getattr(self.bitmap, "begin_clear_commit", None)
-        if commit is not None:
-            self.bitmap.finish_clear_commit(commit())
-            try:
-                await trio.to_thread.run_sync(self.bitmap.flush)
-            except OSError as exc:
-                self._bitmap_write_failed(exc)
-                raise StateError(f"job {self.id!r} failed: {self.error}") from None
+        await self._flush_and_commit(strict=True)
 
-    def conclude(self, kind: str, *, pivoted: bool = False) -> None:
+    def conclude(self, kind: str, *, pivoted: bool = False,
+                 successor: ImageIO | None = None) -> None:
         """Mark the job ended (under the closed gate) and emit its final events.
 
-        ``kind`` is "completed" or "cancelled".
+        ``kind`` is "completed" or "cancelled". ``successor``: what serves the image from now on
+        (a pivot to NBD); it keeps the target open.
         """
         self.finished = True
         self._detach_node()
+        if successor is not None:
+            pivoted = True
+            self.successor = successor
+            self.node.job = successor
         self._close_bitmap(clean=True, pivoted=pivoted, ended=True)
         self._set_status("concluded")
         event = "BLOCK_JOB_COMPLETED" if kind == "completed" else "BLOCK_JOB_CANCELLED"
@@ -1001,12 +1004,10 @@ class MirrorJob:
     def _close_bitmap(self, *, clean: bool, pivoted: bool = False, ended: bool = False) -> None:
         """Close a persistent bitmap; ``ended``: the job ended (not an unmount), so the file must
         say that it stopped recording."""
-        close = getattr(self.bitmap, "close", None)
-        if close is not None:
-            try:
-                close(clean=clean, pivoted=pivoted, ended=ended)
-            except Exception as exc:  # a bitmap that cannot be closed stays marked unclean
-                log.warning("job %s: closing bitmap: %s", self.id, exc)
+        try:
+            self.bitmap.close(clean=clean, pivoted=pivoted, ended=ended)
+        except Exception as exc:  # a bitmap that cannot be closed stays marked unclean
+            log.warning("job %s: closing bitmap: %s", self.id, exc)
 
     def _conclude_failed(self, message: str, *, clean: bool) -> None:
         self.finished = True
@@ -1074,3 +1075,18 @@ def _policy_action(policy: str, nospace: bool) -> str:
     if policy == "enospc":
         return "stop" if nospace else "report"
     return policy
+
+
+async def _source_pread(handle: Handle, size: int, offset: int) -> bytes:
+    """A read of the source where the fast path did not take it (gate closed, or a handle
+    whose I/O cannot run inline): the handle knows which, so no per-call fstatfs."""
+    if handle.runs_inline(size):
+        return fileio.pread_now(handle.fd, size, offset)
+    return await fileio.pread_thread(handle.fd, size, offset)
+
+
+async def _source_pwrite(handle: Handle, data: bytes, offset: int) -> int:
+    """A write of the source outside the inline path (see ``_source_pread``)."""
+    if handle.runs_inline(len(data)):
+        return fileio.pwrite_now(handle.fd, data, offset)
+    return await fileio.pwrite_thread(handle.fd, data, offset)
