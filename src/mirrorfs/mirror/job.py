@@ -31,7 +31,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import AbstractSet, Any, Callable
+from contextlib import asynccontextmanager
+from typing import AbstractSet, Any, AsyncIterator, Callable
 
 import trio
 
@@ -44,6 +45,7 @@ from .extents import next_data
 from .inflight import InflightOps, Operation
 from .params import MirrorParams
 from .seams import Handle, ImageIO, JobBitmap, Node
+from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
 
 log = logging.getLogger(__name__)
@@ -101,12 +103,19 @@ class MirrorJob:
         self.inflight = InflightOps(params.granularity)
         self.limiter = RateLimiter(params.speed)
         self.meter = RateMeter()
-        self.status = "created"
+        #: Changed only by ``_set_state``, which also keeps ``ready`` and ``paused`` in step
+        #: (plain attributes: the write path reads them per request).
+        self.state = JobState.CREATED
         self.ready = False
+        self.paused = False
+        #: The user paused the job (an error pause alone is lifted by a resume just the same).
         self.user_paused = False
-        self.error_paused = False
         self.io_status = "ok"
+        #: Why the job failed; set once, by ``_fail`` (the job then ends in its own task) or by
+        #: ``abandon``.
         self.error: str | None = None
+        #: How the job ended (``_end``): completed, cancelled, failed or stopped (an unmount).
+        self.outcome: str | None = None
         self.finished = False
         #: What serves the image after a pivot to an NBD target (set by the manager). Requests
         #: that waited at the closed gate during the pivot still come through this job.
@@ -131,7 +140,6 @@ class MirrorJob:
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._ended = trio.Event()
-        self._end_request: tuple[str, str | None] | None = None
         self._zero = bytes(self.chunk_size)
         #: copy buffers, one per copy in flight, reused (see ``_copy_data``)
         self._copy_buffers: list[bytearray] = []
@@ -167,22 +175,22 @@ class MirrorJob:
                     end = min(offset + length, self.size)
                     if end > offset:
                         self.bitmap.mark(offset, end - offset)
-                self._set_status("running")  # the manager's sign that the job started
+                self._set_state(JobState.RUNNING)  # the manager's sign that the job started
                 task_status.started()
                 await self.node.wait_passthrough_idle()
                 with trio.CancelScope() as scope:
                     self._cancel_scope = scope
                     try:
-                        if self._end_request is None:
+                        if self.error is None:
                             await self._copy_loop(nursery)
                     except Exception as exc:
                         self._contain(exc, "the copy loop")
                 # Asked to end from inside (a failure): finish in the job's own task, once no
                 # transaction or shutdown is acting on the job (one that ends it cancels this).
-                if self._end_request is not None and not self.finished:
+                if self.error is not None and not self.finished:
                     async with self._end_lock:
                         if not self.finished:
-                            await self._finish_failed(self._end_request[1] or "job failed")
+                            await self._finish_failed()
                 nursery.cancel_scope.cancel()
         finally:
             # However the task ended, writes are no longer recorded from here on; a no-op when
@@ -205,10 +213,21 @@ class MirrorJob:
     async def wait_ended(self) -> None:
         await self._ended.wait()
 
-    def _set_status(self, status: str) -> None:
-        if status != self.status:
-            self.status = status
-            self._emit("JOB_STATUS_CHANGE", {"id": self.id, "status": status})
+    def _set_state(self, new: JobState) -> None:
+        """The one place a job's state changes (checked against ``state.TRANSITIONS``)."""
+        old = self.state
+        if new is old:
+            return
+        self.state = transition(old, new)
+        self.ready = new in READY_STATES
+        self.paused = new in PAUSED_STATES
+        if new.status != old.status:
+            self._emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new.status})
+
+    @property
+    def status(self) -> str:
+        """The QMP status."""
+        return self.state.status
 
     def _event_data(self) -> dict:
         return {"type": "mirror", "device": self.id, "len": self.size, "offset": self.offset,
@@ -217,10 +236,6 @@ class MirrorJob:
     @property
     def offset(self) -> int:
         return self.size - self.bitmap.dirty_bytes()
-
-    @property
-    def paused(self) -> bool:
-        return self.user_paused or self.error_paused
 
     def info(self) -> dict:
         """This job as a QMP BlockJobInfo (plus mirrorfs's fields)."""
@@ -280,7 +295,7 @@ class MirrorJob:
     # ------------------------------------------------------------------ write path
 
     def _duplicating(self) -> bool:
-        return self._target_ok and not self.paused and self._end_request is None
+        return self._target_ok and not self.paused and self.error is None
 
     def _begin_write(self, offset: int, length: int) -> tuple[Operation, set[int]]:
         """Register a guest write of [offset, offset+length) and mark its clusters dirty.
@@ -548,7 +563,7 @@ class MirrorJob:
                         # that came during the flush are being duplicated (or copied), which is
                         # what ready promises; waiting for another empty moment may never end
                         # under a steady writer on a slow target.
-                        if self._target_ok and not self.paused and self._end_request is None:
+                        if self._target_ok and not self.paused and self.error is None:
                             self._become_ready()
                     elif trio.current_time() - last_commit >= COMMIT_INTERVAL:
                         await self._durable_point()
@@ -606,7 +621,7 @@ class MirrorJob:
 
     def _copy_allowed(self) -> bool:
         return (self._target_ok and not self.paused and self._copy_holds == 0
-                and self._end_request is None)
+                and self.error is None)
 
     async def _wait_copy_allowed(self) -> None:
         while not self._copy_allowed():
@@ -784,13 +799,12 @@ class MirrorJob:
     # ------------------------------------------------------------------ states and errors
 
     def _become_ready(self) -> None:
-        self.ready = True
-        self._set_status("ready")
+        self._set_state(JobState.READY)
         self._emit("BLOCK_JOB_READY", self._event_data())
 
     def _on_target_error(self, exc: TargetError) -> str | None:
         """Apply ``on-target-error``; returns the action taken (None: none, or a lost target)."""
-        if self._end_request is not None or self.finished:
+        if self.error is not None or self.finished:
             return None
         if isinstance(exc, TargetRetryableError):
             self._target_lost(exc)
@@ -806,7 +820,7 @@ class MirrorJob:
     def _on_source_error(self, exc: SourceError) -> str | None:
         """Apply ``on-source-error`` (QEMU's rules: a failed read of the source by the copy);
         returns the action taken. The range stays dirty in every case."""
-        if self._end_request is not None or self.finished:
+        if self.error is not None or self.finished:
             return None
         nospace = exc.errno == errno.ENOSPC
         action = _policy_action(self.params.on_source_error, nospace)
@@ -822,9 +836,8 @@ class MirrorJob:
             return
         self.io_status = "nospace" if nospace else "failed"
         if action == "stop":
-            if not self.error_paused:
-                self.error_paused = True
-                self._set_status("standby" if self.ready else "paused")
+            if not self.paused:
+                self._set_state(JobState.STANDBY if self.ready else JobState.PAUSED)
             return
         self._fail(str(exc))
 
@@ -837,12 +850,11 @@ class MirrorJob:
     def _fail(self, message: str) -> None:
         """End the job as failed (the ``report`` policy); the job's own task finishes it.
         The first reason stays the job's error."""
-        if self._end_request is not None or self.finished:
+        if self.error is not None or self.finished:
             return
         if self.io_status == "ok":
             self.io_status = "failed"
         self.error = message
-        self._end_request = ("fail", message)
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -851,9 +863,8 @@ class MirrorJob:
             return
         self._target_ok = False
         log.warning("job %s: target %s lost: %s", self.id, self.target.description, exc)
-        if self.ready:
-            self.ready = False
-            self._set_status("running")
+        if self.ready:  # standby: still paused, no longer ready
+            self._set_state(JobState.PAUSED if self.paused else JobState.RUNNING)
         self._emit("MIRROR_TARGET_LOST", {"device": self.id, "target": self.target.description,
                                           "reason": str(exc)})
         if not self._reconnecting and self._nursery is not None:
@@ -899,7 +910,7 @@ class MirrorJob:
         """Stop all I/O to the target; returns once the target writes in flight have landed."""
         self.check_can_pause()
         self.user_paused = True
-        self._set_status("standby" if self.ready else "paused")
+        self._set_state(JobState.STANDBY if self.ready else JobState.PAUSED)
         await self._copies.wait_idle()
         await self._duplicates.wait_idle()
 
@@ -907,13 +918,11 @@ class MirrorJob:
         if not self.paused:
             raise StateError(f"job {self.id!r} is not paused")
         self.user_paused = False
-        self.error_paused = False
         self.io_status = "ok"
-        if self.ready and self.bitmap.count():
-            # Writes made while paused are not on the target: ready (len == offset) must be
-            # earned again, and BLOCK_JOB_READY says when, as after a lost target.
-            self.ready = False
-        self._set_status("ready" if self.ready else "running")
+        # Writes made while paused are not on the target: ready (len == offset) must be
+        # earned again, and BLOCK_JOB_READY says when, as after a lost target.
+        again_ready = self.ready and not self.bitmap.count()
+        self._set_state(JobState.READY if again_ready else JobState.RUNNING)
         self._poke()
 
     def set_speed(self, speed: int) -> None:
@@ -923,7 +932,7 @@ class MirrorJob:
         """Refuse complete (either form) unless the job is ready (QEMU's rule)."""
         if self.finished:
             raise StateError(f"job {self.id!r} has ended")
-        if self._end_request is not None:
+        if self.error is not None:
             raise StateError(f"job {self.id!r} is failing: {self.error}")
         if not self.ready or self.paused:
             state = "paused" if self.paused else "not ready yet"
@@ -977,97 +986,102 @@ class MirrorJob:
 
     def conclude(self, kind: str, *, pivoted: bool = False,
                  successor: ImageIO | None = None) -> None:
-        """Mark the job ended (under the closed gate) and emit its final events.
+        """End the job under the closed gate (a transaction's commit).
 
         ``kind`` is "completed" or "cancelled". ``successor``: what serves the image from now on
         (a pivot to NBD); it keeps the target open.
         """
+        self._end(kind, pivoted=pivoted or successor is not None, successor=successor)
+
+    def _end(self, outcome: str, *, clean: bool = True, pivoted: bool = False,
+             successor: ImageIO | None = None) -> None:
+        """The one way a job ends; every caller has quiesced the job (or its task is gone).
+
+        ``outcome``: completed, cancelled, failed, or stopped (an unmount: no events, and the
+        bitmap file does not say ended, so a later ``--sync dirty`` may resume from it).
+        ``clean``: every write so far is recorded (False after an unexpected death).
+        """
         self.finished = True
-        self._detach_node()
+        self.outcome = outcome
+        if outcome != "stopped":
+            self._detach_node()
         if successor is not None:
-            pivoted = True
             self.successor = successor
             self.node.job = successor
-        self._close_bitmap(clean=True, pivoted=pivoted, ended=True)
-        self._set_status("concluded")
-        event = "BLOCK_JOB_COMPLETED" if kind == "completed" else "BLOCK_JOB_CANCELLED"
+        if outcome == "failed":
+            if self.io_status == "ok":
+                self.io_status = "failed"
+            if self.error is None:
+                self.error = "job failed"
+        self._close_bitmap(clean=clean, pivoted=pivoted, ended=outcome != "stopped")
+        if outcome == "stopped":
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            return
+        self._set_state(JobState.CONCLUDED)
+        event = "BLOCK_JOB_CANCELLED" if outcome == "cancelled" else "BLOCK_JOB_COMPLETED"
         data = self._event_data()
         if self.error is not None:
             data["error"] = self.error
         self._emit(event, data)
-        self._set_status("null")
+        if outcome == "failed":  # stays listed with its error (no auto-dismiss)
+            return
+        self._set_state(JobState.NULL)
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
     def _close_bitmap(self, *, clean: bool, pivoted: bool = False, ended: bool = False) -> None:
-        """Close a persistent bitmap; ``ended``: the job ended (not an unmount), so the file must
-        say that it stopped recording."""
+        """Close the bitmap; ``ended``: the job ended (not an unmount), so a persistent file
+        must say that it stopped recording. Idempotent."""
         try:
             self.bitmap.close(clean=clean, pivoted=pivoted, ended=ended)
         except Exception as exc:  # a bitmap that cannot be closed stays marked unclean
             log.warning("job %s: closing bitmap: %s", self.id, exc)
 
-    def _conclude_failed(self, message: str, *, clean: bool) -> None:
-        self.finished = True
-        self._detach_node()
-        if self.io_status == "ok":
-            self.io_status = "failed"
-        if self.error is None:
-            self.error = message
-        # ended: from here on nothing records writes, so a later --sync dirty must not trust it
-        self._close_bitmap(clean=clean, ended=True)
-        self._set_status("concluded")
-        data = self._event_data()
-        data["error"] = self.error
-        self._emit("BLOCK_JOB_COMPLETED", data)
-
-    async def _finish_failed(self, message: str) -> None:
-        """End a failed job in order (its own task, under the manager's lock): every request
-        and operation in flight done, then the bitmap closed with what it recorded."""
+    @asynccontextmanager
+    async def _quiesced(self) -> AsyncIterator[None]:
+        """The job's own point in time: no request inside the gate, no copy, durable point or
+        operation in flight, until the block ends."""
         self.gate.close()
         try:
             await self.gate.wait_drained()
             await self.hold_copy()
             try:
                 await self.inflight.wait_idle()
-                self._conclude_failed(message, clean=True)
+                yield
             finally:
                 self.release_copy()
-            with trio.CancelScope(shield=True):
-                await self.target.close()
         finally:
             self.gate.open()
+
+    async def _finish_failed(self) -> None:
+        """End a failed job in order (its own task, under the manager's lock): every request
+        and operation in flight done, then the bitmap closed with what it recorded."""
+        async with self._quiesced():
+            self._end("failed")
+            with trio.CancelScope(shield=True):
+                await self.target.close()
 
     def abandon(self, message: str) -> None:
         """End the job at once as failed, after its task died of an unexpected error (the
         manager's last line of failure containment). Requests may still be in flight, so the
         bitmap is left marked not clean, as after a crash."""
         if not self.finished:
-            self._conclude_failed(message, clean=False)
+            if self.error is None:
+                self.error = message
+            self._end("failed", clean=False)
         self.gate.open()
 
     async def stop(self) -> None:
         """End the job for an unmount: no events, bitmap closed cleanly with its dirty bits."""
         if self.finished:
             return
-        self.gate.close()
-        try:
-            await self.gate.wait_drained()
-            await self.hold_copy()
-            try:
-                await self.inflight.wait_idle()
-                if self._target_ok:
-                    await self._flush_and_commit()  # a target error is the policy's business
-                self.finished = True
-                self._close_bitmap(clean=True)
-                if self._nursery is not None:
-                    self._nursery.cancel_scope.cancel()
-            finally:
-                self.release_copy()
-        finally:
-            self.gate.open()
+        async with self._quiesced():
+            if self._target_ok:
+                await self._flush_and_commit()  # a target error is the policy's business
+            self._end("stopped")
 
 
 def _policy_action(policy: str, nospace: bool) -> str:
