@@ -115,13 +115,18 @@ class CopyTask:
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Copy until cancelled: ``step`` while there is work, else wait to be dirtied."""
-        self._nursery = nursery
-        self._last_commit = trio.current_time()
+        self.attach(nursery)
         while True:
             await self.wait_allowed()
             if not await self.step():
                 with trio.move_on_after(0.05 if self._job.bitmap.count() else COMMIT_INTERVAL):
                     await self._dirtied.wait()
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give ``step`` the nursery its copies run in (``run`` does; a test driving the steps
+        itself calls this instead)."""
+        self._nursery = nursery
+        self._last_commit = trio.current_time()
 
     async def step(self) -> bool:
         """One step of the copy: issue the copy of the next dirty range after the cursor (into
