@@ -99,6 +99,7 @@ class EngineModel(RuleBasedStateMachine):
         self.target_path = self.dir / "target.img"
         self.serial = 0
         self.ended: str | None = None
+        self.commanding = False
         self._run(self._start)
 
     async def _start(self) -> None:
@@ -161,34 +162,51 @@ class EngineModel(RuleBasedStateMachine):
                 self.target.land(index, fail and index % 4 == 0)
         self._run(land)
 
-    @precondition(lambda self: self.ended is None)
+    # A pause waits for the target writes in flight, a complete or cancel for the guest's
+    # requests: each runs as its own task, which the model's landings let finish.
+
+    @precondition(lambda self: self.ended is None and not self.commanding)
     @rule()
     def pause_or_resume(self) -> None:
         async def toggle() -> None:
             job = self.job
-            if job.finished or self.target.pending:
+            if job.finished:
                 return
             if job.paused:
                 job.resume()
             elif not job.user_paused:
-                await job.pause()
+                self.nursery.start_soon(self._command, job.pause)
         self._run(toggle)
 
-    @precondition(lambda self: self.ended is None)
+    @precondition(lambda self: self.ended is None and not self.commanding)
     @rule(kind=st.sampled_from(["complete", "cancel"]))
     def end(self, kind: str) -> None:
         async def end() -> None:
-            if self.job.finished or self.target.pending:
+            if self.job.finished:
                 return
-            try:
-                if kind == "complete":
-                    await self.manager.complete(["img"], pivot=False)
-                else:
-                    await self.manager.cancel(["img"])
-            except StateError:
-                return  # not ready, paused: refused, nothing changed
-            self.ended = "converged" if kind == "complete" or self.job.ready else "cancelled"
+            if kind == "complete":
+                self.nursery.start_soon(self._command, self._complete)
+            else:
+                self.nursery.start_soon(self._command, self._cancel)
         self._run(end)
+
+    async def _command(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self.commanding = True
+        try:
+            await fn()
+        except StateError:
+            pass  # not ready, paused, already paused: refused, nothing changed
+        finally:
+            self.commanding = False
+
+    async def _complete(self) -> None:
+        await self.manager.complete(["img"], pivot=False)
+        self.ended = "converged"
+
+    async def _cancel(self) -> None:
+        ready = self.job.ready  # a cancel after ready converges first
+        await self.manager.cancel(["img"])
+        self.ended = "converged" if ready else "cancelled"
 
     # ------------------------------------------------------------------ checks
 
@@ -223,6 +241,9 @@ class EngineModel(RuleBasedStateMachine):
                 while self.target.pending:
                     self.target.land(0, False)
                     await _settle()
+                if self.commanding:
+                    await _settle()
+                    continue
                 if job.paused:
                     job.resume()
                 if job.ready and not self.target.pending and not job.copy.busy:
@@ -240,9 +261,13 @@ class EngineModel(RuleBasedStateMachine):
 
 
 async def _settle() -> None:
-    """Let every engine task run until all wait (for a held target write, or an event)."""
+    """Let every engine task run until all wait (for a held target write, or an event), and
+    every worker thread's I/O has come back."""
     for _ in range(3):
         await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+        while fileio.LIMITER.borrowed_tokens:
+            await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.001)
 
 
 async def run_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, copy_mode: str,
