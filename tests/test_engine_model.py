@@ -27,7 +27,7 @@ from mirrorfs import fileio
 from mirrorfs.errors import StateError, TargetRetryableError
 from mirrorfs.fs.node import ImageNode, OpenHandle
 from mirrorfs.mirror import inflight
-from mirrorfs.mirror import job as job_module
+from mirrorfs.mirror import failures
 from mirrorfs.mirror.copy import CopyTask
 from mirrorfs.mirror.manager import JobManager
 from mirrorfs.mirror.params import MirrorParams
@@ -277,7 +277,7 @@ async def run_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, copy_mod
         await trio.sleep_forever()
 
     monkeypatch.setattr(CopyTask, "run", attach_only)
-    monkeypatch.setattr(job_module, "RECONNECT_BACKOFF", (0.001, 0.002))
+    monkeypatch.setattr(failures, "RECONNECT_BACKOFF", (0.001, 0.002))
     EngineModel.tmp = tmp_path
     EngineModel.copy_mode = copy_mode
     EngineModel.examples = 0

@@ -129,7 +129,7 @@ def test_documented_timeout_and_backoff_match_the_code() -> None:
     import re
 
     from mirrorfs.mirror.copy import COMMIT_INTERVAL
-    from mirrorfs.mirror.job import RECONNECT_BACKOFF
+    from mirrorfs.mirror.failures import RECONNECT_BACKOFF
     from mirrorfs.nbd.client import DEFAULT_TIMEOUT
 
     doc = (Path(__file__).parent.parent / "docs" / "replication.md").read_text()

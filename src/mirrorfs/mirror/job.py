@@ -28,40 +28,31 @@ the FUSE layer, which turns every exception into an errno (``fs/operations.py``)
 
 from __future__ import annotations
 
-import errno
 import logging
 from contextlib import asynccontextmanager
-from typing import AbstractSet, Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import trio
 
 from .. import fileio
-from ..errors import (MirrorfsError, SourceError, StateError, TargetError, TargetFatalError,
-                      TargetNoSpaceError, TargetRetryableError)
+from ..errors import SourceError, StateError, TargetError
 from ..targets.base import Target
 from .gate import ActivityCounter, IOGate
 from .copy import CopyTask
-from .inflight import InflightOps, Operation
+from .failures import FailureHandling
+from .inflight import InflightOps
 from .params import MirrorParams
 from .seams import Handle, ImageIO, JobBitmap, Node
 from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
+from .writes import WritePath, source_pread, source_pwrite
 
 log = logging.getLogger(__name__)
 
 EmitFn = Callable[[str, dict], None]
 
-#: Background duplicates in flight at most. On a slow link a byte bound alone lets thousands of
-#: small duplicates queue up; each holds its clusters busy, so the copy task would skip them and
-#: overlapping duplicates would keep them dirty. Past this, writes stay dirty for the copy task.
-MAX_BACKGROUND_DUPLICATES = 16
-#: The edge clusters of a write that ``_duplicated`` need not clear.
-_NO_EDGES: frozenset[int] = frozenset()
-#: Reconnect backoff for a lost target: doubles from the first value up to the cap (seconds).
-RECONNECT_BACKOFF = (0.25, 8.0)
 
-
-class MirrorJob:
+class MirrorJob(WritePath, FailureHandling):
     """A running mirror of one image to one target.
 
     Args:
@@ -232,7 +223,7 @@ class MirrorJob:
         async with self.gate.hold():
             if self.successor is not None:
                 return await self.successor.read(handle, offset, size)
-            return await _source_pread(handle, size, offset)
+            return await source_pread(handle, size, offset)
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         if not self.gate.closed and self.successor is None and handle.runs_inline(len(data)):
@@ -245,7 +236,7 @@ class MirrorJob:
             if self.successor is not None:  # pivoted to NBD: handle.fd is still the source
                 return await self.successor.write(handle, offset, data)
             if self.finished:
-                return await _source_pwrite(handle, data, offset)
+                return await source_pwrite(handle, data, offset)
             return await self._intercepted_write(handle, offset, data)
 
     async def fsync(self, handle: Handle, datasync: bool = False) -> None:
@@ -260,206 +251,6 @@ class MirrorJob:
         if not self.finished:
             raise StateError(f"cannot {op} {self.params.image!r}: mirror job {self.id!r} is "
                              f"running on it; complete or cancel the job first")
-
-    # ------------------------------------------------------------------ write path
-
-    def _duplicating(self) -> bool:
-        return self.target_ok and not self.paused and self.error is None
-
-    def _begin_write(self, offset: int, length: int) -> tuple[Operation, set[int]]:
-        """Register a guest write of [offset, offset+length) and mark its clusters dirty.
-
-        Returns:
-            the operation, and the partially covered edge clusters that are clean now: these
-            stay clean once the duplicate lands (the rest of such a cluster is untouched, so
-            source and target still agree on it). Whole clusters are cleared by ``clear`` itself;
-            so is a partial last cluster of the image.
-        """
-        bitmap = self.bitmap
-        g = self.params.granularity
-        shift = g.bit_length() - 1
-        end = offset + length
-        edges = set()
-        if offset & (g - 1) and not bitmap.is_dirty(offset & ~(g - 1), 1):
-            edges.add(offset >> shift)
-        if end & (g - 1) and end < self.size and not bitmap.is_dirty(end & ~(g - 1), 1):
-            edges.add((end - 1) >> shift)
-        op = self.inflight.register(offset, length)
-        try:
-            bitmap.mark(offset, length)
-        except BaseException:
-            self.inflight.unregister(op)
-            raise
-        return op, edges
-
-    def _abandon(self, op: Operation | None, offset: int = 0, length: int = 0) -> None:
-        """End a guest write that will not clear its clusters (no duplicate, or it failed).
-
-        ``op`` None: an unregistered inline write (``_write_inline``), whose clusters are
-        marked only now."""
-        if op is None:
-            self.bitmap.mark(offset, length)
-        else:
-            self.inflight.unregister(op)
-        self.copy.dirtied()
-
-    def _duplicated(self, op: Operation | None, offset: int, length: int,
-                    edges: AbstractSet[int]) -> None:
-        """The guest's bytes reached the target: clear what is now known identical."""
-        self.stats["duplicated-bytes"] += length
-        if op is not None and op.conflicted:
-            self.stats["conflicts"] += 1
-            self.copy.dirtied()
-        else:
-            self.bitmap.clear(offset, length)
-            g = self.params.granularity
-            for cluster in edges:  # the image's partial last cluster ends at the image's end
-                self.bitmap.clear(cluster * g, min(g, self.size - cluster * g))
-            if not self.ready and self.bitmap.count() == 0:
-                # A steady writer keeps a duplicate in flight most of the time: the moment the
-                # last one lands and nothing is dirty is when the job can become ready.
-                self.copy.dirtied()
-        if op is not None:
-            self.inflight.unregister(op)
-
-    def _write_inline(self, handle: Handle, offset: int, data: bytes) -> int | None:
-        """The whole intercepted write without yielding, where nothing in it has to wait: the
-        source and the target are in memory (tmpfs). None, having done nothing, where it cannot.
-
-        Without a yield no other request or transaction can run in between, so this needs
-        neither the gate nor the in-flight counters; it also duplicates in background mode,
-        since writing the target now costs less than scheduling a task to do it.
-
-        With nothing else in flight and a bitmap only memory holds, it is not even registered:
-        nothing can look at the bitmap before this returns, so only the outcome must be right.
-        Where the duplicate landed, the write's whole clusters are clean and its partial edge
-        clusters as they were (their other bytes are untouched on both sides); anywhere else,
-        every cluster it touched is dirty (``_abandon`` marks them).
-        """
-        length = len(data)
-        if length == 0 or offset + length > self.size:
-            return None
-        duplicate = self._duplicating()
-        if duplicate and not self.target.can_write_now(length):
-            return None
-        op: Operation | None
-        if self.bitmap.volatile and not self.inflight:
-            op, edges = None, _NO_EDGES
-        else:
-            op, edges = self._begin_write(offset, length)
-        try:
-            written = fileio.pwrite_now(handle.fd, data, offset)
-        except BaseException:
-            self._abandon(op, offset, length)
-            raise
-        if not duplicate:
-            self._abandon(op, offset, length)
-            return written
-        payload = data if written == length else data[:written]
-        try:
-            self.target.pwrite_now(offset, payload)
-        except TargetError as exc:
-            self._abandon(op, offset, length)
-            self.on_target_error(exc)
-            return written
-        try:
-            self._duplicated(op, offset, written, edges)
-        except Exception as exc:  # the write reached the source: that is the writer's result
-            self._duplicated_raised(op, exc)
-        return written
-
-    async def _intercepted_write(self, handle: Handle, offset: int, data: bytes) -> int:
-        length = len(data)
-        if length == 0:
-            return await _source_pwrite(handle, data, offset)
-        if offset + length > self.size:
-            await self._grow(offset + length)
-            if offset + length > self.size:  # could not grow: the job is failing; the source
-                return await _source_pwrite(handle, data, offset)  # write must still happen
-        op, edges = self._begin_write(offset, length)
-        try:
-            written = await _source_pwrite(handle, data, offset)
-        except BaseException:
-            self._abandon(op)
-            raise
-        if not self._duplicating():
-            self._abandon(op)
-            return written
-        payload = data if written == length else data[:written]
-        if self.params.copy_mode == "write-blocking":
-            await self._duplicate(op, offset, payload, edges)
-        elif (self._dup_bytes + written <= self.params.buf_size
-              and self._duplicates.count < MAX_BACKGROUND_DUPLICATES and self._nursery is not None):
-            self._dup_bytes += written
-            self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges)
-        else:
-            self.stats["skipped-duplicates"] += 1
-            self._abandon(op)
-        return written
-
-    async def _background_duplicate(self, op: Operation, offset: int, data: bytes,
-                                    edges: set[int]) -> None:
-        try:
-            await self._duplicate(op, offset, data, edges)
-        finally:
-            self._dup_bytes -= len(data)
-
-    async def _duplicate(self, op: Operation, offset: int, data: bytes, edges: set[int]) -> None:
-        """Write the guest's bytes to the target, then clear what is now known identical.
-
-        Raises nothing: the guest's write reached the source, which is all its caller reports.
-        """
-        self._duplicates.enter()
-        try:
-            await self.target.pwrite(offset, data)
-        except TargetError as exc:
-            self._abandon(op)
-            self.on_target_error(exc)
-            return
-        except Exception as exc:
-            self._abandon(op)
-            self.contain(exc, "a duplicated write")
-            return
-        finally:
-            self._duplicates.leave()
-        try:
-            self._duplicated(op, offset, len(data), edges)
-        except Exception as exc:
-            self._duplicated_raised(op, exc)
-
-    def _duplicated_raised(self, op: Operation | None, exc: Exception) -> None:
-        if op is not None:
-            self.inflight.discard(op)  # or the job's end would wait for it for ever
-        self.contain(exc, "a duplicated write")
-
-    async def _grow(self, new_size: int) -> None:
-        """The image grows (a qcow2 file allocating clusters): grow the bitmap and the target.
-
-        The new range is marked dirty before any write lands there, so the invariant holds
-        whatever happens to the target's resize; the copy task then writes it (mostly as zeroes).
-        """
-        async with self._grow_lock:
-            if new_size <= self.size or self.finished:
-                return
-            old_size = self.size
-            # The target first: the copy task takes its ranges from the bitmap, so the bitmap
-            # must not show the new range before the target has it (a copy past the target's
-            # end fails the job).
-            if self.target_ok:
-                try:
-                    await self.target.resize(new_size)
-                except TargetError as exc:
-                    self.on_target_error(exc)
-            try:
-                # Synchronous on purpose: no other task may mark while the file is rewritten.
-                self.bitmap.resize(new_size)
-            except Exception as exc:  # MirrorfsError, or OSError from mapping the grown file
-                self._fail(f"cannot grow the bitmap with the image: {exc}")
-                return
-            self.size = new_size
-            self.bitmap.mark(old_size, new_size - old_size)
-            self.copy.dirtied()
-            log.debug("job %s: image grew from %d to %d bytes", self.id, old_size, new_size)
 
     async def durable_point(self) -> None:
         """Make the invariant hold across power loss: flush target, commit clears, msync bits.
@@ -514,102 +305,6 @@ class MirrorJob:
     def become_ready(self) -> None:
         self._set_state(JobState.READY)
         self._emit("BLOCK_JOB_READY", self._event_data())
-
-    def on_target_error(self, exc: TargetError) -> str | None:
-        """Apply ``on-target-error``; returns the action taken (None: none, or a lost target)."""
-        if self.error is not None or self.finished:
-            return None
-        if isinstance(exc, TargetRetryableError):
-            self._target_lost(exc)
-            return None
-        nospace = isinstance(exc, TargetNoSpaceError) or exc.errno == errno.ENOSPC
-        if isinstance(exc, TargetFatalError):
-            action = "report"
-        else:
-            action = _policy_action(self.params.on_target_error, nospace)
-        self._apply_error_action(action, "write", exc, nospace)
-        return action
-
-    def on_source_error(self, exc: SourceError) -> str | None:
-        """Apply ``on-source-error`` (QEMU's rules: a failed read of the source by the copy);
-        returns the action taken. The range stays dirty in every case."""
-        if self.error is not None or self.finished:
-            return None
-        nospace = exc.errno == errno.ENOSPC
-        action = _policy_action(self.params.on_source_error, nospace)
-        self._apply_error_action(action, "read", exc, nospace)
-        return action
-
-    def _apply_error_action(self, action: str, operation: str, exc: MirrorfsError,
-                            nospace: bool) -> None:
-        side = "source" if operation == "read" else "target"
-        log.warning("job %s: %s error (%s): %s", self.id, side, action, exc)
-        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action})
-        if action == "ignore":
-            return
-        self.io_status = "nospace" if nospace else "failed"
-        if action == "stop":
-            if not self.paused:
-                self._set_state(JobState.STANDBY if self.ready else JobState.PAUSED)
-            return
-        self._fail(str(exc))
-
-    def contain(self, exc: Exception, where: str) -> None:
-        """An unexpected exception in one of the job's tasks: fail this job, not the mount."""
-        log.error("BUG in job %s (%s); the job fails, the mount goes on", self.id, where,
-                  exc_info=exc)
-        self._fail(f"internal error in {where}: {type(exc).__name__}: {exc}")
-
-    def _fail(self, message: str) -> None:
-        """End the job as failed (the ``report`` policy); the job's own task finishes it.
-        The first reason stays the job's error."""
-        if self.error is not None or self.finished:
-            return
-        if self.io_status == "ok":
-            self.io_status = "failed"
-        self.error = message
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
-
-    def _target_lost(self, exc: TargetError) -> None:
-        if not self.target_ok:
-            return
-        self.target_ok = False
-        log.warning("job %s: target %s lost: %s", self.id, self.target.description, exc)
-        if self.ready:  # standby: still paused, no longer ready
-            self._set_state(JobState.PAUSED if self.paused else JobState.RUNNING)
-        self._emit("MIRROR_TARGET_LOST", {"device": self.id, "target": self.target.description,
-                                          "reason": str(exc)})
-        if not self._reconnecting and self._nursery is not None:
-            self._reconnecting = True
-            self._nursery.start_soon(self._reconnect)
-
-    async def _reconnect(self) -> None:
-        delay, cap = RECONNECT_BACKOFF
-        try:
-            while True:
-                await trio.sleep(delay)
-                try:
-                    await self.target.connect()
-                except TargetFatalError as exc:
-                    self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "write",
-                                                   "action": "report"})
-                    self._fail(str(exc))
-                    return
-                except TargetError as exc:
-                    log.info("job %s: reconnect failed: %s", self.id, exc)
-                    delay = min(cap, delay * 2)
-                    continue
-                self.target_ok = True
-                self.stats["reconnects"] += 1
-                self._emit("MIRROR_TARGET_RESTORED", {"device": self.id,
-                                                      "target": self.target.description})
-                self.copy.poke()
-                return
-        except Exception as exc:
-            self.contain(exc, "the reconnect task")
-        finally:
-            self._reconnecting = False
 
     # ------------------------------------------------------------------ commands
 
@@ -792,25 +487,3 @@ class MirrorJob:
             if self.target_ok:
                 await self._flush_and_commit()  # a target error is the policy's business
             self._end("stopped")
-
-
-def _policy_action(policy: str, nospace: bool) -> str:
-    """The action of an ``on-*-error`` policy for one error (QEMU's BlockdevOnError)."""
-    if policy == "enospc":
-        return "stop" if nospace else "report"
-    return policy
-
-
-async def _source_pread(handle: Handle, size: int, offset: int) -> bytes:
-    """A read of the source where the fast path did not take it (gate closed, or a handle
-    whose I/O cannot run inline): the handle knows which, so no per-call fstatfs."""
-    if handle.runs_inline(size):
-        return fileio.pread_now(handle.fd, size, offset)
-    return await fileio.pread_thread(handle.fd, size, offset)
-
-
-async def _source_pwrite(handle: Handle, data: bytes, offset: int) -> int:
-    """A write of the source outside the inline path (see ``_source_pread``)."""
-    if handle.runs_inline(len(data)):
-        return fileio.pwrite_now(handle.fd, data, offset)
-    return await fileio.pwrite_thread(handle.fd, data, offset)
