@@ -1,23 +1,26 @@
-"""One mirror job: the write interception, the background copy, and the job state machine.
+"""One mirror job: the FUSE seam, the commands, the commit step and the one end path.
 
 Role: everything that happens to one image between ``drive-mirror`` and the end of the job. The
 FUSE layer calls ``read``/``write``/``fsync``/``check_modify`` for every request on the image while
 the job is attached to its node; the manager drives ``pause``/``resume``/``set_speed`` and the
-ending actions (complete, cancel, shutdown), which it runs under the job's I/O gate.
+ending actions (complete, cancel, shutdown), which it runs under the job's I/O gate. The write
+interception is in ``writes.py``, the background copy in ``copy.py``, the error policies in
+``failures.py``, the states in ``state.py``.
 
-Invariants (see ``docs/write-copy-race.md`` and ``docs/bitmap-format.md``):
-- A cluster's bit is set before any byte of it is written to the source, and cleared only by an
-  operation that wrote the same bytes to the target with no overlapping operation in flight
-  (``inflight.py``). So the bitmap over-approximates the clusters where target and source differ.
-- A persistent bitmap's file clears bits only after a target flush (``PersistentBitmap``'s commit
-  protocol); sets reach the mmap before the source write.
+Invariants (each stated with its code in ``docs/architecture.md``):
+- The bitmap over-approximates the clusters where target and source differ: bits are set
+  before a registered write reaches the source (the unregistered inline write settles them
+  before it yields), and cleared only by an operation that ran alone on its clusters
+  (``inflight.py``) or under the closed gate (``converge``).
+- A persistent bitmap's file clears bits only after a target flush (``_flush_and_commit``);
+  sets reach the mmap before the source write.
 - Target errors never reach the writer: the source write's result is the writer's result.
 
 Failure containment: nothing raised in a job's tasks reaches the mount's service nursery (it
 would end the mount and every image in it). Every task the job starts is wrapped:
-- the copy loop (``CopyTask.run``), each copy (``CopyTask._copy_chunk``), each duplicate (``_duplicate``) and the
-  reconnect task catch ``Exception``: a ``TargetError`` follows ``on-target-error``, a
-  ``SourceError`` (a failed read of the source) ``on-source-error``, anything else is a bug that
+- the copy loop (``CopyTask.run``), each copy (``CopyTask._copy_chunk``), each duplicate
+  (``_duplicate``) and the reconnect task catch ``Exception``: a ``TargetError`` follows
+  ``on-target-error``, a ``SourceError`` (a failed read of the source) ``on-source-error``, anything else is a bug that
   is logged with its traceback and fails the job (``contain``).
 - a failed job ends in its own task (``_finish_failed``) under the manager's lock, so it never
   interleaves with a transaction or a shutdown that holds the job's gate.
