@@ -20,8 +20,8 @@ Failure containment: nothing raised in a job's tasks reaches the mount's service
 would end the mount and every image in it). Every task the job starts is wrapped:
 - the copy loop (``CopyTask.run``), each copy (``CopyTask._copy_chunk``), each duplicate
   (``_duplicate``) and the reconnect task catch ``Exception``: a ``TargetError`` follows
-  ``on-target-error``, a ``SourceError`` (a failed read of the source) ``on-source-error``, anything else is a bug that
-  is logged with its traceback and fails the job (``contain``).
+  ``on-target-error``, a ``SourceError`` (a failed read of the source) ``on-source-error``,
+  anything else is a bug that is logged with its traceback and fails the job (``contain``).
 - a failed job ends in its own task (``_finish_failed``) under the manager's lock, so it never
   interleaves with a transaction or a shutdown that holds the job's gate.
 - what still escapes ``run`` is caught by ``JobManager._run_job`` (``abandon``).
