@@ -17,7 +17,6 @@ MAX_CLASS_LINES = 450
 
 #: Classes still being split, as ``path::Class`` relative to src/. Each entry must still be too
 #: long: once it is split the entry goes, so the list never hides a new long class.
-BEING_SPLIT = {"mirrorfs/mirror/job.py::MirrorJob"}
 
 #: What ``grep -rnE "issue [0-9]|Done when" src`` looks for.
 TRACKER_TEXT = re.compile(r"issue [0-9]|Done when")
@@ -61,14 +60,9 @@ def test_class_lengths_counts_from_class_line_to_last_line(tmp_path: Path) -> No
 
 
 def test_no_class_over_the_limit() -> None:
-    too_long = {name: n for name, n in long_classes().items() if name not in BEING_SPLIT}
+    too_long = long_classes()
     assert not too_long, (f"classes over {MAX_CLASS_LINES} lines (split them along their "
                           f"seams): {too_long}")
-
-
-@pytest.mark.parametrize("name", sorted(BEING_SPLIT))
-def test_being_split_entries_are_still_long(name: str) -> None:
-    assert name in long_classes(), f"{name} is short enough now: remove it from BEING_SPLIT"
 
 
 def test_no_issue_numbers_or_task_text_in_src() -> None:

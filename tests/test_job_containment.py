@@ -21,6 +21,7 @@ from mirrorfs import fileio
 from mirrorfs.bitmap.inspect import inspect_file
 from mirrorfs.bitmap.persistent import PersistentBitmap
 from mirrorfs.errors import BitmapFormatError, SourceError, StateError, UsageError
+from mirrorfs.mirror.copy import CopyTask
 from mirrorfs.mirror.job import MirrorJob
 from mirrorfs.mirror.params import MirrorParams
 from test_mirror_engine import MiB, Env, assert_identical, engine, random_content
@@ -59,19 +60,21 @@ def assert_clean_and_unlocked(path: Path, size: int, *, ended: bool) -> None:
 
 def _raise_in(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException,
               when: Any = lambda *a: True) -> None:
-    """Make ``MirrorJob.<name>`` raise ``exc`` whenever ``when(*args)`` holds."""
-    real = getattr(MirrorJob, name)
-    if name == "_copy_range":
-        async def broken(self: MirrorJob, *args: Any) -> Any:
+    """Make ``MirrorJob.<name>`` (``CopyTask.<name>`` for the copy's methods) raise ``exc``
+    whenever ``when(*args)`` holds."""
+    owner: Any = CopyTask if name in ("copy_range", "_settled") else MirrorJob
+    real = getattr(owner, name)
+    if name == "copy_range":
+        async def broken(self: Any, *args: Any) -> Any:
             if when(*args):
                 raise exc
             return await real(self, *args)
     else:
-        def broken(self: MirrorJob, *args: Any) -> Any:  # type: ignore[misc]
+        def broken(self: Any, *args: Any) -> Any:  # type: ignore[misc]
             if when(*args):
                 raise exc
             return real(self, *args)
-    monkeypatch.setattr(MirrorJob, name, broken)
+    monkeypatch.setattr(owner, name, broken)
 
 
 @pytest.mark.parametrize("where", ["copy", "copy loop", "duplicate", "inline duplicate", "bitmap msync"])
@@ -80,7 +83,7 @@ async def test_an_exception_in_a_job_task_fails_that_job_and_the_mount_goes_on(
     async with engine(tmp_path, random_content(4 * MiB)) as env:
         extra: dict[str, Any] = {}
         if where == "copy":
-            _raise_in(monkeypatch, "_copy_range", RuntimeError("injected"), lambda off, n: off + n > MiB)
+            _raise_in(monkeypatch, "copy_range", RuntimeError("injected"), lambda off, n: off + n > MiB)
             expected = "internal error in a copy: RuntimeError: injected"
         elif where == "copy loop":
             _raise_in(monkeypatch, "_settled", KeyError("injected"))
@@ -308,7 +311,7 @@ async def test_a_start_that_fails_after_the_bitmap_undoes_everything(
             await env.wait_event("BLOCK_JOB_READY")
             await env.manager.complete(["img"], pivot=False)
         # a failed job with the same id
-        _raise_in(monkeypatch, "_copy_range", RuntimeError("injected"))
+        _raise_in(monkeypatch, "copy_range", RuntimeError("injected"))
         failed = await env.mirror(tmp_path / "failed.img")
         await wait_for(lambda: failed.finished, "the first job to fail")
 

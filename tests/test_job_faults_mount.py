@@ -153,9 +153,9 @@ def test_source_write_errors_reach_the_writer_during_the_copy_and_the_duplicates
 
 
 _INJECT = '''
-from mirrorfs.mirror import job as _job
+from mirrorfs.mirror import copy as _copy
 
-_real = _job.MirrorJob._copy_range
+_real = _copy.CopyTask.copy_range
 
 
 async def _copy_range(self, offset, length):
@@ -164,7 +164,7 @@ async def _copy_range(self, offset, length):
     return await _real(self, offset, length)
 
 
-_job.MirrorJob._copy_range = _copy_range
+_copy.CopyTask.copy_range = _copy_range
 '''
 
 

@@ -128,7 +128,8 @@ def test_documented_timeout_and_backoff_match_the_code() -> None:
     """docs/replication.md promises users a timeout and a backoff: they are the code's."""
     import re
 
-    from mirrorfs.mirror.job import COMMIT_INTERVAL, RECONNECT_BACKOFF
+    from mirrorfs.mirror.copy import COMMIT_INTERVAL
+    from mirrorfs.mirror.failures import RECONNECT_BACKOFF
     from mirrorfs.nbd.client import DEFAULT_TIMEOUT
 
     doc = (Path(__file__).parent.parent / "docs" / "replication.md").read_text()

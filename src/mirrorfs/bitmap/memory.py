@@ -531,3 +531,18 @@ class DirtyBitmap(_BitmapCore):
         """Size, granularity and dirty counts (the persistent bitmap adds file counters)."""
         return {"size": self.size, "granularity": self.granularity, "clusters": self.clusters,
                 "dirty_clusters": self._count, "dirty_bytes": self.dirty_bytes()}
+
+    # The durability half of the engine's bitmap seam: memory has nothing to make durable.
+    was_clean = True
+
+    def begin_clear_commit(self) -> None:
+        return None
+
+    def finish_clear_commit(self, token: None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, *, clean: bool = True, pivoted: bool = False, ended: bool = False) -> None:
+        pass

@@ -46,7 +46,6 @@ class InflightOps:
         self._ops: list[Operation] = []
         self._idle = trio.Event()
         self._idle.set()
-        self.copy_bytes = 0
 
     def register(self, offset: int, length: int, *, is_copy: bool = False) -> Operation:
         """Register an operation covering [offset, offset+length) and mark conflicts."""
@@ -61,16 +60,12 @@ class InflightOps:
                 other.spans.append(span)
                 op.spans.append(span)
         self._ops.append(op)
-        if is_copy:
-            self.copy_bytes += length
         if self._idle.is_set():
             self._idle = trio.Event()
         return op
 
-    def unregister(self, op: Operation, length: int = 0) -> None:
+    def unregister(self, op: Operation) -> None:
         self._ops.remove(op)
-        if op.is_copy:
-            self.copy_bytes -= length
         if not self._ops:
             self._idle.set()
 

@@ -1,24 +1,27 @@
-"""One mirror job: the write interception, the background copy, and the job state machine.
+"""One mirror job: the FUSE seam, the commands, the commit step and the one end path.
 
 Role: everything that happens to one image between ``drive-mirror`` and the end of the job. The
 FUSE layer calls ``read``/``write``/``fsync``/``check_modify`` for every request on the image while
 the job is attached to its node; the manager drives ``pause``/``resume``/``set_speed`` and the
-ending actions (complete, cancel, shutdown), which it runs under the job's I/O gate.
+ending actions (complete, cancel, shutdown), which it runs under the job's I/O gate. The write
+interception is in ``writes.py``, the background copy in ``copy.py``, the error policies in
+``failures.py``, the states in ``state.py``.
 
-Invariants (see ``docs/write-copy-race.md`` and ``docs/bitmap-format.md``):
-- A cluster's bit is set before any byte of it is written to the source, and cleared only by an
-  operation that wrote the same bytes to the target with no overlapping operation in flight
-  (``inflight.py``). So the bitmap over-approximates the clusters where target and source differ.
-- A persistent bitmap's file clears bits only after a target flush (``PersistentBitmap``'s commit
-  protocol); sets reach the mmap before the source write.
+Invariants (each stated with its code in ``docs/architecture.md``):
+- The bitmap over-approximates the clusters where target and source differ: bits are set
+  before a registered write reaches the source (the unregistered inline write settles them
+  before it yields), and cleared only by an operation that ran alone on its clusters
+  (``inflight.py``) or under the closed gate (``converge``).
+- A persistent bitmap's file clears bits only after a target flush (``_flush_and_commit``);
+  sets reach the mmap before the source write.
 - Target errors never reach the writer: the source write's result is the writer's result.
 
 Failure containment: nothing raised in a job's tasks reaches the mount's service nursery (it
 would end the mount and every image in it). Every task the job starts is wrapped:
-- the copy loop (``run``), each copy (``_copy_chunk``), each duplicate (``_duplicate``) and the
-  reconnect task catch ``Exception``: a ``TargetError`` follows ``on-target-error``, a
-  ``SourceError`` (a failed read of the source) ``on-source-error``, anything else is a bug that
-  is logged with its traceback and fails the job (``_contain``).
+- the copy loop (``CopyTask.run``), each copy (``CopyTask._copy_chunk``), each duplicate
+  (``_duplicate``) and the reconnect task catch ``Exception``: a ``TargetError`` follows
+  ``on-target-error``, a ``SourceError`` (a failed read of the source) ``on-source-error``,
+  anything else is a bug that is logged with its traceback and fails the job (``contain``).
 - a failed job ends in its own task (``_finish_failed``) under the manager's lock, so it never
   interleaves with a transaction or a shutdown that holds the job's gate.
 - what still escapes ``run`` is caught by ``JobManager._run_job`` (``abandon``).
@@ -28,52 +31,31 @@ the FUSE layer, which turns every exception into an errno (``fs/operations.py``)
 
 from __future__ import annotations
 
-import errno
 import logging
-import mmap
-import os
-from typing import AbstractSet, Any, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
 
 import trio
 
 from .. import fileio
-from ..errors import (MirrorfsError, SourceError, StateError, TargetError, TargetFatalError,
-                      TargetNoSpaceError, TargetRetryableError)
+from ..errors import SourceError, StateError, TargetError
 from ..targets.base import Target
 from .gate import ActivityCounter, IOGate
-from .inflight import InflightOps, Operation
+from .copy import CopyTask
+from .failures import FailureHandling
+from .inflight import InflightOps
 from .params import MirrorParams
+from .seams import Handle, ImageIO, JobBitmap, Node
+from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
+from .writes import WritePath, source_pread, source_pwrite
 
 log = logging.getLogger(__name__)
 
 EmitFn = Callable[[str, dict], None]
 
-#: Largest single copy request; bigger buf-sizes run more requests in parallel instead.
-MAX_CHUNK = 8 * 1024 * 1024
-#: The default buf-size is split into this many copies in flight. Two, as the machines have
-#: cores: copying tmpfs to tmpfs is bound by memory bandwidth, and more copies in flight only
-#: contend for it (2 GiB to ready, median of 3, same bench run each: 4 x 4 MiB 1.10x qemu-img
-#: convert, 2 x 4 MiB 1.03x, 2 x 8 MiB 0.98x, 2 x 16 MiB 0.85x, 4 x 16 MiB 1.45x).
-COPIES_PER_BUF = 2
-#: A source hole is copied (zeroed/punched on the target) in one operation of up to this size.
-MAX_HOLE_SPAN = 1024 * 1024 * 1024
-#: Background duplicates in flight at most. On a slow link a byte bound alone lets thousands of
-#: small duplicates queue up; each holds its clusters busy, so the copy task would skip them and
-#: overlapping duplicates would keep them dirty. Past this, writes stay dirty for the copy task.
-MAX_BACKGROUND_DUPLICATES = 16
-#: The edge clusters of a write that ``_duplicated`` need not clear.
-_NO_EDGES: frozenset[int] = frozenset()
-#: Reconnect backoff for a lost target: doubles from the first value up to the cap (seconds).
-RECONNECT_BACKOFF = (0.25, 8.0)
-#: How often a ready job commits lazily cleared bits (target flush + bitmap commit), seconds.
-COMMIT_INTERVAL = 1.0
-#: After a copy's error that the policy ignores, the range is retried no sooner than this
-#: (seconds): a bad sector would otherwise be reread, and reported, in a busy loop.
-IGNORED_ERROR_RETRY = 0.1
 
-
-class MirrorJob:
+class MirrorJob(WritePath, FailureHandling):
     """A running mirror of one image to one target.
 
     Args:
@@ -87,7 +69,7 @@ class MirrorJob:
             in the middle of a transaction or a shutdown acting on the job.
     """
 
-    def __init__(self, params: MirrorParams, node: Any, target: Target, bitmap: Any, *,
+    def __init__(self, params: MirrorParams, node: Node, target: Target, bitmap: JobBitmap, *,
                  size: int, emit: EmitFn, end_lock: trio.Lock | None = None) -> None:
         self.params = params
         self.id = params.job_id
@@ -100,43 +82,35 @@ class MirrorJob:
         self.inflight = InflightOps(params.granularity)
         self.limiter = RateLimiter(params.speed)
         self.meter = RateMeter()
-        self.status = "created"
+        #: Changed only by ``_set_state``, which also keeps ``ready`` and ``paused`` in step
+        #: (plain attributes: the write path reads them per request).
+        self.state = JobState.CREATED
         self.ready = False
+        self.paused = False
+        #: The user paused the job (an error pause alone is lifted by a resume just the same).
         self.user_paused = False
-        self.error_paused = False
         self.io_status = "ok"
+        #: Why the job failed; set once, by ``_fail`` (the job then ends in its own task) or by
+        #: ``abandon``.
         self.error: str | None = None
+        #: How the job ended (``_end``): completed, cancelled, failed or stopped (an unmount).
+        self.outcome: str | None = None
         self.finished = False
         #: What serves the image after a pivot to an NBD target (set by the manager). Requests
         #: that waited at the closed gate during the pivot still come through this job.
-        self.successor: Any = None
+        self.successor: ImageIO | None = None
         self.stats = {"copied-bytes": 0, "zeroed-bytes": 0, "duplicated-bytes": 0,
                       "skipped-duplicates": 0, "conflicts": 0, "verified-equal-bytes": 0,
                       "reconnects": 0}
-        granularity = params.granularity
-        chunk = max(granularity, min(MAX_CHUNK, params.buf_size // COPIES_PER_BUF))
-        self.chunk_size = chunk - chunk % granularity
-        self.max_copies = max(1, params.buf_size // self.chunk_size)
-        self._copy_slots = trio.Semaphore(self.max_copies)
         self._dup_bytes = 0
-        self._dirtied = trio.Event()
-        self._wake = trio.Event()
-        self._copy_holds = 0
-        self._copies = ActivityCounter()
         self._duplicates = ActivityCounter()
-        self._target_ok = target.connected
+        #: The target answers (False from a lost connection until a reconnect).
+        self.target_ok = target.connected
         self._reconnecting = False
-        self._source_fd = -1
         self._cancel_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._ended = trio.Event()
-        self._end_request: tuple[str, str | None] | None = None
-        self._zero = bytes(self.chunk_size)
-        #: copy buffers, one per copy in flight, reused (see ``_copy_data``)
-        self._copy_buffers: list[mmap.mmap] = []
-        # The source's last data extent found by SEEK_HOLE: tmpfs scans page by page to the end of
-        # the extent, so a fully written image would be rescanned for every chunk (quadratic).
-        self._data_extent = (0, 0)
+        self.copy = CopyTask(self)
         self._fsync_lock = trio.Lock()
         self._durable_requested = 0
         self._durable_done = 0
@@ -152,8 +126,7 @@ class MirrorJob:
             SourceError: the image cannot be opened for reading.
         """
         try:
-            self._source_fd = os.open(self.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
-            fileio.open_copy_twin(self._source_fd)
+            self.copy.open_source(self.node.backing_path)
         except OSError as exc:
             raise SourceError(f"cannot read image {self.params.image!r}: {exc.strerror}",
                               errno=exc.errno) from None
@@ -163,28 +136,26 @@ class MirrorJob:
                 self.node.job = self
                 # Writes that began before we attached bypass the write path: mark their ranges
                 # and let them land before the first copy reads the source.
-                for offset, length in list(getattr(self.node, "passthrough_writes", {}).values()):
+                for offset, length in list(self.node.passthrough_writes.values()):
                     end = min(offset + length, self.size)
                     if end > offset:
                         self.bitmap.mark(offset, end - offset)
-                self._set_status("running")  # the manager's sign that the job started
+                self._set_state(JobState.RUNNING)  # the manager's sign that the job started
                 task_status.started()
-                wait_idle = getattr(self.node, "wait_passthrough_idle", None)
-                if wait_idle is not None:
-                    await wait_idle()
+                await self.node.wait_passthrough_idle()
                 with trio.CancelScope() as scope:
                     self._cancel_scope = scope
                     try:
-                        if self._end_request is None:
-                            await self._copy_loop(nursery)
+                        if self.error is None:
+                            await self.copy.run(nursery)
                     except Exception as exc:
-                        self._contain(exc, "the copy loop")
+                        self.contain(exc, "the copy loop")
                 # Asked to end from inside (a failure): finish in the job's own task, once no
                 # transaction or shutdown is acting on the job (one that ends it cancels this).
-                if self._end_request is not None and not self.finished:
+                if self.error is not None and not self.finished:
                     async with self._end_lock:
                         if not self.finished:
-                            await self._finish_failed(self._end_request[1] or "job failed")
+                            await self._finish_failed()
                 nursery.cancel_scope.cancel()
         finally:
             # However the task ended, writes are no longer recorded from here on; a no-op when
@@ -195,10 +166,7 @@ class MirrorJob:
 
     def _detach(self) -> None:
         self._detach_node()
-        if self._source_fd >= 0:
-            fileio.close_direct_twin(self._source_fd)
-            os.close(self._source_fd)
-            self._source_fd = -1
+        self.copy.close_source()
 
     def _detach_node(self) -> None:
         """From now on the FUSE layer serves the image without the engine."""
@@ -208,10 +176,21 @@ class MirrorJob:
     async def wait_ended(self) -> None:
         await self._ended.wait()
 
-    def _set_status(self, status: str) -> None:
-        if status != self.status:
-            self.status = status
-            self._emit("JOB_STATUS_CHANGE", {"id": self.id, "status": status})
+    def _set_state(self, new: JobState) -> None:
+        """The one place a job's state changes (checked against ``state.TRANSITIONS``)."""
+        old = self.state
+        if new is old:
+            return
+        self.state = transition(old, new)
+        self.ready = new in READY_STATES
+        self.paused = new in PAUSED_STATES
+        if new.status != old.status:
+            self._emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new.status})
+
+    @property
+    def status(self) -> str:
+        """The QMP status."""
+        return self.state.status
 
     def _event_data(self) -> dict:
         return {"type": "mirror", "device": self.id, "len": self.size, "offset": self.offset,
@@ -221,21 +200,17 @@ class MirrorJob:
     def offset(self) -> int:
         return self.size - self.bitmap.dirty_bytes()
 
-    @property
-    def paused(self) -> bool:
-        return self.user_paused or self.error_paused
-
     def info(self) -> dict:
         """This job as a QMP BlockJobInfo (plus mirrorfs's fields)."""
         entry = {
             "type": "mirror", "device": self.id, "len": self.size, "offset": self.offset,
-            "busy": self._copies.count > 0, "paused": self.paused, "speed": self.limiter.rate,
+            "busy": self.copy.busy, "paused": self.paused, "speed": self.limiter.rate,
             "io-status": self.io_status, "ready": self.ready, "status": self.status,
             "auto-finalize": True, "auto-dismiss": True,
             "target": self.target.description, "dirty-bytes": self.bitmap.dirty_bytes(),
             "copy-mode": self.params.copy_mode, "rate": int(self.meter.rate),
             "__org.mirrorfs_image": self.params.image,
-            "__org.mirrorfs_target-connected": self._target_ok,
+            "__org.mirrorfs_target-connected": self.target_ok,
         }
         entry.update({f"__org.mirrorfs_{k}": v for k, v in self.stats.items()})
         if self.error is not None:
@@ -244,16 +219,16 @@ class MirrorJob:
 
     # ------------------------------------------------------------------ the FUSE seam
 
-    async def read(self, handle: Any, offset: int, size: int) -> bytes:
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         if not self.gate.closed and self.successor is None and handle.runs_inline(size):
             # Nothing else runs until this returns, so the open gate needs no holding.
             return fileio.pread_now(handle.fd, size, offset)
         async with self.gate.hold():
             if self.successor is not None:
                 return await self.successor.read(handle, offset, size)
-            return await fileio.pread(handle.fd, size, offset)
+            return await source_pread(handle, size, offset)
 
-    async def write(self, handle: Any, offset: int, data: bytes) -> int:
+    async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         if not self.gate.closed and self.successor is None and handle.runs_inline(len(data)):
             if self.finished:
                 return fileio.pwrite_now(handle.fd, data, offset)
@@ -264,225 +239,23 @@ class MirrorJob:
             if self.successor is not None:  # pivoted to NBD: handle.fd is still the source
                 return await self.successor.write(handle, offset, data)
             if self.finished:
-                return await fileio.pwrite(handle.fd, data, offset)
+                return await source_pwrite(handle, data, offset)
             return await self._intercepted_write(handle, offset, data)
 
-    async def fsync(self, handle: Any, datasync: bool = False) -> None:
+    async def fsync(self, handle: Handle, datasync: bool = False) -> None:
         async with self.gate.hold():
             if self.successor is not None:
                 return await self.successor.fsync(handle, datasync)
             await fileio.fsync(handle.fd, datasync)
             if not self.finished:
-                await self._durable_point()
+                await self.durable_point()
 
     def check_modify(self, op: str) -> None:
         if not self.finished:
             raise StateError(f"cannot {op} {self.params.image!r}: mirror job {self.id!r} is "
                              f"running on it; complete or cancel the job first")
 
-    # ------------------------------------------------------------------ write path
-
-    def _duplicating(self) -> bool:
-        return self._target_ok and not self.paused and self._end_request is None
-
-    def _begin_write(self, offset: int, length: int) -> tuple[Operation, set[int]]:
-        """Register a guest write of [offset, offset+length) and mark its clusters dirty.
-
-        Returns:
-            the operation, and the partially covered edge clusters that are clean now: these
-            stay clean once the duplicate lands (the rest of such a cluster is untouched, so
-            source and target still agree on it). Whole clusters are cleared by ``clear`` itself;
-            so is a partial last cluster of the image.
-        """
-        bitmap = self.bitmap
-        g = self.params.granularity
-        shift = g.bit_length() - 1
-        end = offset + length
-        edges = set()
-        if offset & (g - 1) and not bitmap.is_dirty(offset & ~(g - 1), 1):
-            edges.add(offset >> shift)
-        if end & (g - 1) and end < self.size and not bitmap.is_dirty(end & ~(g - 1), 1):
-            edges.add((end - 1) >> shift)
-        op = self.inflight.register(offset, length)
-        try:
-            bitmap.mark(offset, length)
-        except BaseException:
-            self.inflight.unregister(op)
-            raise
-        return op, edges
-
-    def _abandon(self, op: Operation | None, offset: int = 0, length: int = 0) -> None:
-        """End a guest write that will not clear its clusters (no duplicate, or it failed).
-
-        ``op`` None: an unregistered inline write (``_write_inline``), whose clusters are
-        marked only now."""
-        if op is None:
-            self.bitmap.mark(offset, length)
-        else:
-            self.inflight.unregister(op)
-        self._dirtied.set()
-
-    def _duplicated(self, op: Operation | None, offset: int, length: int,
-                    edges: AbstractSet[int]) -> None:
-        """The guest's bytes reached the target: clear what is now known identical."""
-        self.stats["duplicated-bytes"] += length
-        if op is not None and op.conflicted:
-            self.stats["conflicts"] += 1
-            self._dirtied.set()
-        else:
-            self.bitmap.clear(offset, length)
-            g = self.params.granularity
-            for cluster in edges:  # the image's partial last cluster ends at the image's end
-                self.bitmap.clear(cluster * g, min(g, self.size - cluster * g))
-            if not self.ready and self.bitmap.count() == 0:
-                # A steady writer keeps a duplicate in flight most of the time: the moment the
-                # last one lands and nothing is dirty is when the job can become ready.
-                self._dirtied.set()
-        if op is not None:
-            self.inflight.unregister(op)
-
-    def _write_inline(self, handle: Any, offset: int, data: bytes) -> int | None:
-        """The whole intercepted write without yielding, where nothing in it has to wait: the
-        source and the target are in memory (tmpfs). None, having done nothing, where it cannot.
-
-        Without a yield no other request or transaction can run in between, so this needs
-        neither the gate nor the in-flight counters; it also duplicates in background mode,
-        since writing the target now costs less than scheduling a task to do it.
-
-        With nothing else in flight and a bitmap only memory holds, it is not even registered:
-        nothing can look at the bitmap before this returns, so only the outcome must be right.
-        Where the duplicate landed, the write's whole clusters are clean and its partial edge
-        clusters as they were (their other bytes are untouched on both sides); anywhere else,
-        every cluster it touched is dirty (``_abandon`` marks them).
-        """
-        length = len(data)
-        if length == 0 or offset + length > self.size:
-            return None
-        duplicate = self._duplicating()
-        if duplicate and not self.target.can_write_now(length):
-            return None
-        op: Operation | None
-        if self.bitmap.volatile and not self.inflight:
-            op, edges = None, _NO_EDGES
-        else:
-            op, edges = self._begin_write(offset, length)
-        try:
-            written = fileio.pwrite_now(handle.fd, data, offset)
-        except BaseException:
-            self._abandon(op, offset, length)
-            raise
-        if not duplicate:
-            self._abandon(op, offset, length)
-            return written
-        payload = data if written == length else data[:written]
-        try:
-            self.target.pwrite_now(offset, payload)
-        except TargetError as exc:
-            self._abandon(op, offset, length)
-            self._on_target_error(exc)
-            return written
-        try:
-            self._duplicated(op, offset, written, edges)
-        except Exception as exc:  # the write reached the source: that is the writer's result
-            self._duplicated_raised(op, exc)
-        return written
-
-    async def _intercepted_write(self, handle: Any, offset: int, data: bytes) -> int:
-        length = len(data)
-        if length == 0:
-            return await fileio.pwrite(handle.fd, data, offset)
-        if offset + length > self.size:
-            await self._grow(offset + length)
-            if offset + length > self.size:  # could not grow: the job is failing; the source
-                return await fileio.pwrite(handle.fd, data, offset)  # write must still happen
-        op, edges = self._begin_write(offset, length)
-        try:
-            written = await fileio.pwrite(handle.fd, data, offset)
-        except BaseException:
-            self._abandon(op)
-            raise
-        if not self._duplicating():
-            self._abandon(op)
-            return written
-        payload = data if written == length else data[:written]
-        if self.params.copy_mode == "write-blocking":
-            await self._duplicate(op, offset, payload, edges, handle.direct)
-        elif (self._dup_bytes + written <= self.params.buf_size
-              and self._duplicates.count < MAX_BACKGROUND_DUPLICATES and self._nursery is not None):
-            self._dup_bytes += written
-            self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges,
-                                     handle.direct)
-        else:
-            self.stats["skipped-duplicates"] += 1
-            self._abandon(op)
-        return written
-
-    async def _background_duplicate(self, op: Operation, offset: int, data: bytes,
-                                    edges: set[int], direct: bool) -> None:
-        try:
-            await self._duplicate(op, offset, data, edges, direct)
-        finally:
-            self._dup_bytes -= len(data)
-
-    async def _duplicate(self, op: Operation, offset: int, data: bytes, edges: set[int],
-                         direct: bool = False) -> None:
-        """Write the guest's bytes to the target, then clear what is now known identical.
-
-        Raises nothing: the guest's write reached the source, which is all its caller reports.
-        """
-        self._duplicates.enter()
-        try:
-            await self.target.pwrite(offset, data, direct=direct)  # as the guest's handle
-        except TargetError as exc:
-            self._abandon(op)
-            self._on_target_error(exc)
-            return
-        except Exception as exc:
-            self._abandon(op)
-            self._contain(exc, "a duplicated write")
-            return
-        finally:
-            self._duplicates.leave()
-        try:
-            self._duplicated(op, offset, len(data), edges)
-        except Exception as exc:
-            self._duplicated_raised(op, exc)
-
-    def _duplicated_raised(self, op: Operation | None, exc: Exception) -> None:
-        if op is not None:
-            self.inflight.discard(op)  # or the job's end would wait for it for ever
-        self._contain(exc, "a duplicated write")
-
-    async def _grow(self, new_size: int) -> None:
-        """The image grows (a qcow2 file allocating clusters): grow the bitmap and the target.
-
-        The new range is marked dirty before any write lands there, so the invariant holds
-        whatever happens to the target's resize; the copy task then writes it (mostly as zeroes).
-        """
-        async with self._grow_lock:
-            if new_size <= self.size or self.finished:
-                return
-            old_size = self.size
-            # The target first: the copy task takes its ranges from the bitmap, so the bitmap
-            # must not show the new range before the target has it (a copy past the target's
-            # end fails the job).
-            if self._target_ok:
-                try:
-                    await self.target.resize(new_size)
-                except TargetError as exc:
-                    self._on_target_error(exc)
-            try:
-                # Synchronous on purpose: no other task may mark while the file is rewritten.
-                self.bitmap.resize(new_size)
-            except Exception as exc:  # MirrorfsError, or OSError from mapping the grown file
-                self._fail(f"cannot grow the bitmap with the image: {exc}")
-                return
-            self.size = new_size
-            self.bitmap.mark(old_size, new_size - old_size)
-            self._dirtied.set()
-            log.debug("job %s: image grew from %d to %d bytes", self.id, old_size, new_size)
-
-    async def _durable_point(self) -> None:
+    async def durable_point(self) -> None:
         """Make the invariant hold across power loss: flush target, commit clears, msync bits.
 
         Concurrent callers share flushes: a caller returns as soon as a flush that started after
@@ -497,393 +270,44 @@ class MirrorJob:
             await self._flush_and_commit()
             self._durable_done = covers
 
-    async def _flush_and_commit(self) -> None:
-        commit = getattr(self.bitmap, "begin_clear_commit", None)
-        token = commit() if commit is not None else None  # before the flush: see bitmap docs
-        if self._target_ok:
+    async def _flush_and_commit(self, *, strict: bool = False) -> None:
+        """The commit step: flush the target, commit the clears that flush made durable, and
+        make the bits durable.
+
+        ``strict`` (``converge``): a target error raises (TargetError) and so does a bitmap
+        that cannot be written (StateError; the job fails). Otherwise a target error follows
+        ``on-target-error`` and the clears stay uncommitted.
+        """
+        token = self.bitmap.begin_clear_commit()  # before the flush: see bitmap docs
+        if strict:
+            await self.target.flush()
+            self.bitmap.finish_clear_commit(token)
+        elif self.target_ok:
             try:
                 await self.target.flush()
             except TargetError as exc:
-                self._on_target_error(exc)
+                self.on_target_error(exc)
             else:
-                if token is not None:
-                    self.bitmap.finish_clear_commit(token)
-        flush = getattr(self.bitmap, "flush", None)
-        if flush is not None:
-            try:
-                await trio.to_thread.run_sync(flush)
-            except OSError as exc:
-                self._bitmap_write_failed(exc)
+                self.bitmap.finish_clear_commit(token)
+        if self.bitmap.volatile:
+            return
+        try:
+            await trio.to_thread.run_sync(self.bitmap.flush)
+        except OSError as exc:
+            self._bitmap_write_failed(exc)
+            if strict:
+                raise StateError(f"job {self.id!r} failed: {self.error}") from None
 
     def _bitmap_write_failed(self, exc: OSError) -> None:
         """msync of the bitmap file failed (its storage did): the job cannot keep its promise."""
         log.warning("job %s: cannot write bitmap %s: %s", self.id, self.params.bitmap, exc)
         self._fail(f"cannot write bitmap {self.params.bitmap}: {exc.strerror or exc}")
 
-    # ------------------------------------------------------------------ background copy
-
-    async def _copy_loop(self, nursery: trio.Nursery) -> None:
-        cursor = 0
-        skipped = False
-        last_commit = trio.current_time()
-        while True:
-            await self._wait_copy_allowed()
-            run = self.bitmap.next_dirty(cursor)
-            if run is None:
-                self._dirtied = trio.Event()
-                await self._wait_copies_idle()
-                if cursor:
-                    cursor = 0
-                    if not skipped:
-                        continue
-                if self._settled():
-                    if not self.ready:
-                        await self._durable_point()
-                        # As QEMU: ready once a flush followed a moment with nothing dirty. Writes
-                        # that came during the flush are being duplicated (or copied), which is
-                        # what ready promises; waiting for another empty moment may never end
-                        # under a steady writer on a slow target.
-                        if self._target_ok and not self.paused and self._end_request is None:
-                            self._become_ready()
-                    elif trio.current_time() - last_commit >= COMMIT_INTERVAL:
-                        await self._durable_point()
-                        last_commit = trio.current_time()
-                skipped = False
-                with trio.move_on_after(0.05 if self.bitmap.count() else COMMIT_INTERVAL):
-                    await self._dirtied.wait()
-                continue
-            offset, length = run
-            if trio.current_time() - last_commit >= COMMIT_INTERVAL:
-                # Commit progress while copying too, or a crash during a long first pass would
-                # leave every bit set in the file and --sync dirty would redo the whole copy.
-                await self._durable_point()
-                last_commit = trio.current_time()
-            chunk = self.limiter.chunk_size(self.params.granularity, self.chunk_size)
-            length = min(length, max(chunk, self._hole_span(offset, length)))
-            cursor = offset + length  # past the end, next_dirty() says None: the pass is over
-            if self.inflight.overlaps(offset, length):
-                # Busy: its operation clears or re-dirties it. Come back on the next pass.
-                skipped = True
-                await trio.lowlevel.checkpoint()
-                continue
-            await self._copy_slots.acquire()
-            if not self._copy_allowed():
-                self._copy_slots.release()
-                continue
-            if self.inflight.overlaps(offset, length):
-                # A write began while we waited: copying now would only conflict with it.
-                self._copy_slots.release()
-                skipped = True
-                continue
-            self._copies.enter()
-            op = self.inflight.register(offset, length, is_copy=True)
-            nursery.start_soon(self._copy_chunk, op, offset, length)
-            # Paid after issuing: no await between the overlap check and the registration.
-            # (Chunks are a quarter second's worth at the rate, so progress stays smooth.)
-            await self.limiter.take(length)
-
-    def _settled(self) -> bool:
-        """True when nothing is dirty but clusters that guest duplicates in flight, each alone on
-        its clusters, are about to clear. Under a steady writer some duplicate is nearly always
-        in flight, so demanding an empty bitmap would put off ready for ever on a slow link."""
-        count = self.bitmap.count()
-        if count == 0:
-            return True
-        writes = self.inflight.lone_guest_writes()
-        if count > sum(last - first + 1 for first, last in writes):
-            return False
-        shift = self.params.granularity.bit_length() - 1
-        for offset, length in self.bitmap.runs():
-            for cluster in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
-                if not any(first <= cluster <= last for first, last in writes):
-                    return False
-        return True
-
-    def _copy_allowed(self) -> bool:
-        return (self._target_ok and not self.paused and self._copy_holds == 0
-                and self._end_request is None)
-
-    async def _wait_copy_allowed(self) -> None:
-        while not self._copy_allowed():
-            self._wake = trio.Event()
-            await self._wake.wait()
-
-    def _poke(self) -> None:
-        self._wake.set()
-        self._dirtied.set()
-
-    async def _wait_copies_idle(self) -> None:
-        await self._copies.wait_idle()
-
-    async def _copy_chunk(self, op: Operation, offset: int, length: int) -> None:
-        try:
-            await self._copy_range(offset, length)
-        except (TargetError, SourceError) as exc:
-            self._dirtied.set()
-            if isinstance(exc, SourceError):
-                action = self._on_source_error(exc)
-            else:
-                action = self._on_target_error(exc)
-            if action == "ignore":
-                # Still registered: the range is neither copied again nor cleared meanwhile.
-                await trio.sleep(IGNORED_ERROR_RETRY)
-        except Exception as exc:
-            self._dirtied.set()
-            self._contain(exc, "a copy")
-        else:
-            if op.conflicted:
-                self.stats["conflicts"] += 1
-                self._dirtied.set()
-                # Clusters no other operation touched while this copy ran did get the source's
-                # bytes: clear them, or a steady writer keeps every large chunk dirty for ever.
-                self._clear_outside(op, offset, length)
-            else:
-                self.bitmap.clear(offset, length)
-            self.meter.add(length)
-        finally:
-            self.inflight.unregister(op, length)
-            self._copy_slots.release()
-            self._copies.leave()
-
-    def _clear_outside(self, op: Operation, offset: int, length: int) -> None:
-        """Clear the clusters of [offset, offset+length) outside ``op.spans``."""
-        g = self.params.granularity
-        end = offset + length
-        cluster = offset // g
-        for lo, hi in sorted(op.spans):
-            if lo > cluster:
-                self.bitmap.clear(cluster * g, lo * g - cluster * g)
-            cluster = max(cluster, hi + 1)
-        if cluster * g < end:
-            self.bitmap.clear(cluster * g, end - cluster * g)
-
-    async def _copy_range(self, offset: int, length: int) -> None:
-        """Copy source bytes to the target; holes and runs of zeroes become zero writes."""
-        if self._is_hole(offset, length):
-            await self.target.write_zeroes(offset, length)
-            self.stats["zeroed-bytes"] += length
-            return
-        # A chunk (4 MiB) is larger than the source's extents may be: copy its data extents and
-        # its holes each as they are, so the target stays as sparse as the source.
-        end = offset + length
-        pos = offset
-        while pos < end:
-            try:
-                data_at = min(end, os.lseek(self._source_fd, pos, os.SEEK_DATA))
-            except OSError as exc:  # ENXIO: no data up to the end of the file; else: assume data
-                data_at = end if exc.errno == errno.ENXIO else pos
-            if data_at > pos:
-                await self.target.write_zeroes(pos, data_at - pos)
-                self.stats["zeroed-bytes"] += data_at - pos
-                pos = data_at
-                continue
-            lo, hi = self._data_extent
-            if lo <= pos < hi:
-                # Still known data (if the source changed since, a punched range reads as zeroes
-                # and becomes a zero write: never wrong, at worst less sparse).
-                hole_at = min(end, hi)
-            else:
-                try:
-                    hole_at = os.lseek(self._source_fd, pos, os.SEEK_HOLE)
-                except OSError:
-                    hole_at = end
-                if hole_at <= pos:
-                    hole_at = end
-                self._data_extent = (pos, hole_at)
-                hole_at = min(end, hole_at)
-            await self._copy_data(pos, hole_at - pos)
-            pos = hole_at
-
-    async def _copy_data(self, offset: int, length: int) -> None:
-        """Copy one source range with data (whole-zero buffers still become zero writes).
-
-        Reads go into reused buffers: a fresh 4 MiB ``bytes`` per chunk paid its page faults
-        on every read (0.80 against 0.52 ms per 4 MiB on tmpfs).
-        """
-        buffers = self._copy_buffers
-        if length > self.chunk_size:  # not from the copy loop's chunks: a one-off buffer
-            buf = bytearray(length)
-        else:  # page-aligned, so a local target can write them with O_DIRECT as they are
-            buf = buffers.pop() if buffers else fileio.aligned_buffer(self.chunk_size)
-        try:
-            view = memoryview(buf)[:length]
-            try:
-                n = await fileio.preadinto(self._source_fd, view, offset)
-            except OSError as exc:
-                raise SourceError(f"reading image {self.params.image!r} at offset {offset} "
-                                  f"failed: {exc.strerror or exc}", errno=exc.errno) from None
-            if n < length:
-                # The source may not be shorter than the job's size while the job runs.
-                view[n:] = bytes(length - n)
-            if self._all_zero(buf, length):
-                await self.target.write_zeroes(offset, length)
-                self.stats["zeroed-bytes"] += length
-            elif self.params.verify_resync:
-                await self._write_differing(offset, bytes(view))
-            else:
-                # Targets use the buffer only until pwrite returns (NBDClient.pwrite's contract).
-                await self.target.pwrite(offset, view, direct=True)
-                self.stats["copied-bytes"] += length
-        finally:
-            if len(buf) == self.chunk_size:
-                buffers.append(buf)
-
-    async def _write_differing(self, offset: int, data: bytes) -> None:
-        """A verified resync: write only the clusters whose target bytes differ from ``data``."""
-        current = await self.target.pread(offset, len(data))
-        if current == data:
-            self.stats["verified-equal-bytes"] += len(data)
-            return
-        g = self.params.granularity
-        pos, run_start = 0, None
-        while pos <= len(data):
-            step = min(g - (offset + pos) % g, len(data) - pos)
-            differs = step > 0 and data[pos:pos + step] != current[pos:pos + step]
-            if differs and run_start is None:
-                run_start = pos
-            elif not differs and run_start is not None:
-                await self.target.pwrite(offset + run_start, data[run_start:pos])
-                self.stats["copied-bytes"] += pos - run_start
-                run_start = None
-            if step == 0:
-                break
-            if not differs:
-                self.stats["verified-equal-bytes"] += step
-            pos += step
-
-    def _all_zero(self, buf: bytearray | mmap.mmap, length: int) -> bool:
-        """Whether ``buf[:length]`` is all zeroes (bytes comparisons are one memcmp that stops at
-        the first difference; memoryview comparisons go byte by byte, 50x slower)."""
-        head = min(length, 4096)
-        if buf[:head] != self._zero[:head]:  # data seldom starts with a zero page: no big copy
-            return False
-        if length <= len(self._zero):
-            return buf[:length] == self._zero[:length]
-        return buf.count(0, 0, length) == length
-
-    def _hole_span(self, offset: int, length: int) -> int:
-        """How much of ``offset .. offset+length`` is a source hole from ``offset`` on, in whole
-        clusters and at most MAX_HOLE_SPAN: such a span is copied as one zero write (one punch)
-        instead of one per chunk."""
-        try:
-            data_at = os.lseek(self._source_fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            data_at = offset + length if exc.errno == errno.ENXIO else offset
-        span = min(length, data_at - offset, MAX_HOLE_SPAN)
-        return max(0, span - span % self.params.granularity)
-
-    def _is_hole(self, offset: int, length: int) -> bool:
-        try:
-            data_at = os.lseek(self._source_fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            return exc.errno == errno.ENXIO  # no data from offset to the end of the file
-        return data_at >= offset + length
-
     # ------------------------------------------------------------------ states and errors
 
-    def _become_ready(self) -> None:
-        self.ready = True
-        self._set_status("ready")
+    def become_ready(self) -> None:
+        self._set_state(JobState.READY)
         self._emit("BLOCK_JOB_READY", self._event_data())
-
-    def _on_target_error(self, exc: TargetError) -> str | None:
-        """Apply ``on-target-error``; returns the action taken (None: none, or a lost target)."""
-        if self._end_request is not None or self.finished:
-            return None
-        if isinstance(exc, TargetRetryableError):
-            self._target_lost(exc)
-            return None
-        nospace = isinstance(exc, TargetNoSpaceError) or getattr(exc, "errno", None) == errno.ENOSPC
-        if isinstance(exc, TargetFatalError):
-            action = "report"
-        else:
-            action = _policy_action(self.params.on_target_error, nospace)
-        self._apply_error_action(action, "write", exc, nospace)
-        return action
-
-    def _on_source_error(self, exc: SourceError) -> str | None:
-        """Apply ``on-source-error`` (QEMU's rules: a failed read of the source by the copy);
-        returns the action taken. The range stays dirty in every case."""
-        if self._end_request is not None or self.finished:
-            return None
-        nospace = exc.errno == errno.ENOSPC
-        action = _policy_action(self.params.on_source_error, nospace)
-        self._apply_error_action(action, "read", exc, nospace)
-        return action
-
-    def _apply_error_action(self, action: str, operation: str, exc: MirrorfsError,
-                            nospace: bool) -> None:
-        side = "source" if operation == "read" else "target"
-        log.warning("job %s: %s error (%s): %s", self.id, side, action, exc)
-        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action})
-        if action == "ignore":
-            return
-        self.io_status = "nospace" if nospace else "failed"
-        if action == "stop":
-            if not self.error_paused:
-                self.error_paused = True
-                self._set_status("standby" if self.ready else "paused")
-            return
-        self._fail(str(exc))
-
-    def _contain(self, exc: Exception, where: str) -> None:
-        """An unexpected exception in one of the job's tasks: fail this job, not the mount."""
-        log.error("BUG in job %s (%s); the job fails, the mount goes on", self.id, where,
-                  exc_info=exc)
-        self._fail(f"internal error in {where}: {type(exc).__name__}: {exc}")
-
-    def _fail(self, message: str) -> None:
-        """End the job as failed (the ``report`` policy); the job's own task finishes it.
-        The first reason stays the job's error."""
-        if self._end_request is not None or self.finished:
-            return
-        if self.io_status == "ok":
-            self.io_status = "failed"
-        self.error = message
-        self._end_request = ("fail", message)
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
-
-    def _target_lost(self, exc: TargetError) -> None:
-        if not self._target_ok:
-            return
-        self._target_ok = False
-        log.warning("job %s: target %s lost: %s", self.id, self.target.description, exc)
-        if self.ready:
-            self.ready = False
-            self._set_status("running")
-        self._emit("MIRROR_TARGET_LOST", {"device": self.id, "target": self.target.description,
-                                          "reason": str(exc)})
-        if not self._reconnecting and self._nursery is not None:
-            self._reconnecting = True
-            self._nursery.start_soon(self._reconnect)
-
-    async def _reconnect(self) -> None:
-        delay, cap = RECONNECT_BACKOFF
-        try:
-            while True:
-                await trio.sleep(delay)
-                try:
-                    await self.target.connect()
-                except TargetFatalError as exc:
-                    self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "write",
-                                                   "action": "report"})
-                    self._fail(str(exc))
-                    return
-                except TargetError as exc:
-                    log.info("job %s: reconnect failed: %s", self.id, exc)
-                    delay = min(cap, delay * 2)
-                    continue
-                self._target_ok = True
-                self.stats["reconnects"] += 1
-                self._emit("MIRROR_TARGET_RESTORED", {"device": self.id,
-                                                      "target": self.target.description})
-                self._poke()
-                return
-        except Exception as exc:
-            self._contain(exc, "the reconnect task")
-        finally:
-            self._reconnecting = False
 
     # ------------------------------------------------------------------ commands
 
@@ -897,22 +321,20 @@ class MirrorJob:
         """Stop all I/O to the target; returns once the target writes in flight have landed."""
         self.check_can_pause()
         self.user_paused = True
-        self._set_status("standby" if self.ready else "paused")
-        await self._copies.wait_idle()
+        self._set_state(JobState.STANDBY if self.ready else JobState.PAUSED)
+        await self.copy.wait_idle()
         await self._duplicates.wait_idle()
 
     def resume(self) -> None:
         if not self.paused:
             raise StateError(f"job {self.id!r} is not paused")
         self.user_paused = False
-        self.error_paused = False
         self.io_status = "ok"
-        if self.ready and self.bitmap.count():
-            # Writes made while paused are not on the target: ready (len == offset) must be
-            # earned again, and BLOCK_JOB_READY says when, as after a lost target.
-            self.ready = False
-        self._set_status("ready" if self.ready else "running")
-        self._poke()
+        # Writes made while paused are not on the target: ready (len == offset) must be
+        # earned again, and BLOCK_JOB_READY says when, as after a lost target.
+        again_ready = self.ready and not self.bitmap.count()
+        self._set_state(JobState.READY if again_ready else JobState.RUNNING)
+        self.copy.poke()
 
     def set_speed(self, speed: int) -> None:
         self.limiter.set_rate(speed)
@@ -921,7 +343,7 @@ class MirrorJob:
         """Refuse complete (either form) unless the job is ready (QEMU's rule)."""
         if self.finished:
             raise StateError(f"job {self.id!r} has ended")
-        if self._end_request is not None:
+        if self.error is not None:
             raise StateError(f"job {self.id!r} is failing: {self.error}")
         if not self.ready or self.paused:
             state = "paused" if self.paused else "not ready yet"
@@ -936,21 +358,18 @@ class MirrorJob:
         Holding the durable points too serialises the copy loop's flush and clear commit with
         whatever the holder does: converge's own commit, closing the bitmap at the job's end.
         """
-        self._copy_holds += 1
+        self.copy.hold()
         try:
-            await self._wait_copies_idle()
+            await self.copy.wait_idle()
             await self._fsync_lock.acquire()
         except BaseException:
-            self._copy_holds -= 1
-            self._poke()
+            self.copy.release()
             raise
 
     def release_copy(self) -> None:
         """Undo ``hold_copy`` (also after the holder ended the job)."""
         self._fsync_lock.release()
-        self._copy_holds -= 1
-        if not self.finished:
-            self._poke()
+        self.copy.release()
 
     async def converge(self) -> None:
         """With the gate closed and copies held: finish every write and copy every dirty cluster
@@ -967,113 +386,107 @@ class MirrorJob:
             if run is None:
                 break
             offset, length = run
-            for start in range(offset, offset + length, self.chunk_size):
-                n = min(self.chunk_size, offset + length - start)
-                await self._copy_range(start, n)
+            for start in range(offset, offset + length, self.copy.chunk_size):
+                n = min(self.copy.chunk_size, offset + length - start)
+                await self.copy.copy_range(start, n)
                 self.bitmap.clear(start, n)
-        await self.target.flush()
-        commit = getattr(self.bitmap, "begin_clear_commit", None)
-        if commit is not None:
-            self.bitmap.finish_clear_commit(commit())
-            try:
-                await trio.to_thread.run_sync(self.bitmap.flush)
-            except OSError as exc:
-                self._bitmap_write_failed(exc)
-                raise StateError(f"job {self.id!r} failed: {self.error}") from None
+        await self._flush_and_commit(strict=True)
 
-    def conclude(self, kind: str, *, pivoted: bool = False) -> None:
-        """Mark the job ended (under the closed gate) and emit its final events.
+    def conclude(self, kind: str, *, pivoted: bool = False,
+                 successor: ImageIO | None = None) -> None:
+        """End the job under the closed gate (a transaction's commit).
 
-        ``kind`` is "completed" or "cancelled".
+        ``kind`` is "completed" or "cancelled". ``successor``: what serves the image from now on
+        (a pivot to NBD); it keeps the target open.
+        """
+        self._end(kind, pivoted=pivoted or successor is not None, successor=successor)
+
+    def _end(self, outcome: str, *, clean: bool = True, pivoted: bool = False,
+             successor: ImageIO | None = None) -> None:
+        """The one way a job ends; every caller has quiesced the job (or its task is gone).
+
+        ``outcome``: completed, cancelled, failed, or stopped (an unmount: no events, and the
+        bitmap file does not say ended, so a later ``--sync dirty`` may resume from it).
+        ``clean``: every write so far is recorded (False after an unexpected death).
         """
         self.finished = True
-        self._detach_node()
-        self._close_bitmap(clean=True, pivoted=pivoted, ended=True)
-        self._set_status("concluded")
-        event = "BLOCK_JOB_COMPLETED" if kind == "completed" else "BLOCK_JOB_CANCELLED"
+        self.outcome = outcome
+        if outcome != "stopped":
+            self._detach_node()
+        if successor is not None:
+            self.successor = successor
+            self.node.job = successor
+        if outcome == "failed":
+            if self.io_status == "ok":
+                self.io_status = "failed"
+            if self.error is None:
+                self.error = "job failed"
+        self._close_bitmap(clean=clean, pivoted=pivoted, ended=outcome != "stopped")
+        if outcome == "stopped":
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            return
+        self._set_state(JobState.CONCLUDED)
+        event = "BLOCK_JOB_CANCELLED" if outcome == "cancelled" else "BLOCK_JOB_COMPLETED"
         data = self._event_data()
         if self.error is not None:
             data["error"] = self.error
         self._emit(event, data)
-        self._set_status("null")
+        if outcome == "failed":  # stays listed with its error (no auto-dismiss)
+            return
+        self._set_state(JobState.NULL)
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
     def _close_bitmap(self, *, clean: bool, pivoted: bool = False, ended: bool = False) -> None:
-        """Close a persistent bitmap; ``ended``: the job ended (not an unmount), so the file must
-        say that it stopped recording."""
-        close = getattr(self.bitmap, "close", None)
-        if close is not None:
-            try:
-                close(clean=clean, pivoted=pivoted, ended=ended)
-            except Exception as exc:  # a bitmap that cannot be closed stays marked unclean
-                log.warning("job %s: closing bitmap: %s", self.id, exc)
+        """Close the bitmap; ``ended``: the job ended (not an unmount), so a persistent file
+        must say that it stopped recording. Idempotent."""
+        try:
+            self.bitmap.close(clean=clean, pivoted=pivoted, ended=ended)
+        except Exception as exc:  # a bitmap that cannot be closed stays marked unclean
+            log.warning("job %s: closing bitmap: %s", self.id, exc)
 
-    def _conclude_failed(self, message: str, *, clean: bool) -> None:
-        self.finished = True
-        self._detach_node()
-        if self.io_status == "ok":
-            self.io_status = "failed"
-        if self.error is None:
-            self.error = message
-        # ended: from here on nothing records writes, so a later --sync dirty must not trust it
-        self._close_bitmap(clean=clean, ended=True)
-        self._set_status("concluded")
-        data = self._event_data()
-        data["error"] = self.error
-        self._emit("BLOCK_JOB_COMPLETED", data)
-
-    async def _finish_failed(self, message: str) -> None:
-        """End a failed job in order (its own task, under the manager's lock): every request
-        and operation in flight done, then the bitmap closed with what it recorded."""
+    @asynccontextmanager
+    async def _quiesced(self) -> AsyncIterator[None]:
+        """The job's own point in time: no request inside the gate, no copy, durable point or
+        operation in flight, until the block ends."""
         self.gate.close()
         try:
             await self.gate.wait_drained()
             await self.hold_copy()
             try:
                 await self.inflight.wait_idle()
-                self._conclude_failed(message, clean=True)
+                yield
             finally:
                 self.release_copy()
-            with trio.CancelScope(shield=True):
-                await self.target.close()
         finally:
             self.gate.open()
+
+    async def _finish_failed(self) -> None:
+        """End a failed job in order (its own task, under the manager's lock): every request
+        and operation in flight done, then the bitmap closed with what it recorded."""
+        async with self._quiesced():
+            self._end("failed")
+            with trio.CancelScope(shield=True):
+                await self.target.close()
 
     def abandon(self, message: str) -> None:
         """End the job at once as failed, after its task died of an unexpected error (the
         manager's last line of failure containment). Requests may still be in flight, so the
         bitmap is left marked not clean, as after a crash."""
         if not self.finished:
-            self._conclude_failed(message, clean=False)
+            if self.error is None:
+                self.error = message
+            self._end("failed", clean=False)
         self.gate.open()
 
     async def stop(self) -> None:
         """End the job for an unmount: no events, bitmap closed cleanly with its dirty bits."""
         if self.finished:
             return
-        self.gate.close()
-        try:
-            await self.gate.wait_drained()
-            await self.hold_copy()
-            try:
-                await self.inflight.wait_idle()
-                if self._target_ok:
-                    await self._flush_and_commit()  # a target error is the policy's business
-                self.finished = True
-                self._close_bitmap(clean=True)
-                if self._nursery is not None:
-                    self._nursery.cancel_scope.cancel()
-            finally:
-                self.release_copy()
-        finally:
-            self.gate.open()
-
-
-def _policy_action(policy: str, nospace: bool) -> str:
-    """The action of an ``on-*-error`` policy for one error (QEMU's BlockdevOnError)."""
-    if policy == "enospc":
-        return "stop" if nospace else "report"
-    return policy
+        async with self._quiesced():
+            if self.target_ok:
+                await self._flush_and_commit()  # a target error is the policy's business
+            self._end("stopped")

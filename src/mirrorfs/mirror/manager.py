@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 from typing import Any, Callable, Iterable
@@ -34,9 +33,11 @@ from ..errors import (JobNotFoundError, MirrorfsError, SourceError, StateError, 
 from ..nbd.uri import parse_nbd_uri
 from ..targets.base import Target
 from . import paths
+from .extents import allocated_extents
 from .job import MirrorJob
 from .params import MirrorParams
-from .pivot import TargetForwarder
+from .seams import JobBitmap
+from .pivot import EndPlan, Plan, prepare_pivot
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class JobManager:
                 if links is not None:
                     paths.check_image_links(links)
             node = self._resolve_node(params.image)
-            if node.job is not None and not getattr(node.job, "finished", False):
+            if node.job is not None and not node.job.finished:
                 raise StateError(f"image {params.image!r} already has a mirror job "
                                  f"({node.job.id!r}); complete or cancel it first")
             claims = await self._check_paths(params, node)
@@ -181,7 +182,7 @@ class JobManager:
                 # Pivoted: the target is the image's file now, and no other job may write it.
                 self._claims[job.node] = {key: "file" for key, what in claims.items()
                                           if what == "target"}
-            if not getattr(job, "pivot_keeps_target", False):
+            if job.successor is None:  # a forwarder serves the image from the target now
                 with trio.CancelScope(shield=True):
                     await job.target.close()
 
@@ -400,10 +401,10 @@ class JobManager:
                     # A later action failed: undo what the earlier ones prepared (a pivot's
                     # descriptors on its target), since their switch will never run.
                     for plan in plans:
-                        getattr(plan, "discard", lambda: None)()
+                        plan.discard()
                     raise
                 for plan in plans:
-                    plan()
+                    plan.commit()
                 for job in jobs:  # auto-dismiss: ended jobs leave the list at once
                     if self.jobs.get(job.id) is job:
                         del self.jobs[job.id]
@@ -420,56 +421,15 @@ class JobManager:
             elif job.finished:
                 raise StateError(f"job {job.id!r} has ended")
 
-    async def _prepare(self, action: Action, job: MirrorJob) -> Callable[[], None]:
+    async def _prepare(self, action: Action, job: MirrorJob) -> Plan:
         """Do everything that can fail for one action; return the step that cannot."""
         if action.kind == "cancel" and (action.force or not job.ready):
-            return lambda: job.conclude("cancelled")
+            return EndPlan(lambda: job.conclude("cancelled"))
         # complete (either form) and cancel after ready: the target becomes an exact copy.
         await job.converge()
         if action.kind == "cancel" or not action.pivot:
-            return lambda: job.conclude("completed")
-        return self._prepare_pivot(job)
-
-    def _prepare_pivot(self, job: MirrorJob) -> Callable[[], None]:
-        node = job.node
-        if job.params.is_nbd:
-            def switch_to_nbd() -> None:
-                job.pivot_keeps_target = True
-                job.successor = TargetForwarder(job.target, job.params.image)
-                job.conclude("completed", pivoted=True)
-                node.job = job.successor
-            return switch_to_nbd
-        target_path = job.params.target
-        new_fds: dict[int, int] = {}
-        try:
-            # The target must still be there and writable even when no handle is open now:
-            # every later open of the image goes to it.
-            os.close(os.open(target_path, os.O_RDWR | os.O_CLOEXEC))
-            for fh, handle in node.handles.items():
-                # As the FUSE layer opens the source: O_APPEND is the kernel's business (it
-                # passes the end-of-file offset), and with pwrite it would misplace every write.
-                flags = handle.flags & ~(os.O_APPEND | os.O_NOCTTY)
-                new_fds[fh] = os.open(target_path, flags | os.O_CLOEXEC)
-        except OSError as exc:
-            for fd in new_fds.values():
-                os.close(fd)
-            raise StateError(f"cannot pivot {job.params.image!r} to {target_path!r}: "
-                             f"{exc.strerror}") from None
-
-        def switch_local() -> None:
-            for fh, handle in node.handles.items():
-                old = handle.fd
-                handle.fd = new_fds.pop(fh)
-                os.close(old)
-            node.backing_path = target_path
-            job.conclude("completed", pivoted=True)
-
-        def discard() -> None:
-            for fd in new_fds.values():
-                os.close(fd)
-            new_fds.clear()
-        switch_local.discard = discard  # type: ignore[attr-defined]
-        return switch_local
+            return EndPlan(lambda: job.conclude("completed"))
+        return prepare_pivot(job)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -496,14 +456,7 @@ def bitmap_identities(source_path: str, target: Target) -> tuple[str, str]:
     The source is the image file's real path; a local target its real path; an NBD target its
     URI as parsed (default port filled in, a UNIX socket's real path). Blocking: resolves paths.
     """
-    address = getattr(target, "address", None)
-    if address is None:
-        target_id = os.path.realpath(target.description)
-    elif address.socket_path:
-        target_id = dataclasses.replace(address, socket_path=os.path.realpath(address.socket_path)).uri
-    else:
-        target_id = address.uri
-    return os.path.realpath(source_path), target_id
+    return os.path.realpath(source_path), target.identity()
 
 
 async def _close_target(target: Target) -> None:
@@ -521,44 +474,20 @@ def _remove_created(path: str, identity: tuple[int, int]) -> None:
         log.warning("cannot remove target %s created by a failed start: %s", path, exc.strerror)
 
 
-def _undo_bitmap(bitmap: Any, created_path: str | None, *, resumed: bool) -> None:
+def _undo_bitmap(bitmap: JobBitmap, created_path: str | None, *, resumed: bool) -> None:
     """Release a bitmap a failed start opened (its lock would be held until exit); remove its
     file if the start created it. A resumed file goes back to what it said (no job recorded
     anything into it); any other records that its job ended, so no --sync dirty trusts it."""
-    close = getattr(bitmap, "close", None)
-    if close is not None:
-        try:
-            if resumed:
-                close(clean=bitmap.was_clean)
-            else:
-                close(clean=True, ended=True)
-        except MirrorfsError as exc:
-            log.warning("closing bitmap after a failed start: %s", exc)
+    try:
+        if resumed:
+            bitmap.close(clean=bitmap.was_clean)
+        else:
+            bitmap.close(clean=True, ended=True)
+    except MirrorfsError as exc:
+        log.warning("closing bitmap after a failed start: %s", exc)
     if created_path is not None:
         try:
             os.unlink(created_path)
         except OSError as exc:
             log.warning("cannot remove bitmap %s created by a failed start: %s", created_path,
                         exc.strerror)
-
-
-def allocated_extents(path: str, size: int) -> list[tuple[int, int]]:
-    """The data extents of a file, found with SEEK_DATA / SEEK_HOLE."""
-    extents = []
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            if end > start:
-                extents.append((start, end - start))
-            offset = end
-    finally:
-        os.close(fd)
-    return extents

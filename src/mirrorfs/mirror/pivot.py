@@ -1,4 +1,8 @@
-"""What serves an image after a pivot to a target that is not a local file (NBD).
+"""Pivots, as plans, and what serves an image after a pivot to a target that is not a local file.
+
+A pivot is prepared under the closed gate (everything that can fail: opening descriptors on the
+target) and returns a plan; the transaction then either commits every plan (nothing in a commit
+can fail) or discards them all (a later action failed).
 
 A local pivot swaps every open handle's descriptor to the target file and the node's backing path,
 after which the FUSE layer needs nothing from the engine. An NBD target has no descriptor, so the
@@ -8,10 +12,93 @@ every handle go to the target, and the image cannot be truncated, unlinked or re
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import StateError, TargetError
 from ..targets.base import Target
+
+if TYPE_CHECKING:
+    from .job import MirrorJob
+
+
+class Plan(Protocol):
+    """The part of a transaction's action that cannot fail, prepared by what can."""
+
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+
+
+class EndPlan:
+    """An action that only ends the job (cancel, complete without pivot)."""
+
+    def __init__(self, end: Callable[[], None]) -> None:
+        self._end = end
+
+    def commit(self) -> None:
+        self._end()
+
+    def discard(self) -> None:
+        pass
+
+
+class NbdPivot:
+    """The image moves to an NBD target: a forwarder takes the job's place on the node."""
+
+    def __init__(self, job: MirrorJob) -> None:
+        self._job = job
+
+    def commit(self) -> None:
+        job = self._job
+        job.conclude("completed", successor=TargetForwarder(job.target, job.params.image))
+
+    def discard(self) -> None:
+        pass
+
+
+class LocalPivot:
+    """The image moves to a local target file: every open handle gets a descriptor on it.
+
+    Raises (from the constructor, having changed nothing):
+        StateError: the target cannot be opened.
+    """
+
+    def __init__(self, job: MirrorJob) -> None:
+        self._job = job
+        self._fds: dict[int, int] = {}
+        target_path = job.params.target
+        try:
+            # The target must still be there and writable even when no handle is open now:
+            # every later open of the image goes to it.
+            os.close(os.open(target_path, os.O_RDWR | os.O_CLOEXEC))
+            for fh, handle in job.node.handles.items():
+                # As the FUSE layer opens the source: O_APPEND is the kernel's business (it
+                # passes the end-of-file offset), and with pwrite it would misplace every write.
+                flags = handle.flags & ~(os.O_APPEND | os.O_NOCTTY)
+                self._fds[fh] = os.open(target_path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            self.discard()
+            raise StateError(f"cannot pivot {job.params.image!r} to {target_path!r}: "
+                             f"{exc.strerror}") from None
+
+    def commit(self) -> None:
+        node = self._job.node
+        for fh, handle in node.handles.items():
+            old = handle.fd
+            handle.fd = self._fds.pop(fh)
+            os.close(old)
+        node.backing_path = self._job.params.target
+        self._job.conclude("completed", pivoted=True)
+
+    def discard(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def prepare_pivot(job: MirrorJob) -> Plan:
+    """Prepare the switch of ``job``'s image to its target (under the closed gate)."""
+    return NbdPivot(job) if job.params.is_nbd else LocalPivot(job)
 
 
 class TargetForwarder:

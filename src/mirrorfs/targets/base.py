@@ -15,6 +15,7 @@ Errors: every failure is a ``TargetError``:
 from __future__ import annotations
 
 import abc
+import os
 
 
 class Target(abc.ABC):
@@ -83,6 +84,13 @@ class Target(abc.ABC):
 
         raise TargetFatalError(f"target {self.description} cannot grow to {size} bytes; "
                                f"mirror images that grow (qcow2) to a local file")
+
+    def identity(self) -> str:
+        """The canonical name a persistent bitmap records: another spelling of the same target
+        matches and nothing else does. Blocking (it may resolve paths)."""
+        import os
+
+        return os.path.realpath(self.description)
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -17,7 +17,9 @@ beyond one connection:
 
 from __future__ import annotations
 
+import dataclasses
 import errno as _errno
+import os
 import ssl
 
 import trio
@@ -140,6 +142,13 @@ class NBDTarget(Target):
 
     async def flush(self) -> None:
         await self._require().flush()
+
+    def identity(self) -> str:
+        """The URI as parsed (default port filled in), a UNIX socket by its real path."""
+        if self.address.socket_path:
+            real = os.path.realpath(self.address.socket_path)
+            return dataclasses.replace(self.address, socket_path=real).uri
+        return self.address.uri
 
     async def close(self) -> None:
         client, self._client = self._client, None

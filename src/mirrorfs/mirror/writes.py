@@ -1,0 +1,244 @@
+"""The job's write interception: every guest write of a mirrored image, and its duplicate.
+
+A mixin of ``MirrorJob`` (it uses the job's bitmap, in-flight registry, target and copy task):
+split out so that the write path reads on its own, without a call level per request. The rules
+it keeps are in ``docs/write-copy-race.md``; why the inline write may skip registering, in rule 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AbstractSet
+
+from .. import fileio
+from ..errors import TargetError
+from .inflight import Operation
+from .seams import Handle
+
+log = logging.getLogger("mirrorfs.mirror.job")
+
+#: Background duplicates in flight at most. On a slow link a byte bound alone lets thousands of
+#: small duplicates queue up; each holds its clusters busy, so the copy task would skip them and
+#: overlapping duplicates would keep them dirty. Past this, writes stay dirty for the copy task.
+MAX_BACKGROUND_DUPLICATES = 16
+#: The edge clusters of a write that ``_duplicated`` need not clear.
+_NO_EDGES: frozenset[int] = frozenset()
+
+
+class WritePath:
+    """Guest writes of a ``MirrorJob``: register, mark, write the source, duplicate, clear."""
+
+    def _duplicating(self) -> bool:
+        return self.target_ok and not self.paused and self.error is None
+
+    def _begin_write(self, offset: int, length: int) -> tuple[Operation, set[int]]:
+        """Register a guest write of [offset, offset+length) and mark its clusters dirty.
+
+        Returns:
+            the operation, and the partially covered edge clusters that are clean now: these
+            stay clean once the duplicate lands (the rest of such a cluster is untouched, so
+            source and target still agree on it). Whole clusters are cleared by ``clear`` itself;
+            so is a partial last cluster of the image.
+        """
+        bitmap = self.bitmap
+        g = self.params.granularity
+        shift = g.bit_length() - 1
+        end = offset + length
+        edges = set()
+        if offset & (g - 1) and not bitmap.is_dirty(offset & ~(g - 1), 1):
+            edges.add(offset >> shift)
+        if end & (g - 1) and end < self.size and not bitmap.is_dirty(end & ~(g - 1), 1):
+            edges.add((end - 1) >> shift)
+        op = self.inflight.register(offset, length)
+        try:
+            bitmap.mark(offset, length)
+        except BaseException:
+            self.inflight.unregister(op)
+            raise
+        return op, edges
+
+    def _abandon(self, op: Operation | None, offset: int = 0, length: int = 0) -> None:
+        """End a guest write that will not clear its clusters (no duplicate, or it failed).
+
+        ``op`` None: an unregistered inline write (``_write_inline``), whose clusters are
+        marked only now."""
+        if op is None:
+            self.bitmap.mark(offset, length)
+        else:
+            self.inflight.unregister(op)
+        self.copy.dirtied()
+
+    def _duplicated(self, op: Operation | None, offset: int, length: int,
+                    edges: AbstractSet[int]) -> None:
+        """The guest's bytes reached the target: clear what is now known identical."""
+        self.stats["duplicated-bytes"] += length
+        if op is not None and op.conflicted:
+            self.stats["conflicts"] += 1
+            self.copy.dirtied()
+        else:
+            self.bitmap.clear(offset, length)
+            g = self.params.granularity
+            for cluster in edges:  # the image's partial last cluster ends at the image's end
+                self.bitmap.clear(cluster * g, min(g, self.size - cluster * g))
+            if not self.ready and self.bitmap.count() == 0:
+                # A steady writer keeps a duplicate in flight most of the time: the moment the
+                # last one lands and nothing is dirty is when the job can become ready.
+                self.copy.dirtied()
+        if op is not None:
+            self.inflight.unregister(op)
+
+    def _write_inline(self, handle: Handle, offset: int, data: bytes) -> int | None:
+        """The whole intercepted write without yielding, where nothing in it has to wait: the
+        source and the target are in memory (tmpfs). None, having done nothing, where it cannot.
+
+        Without a yield no other request or transaction can run in between, so this needs
+        neither the gate nor the in-flight counters; it also duplicates in background mode,
+        since writing the target now costs less than scheduling a task to do it.
+
+        With nothing else in flight and a bitmap only memory holds, it is not even registered:
+        nothing can look at the bitmap before this returns, so only the outcome must be right.
+        Where the duplicate landed, the write's whole clusters are clean and its partial edge
+        clusters as they were (their other bytes are untouched on both sides); anywhere else,
+        every cluster it touched is dirty (``_abandon`` marks them).
+        """
+        length = len(data)
+        if length == 0 or offset + length > self.size:
+            return None
+        duplicate = self._duplicating()
+        if duplicate and not self.target.can_write_now(length):
+            return None
+        op: Operation | None
+        if self.bitmap.volatile and not self.inflight:
+            op, edges = None, _NO_EDGES
+        else:
+            op, edges = self._begin_write(offset, length)
+        try:
+            written = fileio.pwrite_now(handle.fd, data, offset)
+        except BaseException:
+            self._abandon(op, offset, length)
+            raise
+        if not duplicate:
+            self._abandon(op, offset, length)
+            return written
+        payload = data if written == length else data[:written]
+        try:
+            self.target.pwrite_now(offset, payload)
+        except TargetError as exc:
+            self._abandon(op, offset, length)
+            self.on_target_error(exc)
+            return written
+        try:
+            self._duplicated(op, offset, written, edges)
+        except Exception as exc:  # the write reached the source: that is the writer's result
+            self._duplicated_raised(op, exc)
+        return written
+
+    async def _intercepted_write(self, handle: Handle, offset: int, data: bytes) -> int:
+        length = len(data)
+        if length == 0:
+            return await source_pwrite(handle, data, offset)
+        if offset + length > self.size:
+            await self._grow(offset + length)
+            if offset + length > self.size:  # could not grow: the job is failing; the source
+                return await source_pwrite(handle, data, offset)  # write must still happen
+        op, edges = self._begin_write(offset, length)
+        try:
+            written = await source_pwrite(handle, data, offset)
+        except BaseException:
+            self._abandon(op)
+            raise
+        if not self._duplicating():
+            self._abandon(op)
+            return written
+        payload = data if written == length else data[:written]
+        if self.params.copy_mode == "write-blocking":
+            await self._duplicate(op, offset, payload, edges, handle.direct)
+        elif (self._dup_bytes + written <= self.params.buf_size
+              and self._duplicates.count < MAX_BACKGROUND_DUPLICATES and self._nursery is not None):
+            self._dup_bytes += written
+            self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges,
+                                     handle.direct)
+        else:
+            self.stats["skipped-duplicates"] += 1
+            self._abandon(op)
+        return written
+
+    async def _background_duplicate(self, op: Operation, offset: int, data: bytes,
+                                    edges: set[int], direct: bool) -> None:
+        try:
+            await self._duplicate(op, offset, data, edges, direct)
+        finally:
+            self._dup_bytes -= len(data)
+
+    async def _duplicate(self, op: Operation, offset: int, data: bytes, edges: set[int],
+                         direct: bool = False) -> None:
+        """Write the guest's bytes to the target, then clear what is now known identical.
+
+        Raises nothing: the guest's write reached the source, which is all its caller reports.
+        """
+        self._duplicates.enter()
+        try:
+            await self.target.pwrite(offset, data, direct=direct)  # as the guest's handle
+        except TargetError as exc:
+            self._abandon(op)
+            self.on_target_error(exc)
+            return
+        except Exception as exc:
+            self._abandon(op)
+            self.contain(exc, "a duplicated write")
+            return
+        finally:
+            self._duplicates.leave()
+        try:
+            self._duplicated(op, offset, len(data), edges)
+        except Exception as exc:
+            self._duplicated_raised(op, exc)
+
+    def _duplicated_raised(self, op: Operation | None, exc: Exception) -> None:
+        if op is not None:
+            self.inflight.discard(op)  # or the job's end would wait for it for ever
+        self.contain(exc, "a duplicated write")
+
+    async def _grow(self, new_size: int) -> None:
+        """The image grows (a qcow2 file allocating clusters): grow the bitmap and the target.
+
+        The new range is marked dirty before any write lands there, so the invariant holds
+        whatever happens to the target's resize; the copy task then writes it (mostly as zeroes).
+        """
+        async with self._grow_lock:
+            if new_size <= self.size or self.finished:
+                return
+            old_size = self.size
+            # The target first: the copy task takes its ranges from the bitmap, so the bitmap
+            # must not show the new range before the target has it (a copy past the target's
+            # end fails the job).
+            if self.target_ok:
+                try:
+                    await self.target.resize(new_size)
+                except TargetError as exc:
+                    self.on_target_error(exc)
+            try:
+                # Synchronous on purpose: no other task may mark while the file is rewritten.
+                self.bitmap.resize(new_size)
+            except Exception as exc:  # MirrorfsError, or OSError from mapping the grown file
+                self._fail(f"cannot grow the bitmap with the image: {exc}")
+                return
+            self.size = new_size
+            self.bitmap.mark(old_size, new_size - old_size)
+            self.copy.dirtied()
+            log.debug("job %s: image grew from %d to %d bytes", self.id, old_size, new_size)
+
+
+async def source_pread(handle: Handle, size: int, offset: int) -> bytes:
+    """A read of the source where the fast path did not take it (gate closed, or a handle
+    whose I/O cannot run inline): the handle knows which, so no per-call fstatfs."""
+    if handle.runs_inline(size):
+        return fileio.pread_now(handle.fd, size, offset)
+    return await fileio.pread_thread(handle.fd, size, offset)
+
+
+async def source_pwrite(handle: Handle, data: bytes, offset: int) -> int:
+    """A write of the source outside the inline path (see ``source_pread``)."""
+    if handle.runs_inline(len(data)):
+        return fileio.pwrite_now(handle.fd, data, offset)
+    return await fileio.pwrite_thread(handle.fd, data, offset)
