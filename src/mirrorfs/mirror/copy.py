@@ -133,15 +133,22 @@ class CopyTask:
         self._nursery = nursery
         self._last_commit = trio.current_time()
 
+    def detach(self) -> None:
+        """The job's nursery is gone: from now on ``step`` issues nothing."""
+        self._nursery = None
+
     async def step(self) -> bool:
         """One step of the copy: issue the copy of the next dirty range after the cursor (into
         the nursery ``run`` was given), or end a pass. Never sleeps; waits only for a copy slot,
         the rate limit, and at a pass's end for the copies in flight and a durable point.
 
         Returns:
-            False when a pass ended with nothing to copy now (the caller waits to be dirtied).
+            False when a pass ended with nothing to copy now (the caller waits to be dirtied),
+            or the job's task has ended (``detach``).
         """
         job = self._job
+        if self._nursery is None:
+            return False
         run = job.bitmap.next_dirty(self._cursor)
         if run is None:
             self._dirtied = trio.Event()

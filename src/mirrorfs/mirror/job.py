@@ -166,6 +166,7 @@ class MirrorJob(WritePath, FailureHandling):
 
     def _detach(self) -> None:
         self._detach_node()
+        self.copy.detach()
         self.copy.close_source()
 
     def _detach_node(self) -> None:
