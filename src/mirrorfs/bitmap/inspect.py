@@ -4,7 +4,7 @@ Read-only: unlike :meth:`PersistentBitmap.open` it never rewrites the file, so a
 may run it while a job holds the bitmap (it then sees a "not clean" file, which is still a valid
 over-approximation).
 
-Exit codes (SPEC): 0 clean (target identical to source) or pivoted (target is the live image),
+Exit codes (docs/reference.md): 0 clean (target identical to source) or pivoted (target is the live image),
 1 dirty, or not to be trusted as it stands (its job ended, so later writes are missing; a version 1
 file that cannot tell), 2 invalid or unreadable (a :class:`BitmapFormatError`, printed by
 ``cli.py``).

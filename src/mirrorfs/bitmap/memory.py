@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import UsageError
 
-#: smallest and largest cluster size (SPEC: a power of two from 4 KiB to 64 MiB).
+#: smallest and largest cluster size (a power of two from 4 KiB to 64 MiB).
 MIN_GRANULARITY = 4096
 MAX_GRANULARITY = 64 << 20
 DEFAULT_GRANULARITY = 65536

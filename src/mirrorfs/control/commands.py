@@ -18,7 +18,7 @@ from ..mirror.params import MirrorParams, job_arguments, reject_nul, reject_unkn
 
 
 class CommandDispatcher:
-    """The QMP commands of SPEC, over one JobManager (a ``CommandHandler`` for the QMP server)."""
+    """The QMP commands of docs/reference.md, over one JobManager (a ``CommandHandler`` for the QMP server)."""
 
     def __init__(self, manager: JobManager) -> None:
         self.manager = manager

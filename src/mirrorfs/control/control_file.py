@@ -5,7 +5,7 @@ control file, QMP and the CLI share one dispatcher and one validator (``mirror.p
 value gets the same message on each. ``ControlFile`` runs the lines written to the file
 and keeps the recent outcomes that reading the file returns.
 
-Grammar (SPEC): ``mirror IMAGE TARGET [key=value ...]``, ``complete IMAGE... [pivot=false]``,
+Grammar (docs/reference.md): ``mirror IMAGE TARGET [key=value ...]``, ``complete IMAGE... [pivot=false]``,
 ``cancel IMAGE... [force=true]``, ``pause IMAGE``, ``resume IMAGE``, ``set-speed IMAGE RATE``.
 Words are split like a shell does (``shlex``), so paths with spaces can be quoted. Only ``\n``
 ends a line: a path may hold any other character, also the ones ``str.splitlines`` would break at
