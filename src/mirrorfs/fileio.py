@@ -310,12 +310,17 @@ def open_direct(path: str, flags: int, kind: str) -> int | None:
 def open_direct_twin(fd: int, flags: int, kind: str) -> None:
     """Give the buffered descriptor ``fd`` an O_DIRECT twin of the same file (opened through
     ``/proc/self/fd``, so a rename cannot make it another file); ``pread``/``pwrite`` use it for
-    aligned requests from now on. Nothing happens where the filesystem refuses O_DIRECT.
+    aligned requests from now on. Nothing happens where the filesystem refuses O_DIRECT, or
+    where the file is in memory anyway (tmpfs).
     Blocking (an open): call it in a worker thread for a source that may be slow.
 
     Raises:
         OSError: the open failed for another reason than O_DIRECT.
     """
+    if memory_backed(fd):
+        # tmpfs: its page cache is the file, so O_DIRECT keeps nothing out of memory; a twin
+        # would only move every request of the handle off the inline path into a thread.
+        return
     # Acts-once flags must not act again; O_APPEND would make pwrite ignore its offset.
     once = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
     twin = open_direct(f"/proc/self/fd/{fd}", flags & ~once, kind)

@@ -79,7 +79,7 @@ class HandleTable:
         fh = next(self._counter)
         direct = bool(flags & _O_DIRECT)
         handle = OpenHandle(fh=fh, node=node, flags=flags & ~STRIPPED_OPEN_FLAGS, fd=fd,
-                            direct=direct, inline_io=inline_io and not direct)
+                            direct=direct, inline_io=inline_io and not fileio.has_direct_twin(fd))
         node.handles[fh] = handle
         self.files[fh] = handle
         return handle

@@ -131,7 +131,7 @@ class OpenHandle:
             fileio.close_direct_twin(old)  # before the caller closes old, freeing its number
             fileio.open_direct_twin(fd, self.flags, "source")
         self._fd = fd
-        self.inline_io = not self.direct and fileio.inline_capable(fd)
+        self.inline_io = not fileio.has_direct_twin(fd) and fileio.inline_capable(fd)
 
     def runs_inline(self, size: int) -> bool:
         """Whether a request of ``size`` bytes on this handle runs its I/O on the trio thread."""

@@ -203,7 +203,8 @@ class LocalFileTarget(Target):
             raise TargetFatalError(f"target {self.path} is in use by another program (another "
                                    f"mirrorfs job or a QEMU holds a lock on it); stop that first")
         try:
-            dfd = fileio.open_direct(self.path, os.O_RDWR, "target")
+            # tmpfs: O_DIRECT keeps nothing out of memory there (the file is its page cache)
+            dfd = None if fileio.memory_backed(fd) else fileio.open_direct(self.path, os.O_RDWR, "target")
         except OSError as exc:
             os.close(fd)
             raise self._error(exc, "open") from None
