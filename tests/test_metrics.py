@@ -495,3 +495,46 @@ def test_a_failed_job_shows_as_failed_with_its_io_status(mount_factory: Any, tmp
         assert _job_sample(port, "mirrorfs_job_failed")[0] == 1
         assert _job_sample(port, "mirrorfs_job_io_status", io_status="failed")[0] == 1
         assert _job_sample(port, "mirrorfs_job_status", status="concluded")[0] == 1
+
+
+def test_hostile_scrapers_neither_block_the_mount_nor_the_next_scrape(mount_factory: Any) -> None:
+    """Clients of the metrics port are anyone who reaches it: idle connections that never send,
+    a request sent a byte at a time and abandoned, garbage request lines, a reader that closes
+    mid-response. None of them may hold the mount's requests or the next honest scrape, and the
+    mount's log stays free of tracebacks."""
+    port = free_port()
+    mount = mount_factory(extra_args=["-o", f"metrics=127.0.0.1:{port}"])
+    image = mount.mountpoint / "io.raw"
+    image.write_bytes(b"\1" * MiB)
+    hostile: list[socket.socket] = []
+    try:
+        for _ in range(20):  # idle: connected, never a byte
+            hostile.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"GET /met")  # half a request line, then nothing
+        hostile.append(slow)
+        for junk in (b"\xff\xfe\x00garbage\r\n\r\n", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                     b"POST /metrics HTTP/1.1\r\nContent-Length: 99999999\r\n\r\nabc",
+                     b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 200 + b"\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as bad:
+                bad.sendall(junk)
+                with contextlib.suppress(OSError):
+                    bad.recv(100)
+        for _ in range(5):  # asks, reads a little, goes away
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as rude:
+                rude.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                with contextlib.suppress(OSError):
+                    rude.recv(10)
+        start = time.monotonic()
+        data = b"\2" * 65536
+        with open(image, "r+b", buffering=0) as f:
+            for i in range(16):
+                f.seek(i * 65536)
+                f.write(data)
+        assert image.read_bytes()[: 16 * 65536] == data * 16
+        text = scrape(port)
+        assert "mirrorfs_fuse_requests_total" in text
+        assert time.monotonic() - start < 10, "hostile scrapers held the mount or the scrape"
+    finally:
+        for s in hostile:
+            s.close()

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import threading
 from typing import Any, Callable
 
@@ -34,6 +35,15 @@ from .collector import MountCollector, MountSnapshot, ScrapeError
 from .requests import RequestStats
 
 log = logging.getLogger(__name__)
+
+#: Seconds a metrics client may take to send its request or read the answer.
+CLIENT_TIMEOUT = 10.0
+
+
+def _client_error(request: Any, client_address: Any) -> None:
+    """A client's broken request or vanished connection (socketserver's ``handle_error``, called
+    inside the except block): that client's problem, logged as such."""
+    log.debug("metrics client %s: %s", client_address, sys.exc_info()[1])
 
 #: How long a scrape waits for the mount's trio thread to take the snapshot.
 SNAPSHOT_TIMEOUT = 5.0
@@ -80,6 +90,12 @@ class MetricsServer:
                 raise MountError(f"--metrics {where}: the port is in use; choose another port") from None
             raise MountError(f"--metrics {where}: cannot listen there "
                              f"({exc.strerror or os.strerror(exc.errno or 0)})") from None
+        # Anyone who reaches the port is a client: one that never sends, or sends junk, must
+        # cost a thread for CLIENT_TIMEOUT at most and a debug line, never a traceback in the
+        # mount's log. start_http_server builds the server itself, so both are set on its result.
+        handler = self._httpd.RequestHandlerClass
+        self._httpd.RequestHandlerClass = type(handler.__name__, (handler,), {"timeout": CLIENT_TIMEOUT})
+        self._httpd.handle_error = _client_error
         log.info("serving metrics at http://%s/metrics", where)
 
     def stop(self) -> None:
