@@ -534,6 +534,8 @@ class DirtyBitmap(_BitmapCore):
 
     # The durability half of the engine's bitmap seam: memory has nothing to make durable.
     was_clean = True
+    #: the file that holds the bits (None: memory only)
+    path: str | None = None
 
     def begin_clear_commit(self) -> None:
         return None
