@@ -200,3 +200,11 @@ class QMPConnectError(ControlError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, qmp_class="GenericError", exit_code=2, errno=_errno.ENOTCONN)
+
+
+def reason_of(exc: BaseException) -> str:
+    """What went wrong, for a message: an ``OSError``'s ``strerror`` (no errno number, no
+    repeated path), anything else's own text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..bitmap.persistent import _still_names, atomic_write
-from ..errors import BitmapFormatError, JournalFormatError, JournalFullError, UsageError
+from ..errors import BitmapFormatError, JournalFormatError, JournalFullError, UsageError, reason_of
 from ..units import parse_size
 from . import format as fmt
 from .format import Kind, Record
@@ -399,8 +399,7 @@ class WriteJournal:
         try:
             fd = atomic_write(self.path, [block], keep_locked=True, replacing=self._fd)
         except (OSError, BitmapFormatError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise JournalFormatError(f"cannot reset journal {self.path}: {reason}") from None
+            raise JournalFormatError(f"cannot reset journal {self.path}: {reason_of(exc)}") from None
         assert fd is not None
         os.close(self._fd)  # the old inode's lock; the new one is locked already
         self._start(fd, header, fmt.STATE_OK)

@@ -48,6 +48,7 @@ from mirrorfs.errors import (
     TargetFatalError,
     TargetNoSpaceError,
     TargetRetryableError,
+    reason_of,
 )
 from mirrorfs.nbd import proto
 from mirrorfs.nbd.uri import NBDAddress, parse_nbd_uri
@@ -104,7 +105,7 @@ def make_ssl_context(address: NBDAddress) -> ssl.SSLContext:
         return ctx
     except (OSError, ssl.SSLError) as exc:
         raise TargetFatalError(f"cannot load TLS certificates from {directory}: "
-                               f"{getattr(exc, 'strerror', None) or exc}") from None
+                               f"{reason_of(exc)}") from None
 
 
 def _describe_tls_failure(uri: str, exc: BaseException) -> TargetError:
