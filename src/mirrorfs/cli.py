@@ -102,6 +102,14 @@ def _add_mountpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="the mountpoint of a mirrorfs mount")
 
 
+def _mount_command(sub: "argparse._SubParsersAction[_Parser]", name: str, *, help: str,
+                   description: str) -> argparse.ArgumentParser:
+    """A command that acts on a running mount: MOUNTPOINT is its first argument."""
+    parser = sub.add_parser(name, help=help, description=description)
+    _add_mountpoint(parser)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .daemon.mount_options import MountOptionsAction, option_spellings
     from .mirror.params import MIRROR_PARAMS, params_of
@@ -140,55 +148,49 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(option_spellings(p))
                         + "; generic ones (rw, nofail, _netdev, x-*, ...) are ignored")
 
-    p = sub.add_parser("unmount", help="stop jobs cleanly and unmount",
-                       description="Stop the mount's jobs cleanly and unmount; returns once the "
-                                   "mount process has exited.")
-    _add_mountpoint(p)
+    _mount_command(sub, "unmount", help="stop jobs cleanly and unmount",
+                   description="Stop the mount's jobs cleanly and unmount; returns once the "
+                               "mount process has exited.")
 
-    p = sub.add_parser("mirror", help="start mirroring IMAGE to TARGET",
-                       description="Start a drive-mirror job copying IMAGE to TARGET while it is in use.")
-    _add_mountpoint(p)
+    p = _mount_command(sub, "mirror", help="start mirroring IMAGE to TARGET",
+                           description="Start a drive-mirror job copying IMAGE to TARGET while it is in use.")
     p.add_argument("image", metavar="IMAGE", help=params_of("drive-mirror")["device"].help)
     p.add_argument("target", metavar="TARGET", help=params_of("drive-mirror")["target"].help)
     _add_params(p, MIRROR_PARAMS)
 
-    p = sub.add_parser("status", help="show the jobs",
-                       description="Show the jobs: a table, JSON, or live progress bars.")
-    _add_mountpoint(p)
+    p = _mount_command(sub, "status", help="show the jobs",
+                           description="Show the jobs: a table, JSON, or live progress bars.")
     p.add_argument("--json", action="store_true", help="print query-block-jobs as JSON instead of a table")
     p.add_argument("--watch", action="store_true", help="draw live progress bars until Ctrl-C")
 
-    p = sub.add_parser("complete", help="complete jobs (pivot by default); several images: one transaction",
+    p = _mount_command(sub, "complete",
+                       help="complete jobs (pivot by default); several images: one transaction",
                        description="Complete ready jobs and return once they have ended.")
-    _add_mountpoint(p)
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="the image(s) whose job to complete; several switch at the same instant")
     p.add_argument("--no-pivot", action="store_true",
                    help="leave an exact copy and keep the mount on the source (default: the mount "
                         "switches the image to the target)")
 
-    p = sub.add_parser("cancel", help="cancel jobs; several images: one transaction",
-                       description="Cancel jobs and return once they have ended.")
-    _add_mountpoint(p)
+    p = _mount_command(sub, "cancel", help="cancel jobs; several images: one transaction",
+                           description="Cancel jobs and return once they have ended.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="the image(s) whose job to cancel")
     p.add_argument("--force", action="store_true",
                    help="after ready, stop at once instead of leaving an exact copy")
 
     for name in ("pause", "resume"):
-        p = sub.add_parser(name, help=f"{name} a job", description=f"{name.capitalize()} a job's background copy.")
-        _add_mountpoint(p)
+        p = _mount_command(sub, name, help=f"{name} a job",
+                           description=f"{name.capitalize()} a job's background copy.")
         p.add_argument("image", metavar="IMAGE", help="the image whose job to " + name)
 
-    p = sub.add_parser("set-speed", help="change a job's rate limit (bytes/s, 0 = unlimited)",
-                       description="Change a job's rate limit.")
-    _add_mountpoint(p)
+    p = _mount_command(sub, "set-speed", help="change a job's rate limit (bytes/s, 0 = unlimited)",
+                           description="Change a job's rate limit.")
     p.add_argument("image", metavar="IMAGE", help="the image whose job to change")
     p.add_argument("rate", metavar="RATE", help="bytes per second, e.g. 50M; 0: unlimited")
 
-    p = sub.add_parser("qmp", help="send one raw QMP command, or an interactive prompt without one",
-                       description="Send one QMP command and print the reply (exit 1 on an error "
-                                   "reply), or without COMMAND an interactive prompt.")
-    _add_mountpoint(p)
+    p = _mount_command(sub, "qmp", help="send one raw QMP command, or an interactive prompt without one",
+                           description="Send one QMP command and print the reply (exit 1 on an error "
+                                       "reply), or without COMMAND an interactive prompt.")
     p.add_argument("json", nargs="?", metavar="COMMAND",
                    help='a QMP command as JSON, e.g. \'{"execute": "query-block-jobs"}\'')
 

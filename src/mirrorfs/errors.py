@@ -14,8 +14,9 @@ stderr and an exit code. Anything else that escapes is a bug and is allowed to c
     ├── StateError              valid command the current state forbids (CLI exit 1, EBUSY)
     ├── AccessDeniedError       the caller may not do this (EACCES)
     ├── MountError              mount / unmount could not be done (CLI exit 2)
-    ├── BitmapFormatError       a bitmap file that is truncated, corrupt or mismatched
-    ├── JournalFormatError      a write journal whose header is corrupt or mismatched
+    ├── FileFormatError         a job's file beside its image is unusable (CLI exit 2, EINVAL)
+    │   ├── BitmapFormatError       a bitmap file that is truncated, corrupt or mismatched
+    │   └── JournalFormatError      a write journal whose header is corrupt or mismatched
     ├── JournalFullError        the write journal reached its bound: resync from the bitmap
     ├── StateDirError           a --state-dir that is unsafe, in use, or holds a bad record
     ├── SourceError             the job's read of the source image failed (carries the errno)
@@ -84,18 +85,19 @@ class MountError(MirrorfsError):
     exit_code = 2
 
 
-class BitmapFormatError(MirrorfsError):
+class FileFormatError(MirrorfsError):
+    """A file a job keeps beside its image cannot be used as it is: the subclass says which."""
+
+    exit_code = 2
+    errno = _errno.EINVAL
+
+
+class BitmapFormatError(FileFormatError):
     """A bitmap file is truncated, corrupt, of an unknown version or does not match its image."""
 
-    exit_code = 2
-    errno = _errno.EINVAL
 
-
-class JournalFormatError(MirrorfsError):
+class JournalFormatError(FileFormatError):
     """A write journal file is not one, is corrupt in its header or belongs to another job."""
-
-    exit_code = 2
-    errno = _errno.EINVAL
 
 
 class JournalFullError(MirrorfsError):
@@ -198,3 +200,11 @@ class QMPConnectError(ControlError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, qmp_class="GenericError", exit_code=2, errno=_errno.ENOTCONN)
+
+
+def reason_of(exc: BaseException) -> str:
+    """What went wrong, for a message: an ``OSError``'s ``strerror`` (no errno number, no
+    repeated path), anything else's own text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

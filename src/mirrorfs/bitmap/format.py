@@ -295,22 +295,24 @@ def check_match(header: BitmapHeader, *, size: int, granularity: int | None = No
     Raises:
         BitmapFormatError: a field differs; the message says which and what to do.
     """
-    if source_id is not None and header.source_id != source_id:
-        raise BitmapFormatError(
-            f"bitmap {name} was made for source {header.source_id!r}, not {source_id!r}: use the "
-            f"bitmap of this image's job, or start a new job with --sync full")
-    if target_id is not None and header.target_id != target_id:
-        raise BitmapFormatError(
-            f"bitmap {name} was made for target {header.target_id!r}, not {target_id!r}: mirror to "
-            f"the target the bitmap belongs to, or start a new job with --sync full")
-    if header.image_size != size:
-        raise BitmapFormatError(
-            f"bitmap {name} is for an image of {header.image_size} bytes, but the image has {size} "
-            f"bytes: use the bitmap made for this image, or start a new job with --sync full")
-    if granularity is not None and header.granularity != granularity:
-        raise BitmapFormatError(
-            f"bitmap {name} has granularity {header.granularity}, but {granularity} was asked for: "
-            f"omit --granularity to use the bitmap's, or start a new job with --sync full")
+    # (what was asked, what the file holds, what differs and what to do short of a new job)
+    checks = (
+        (source_id, header.source_id,
+         f"was made for source {header.source_id!r}, not {source_id!r}: use the bitmap of this "
+         f"image's job"),
+        (target_id, header.target_id,
+         f"was made for target {header.target_id!r}, not {target_id!r}: mirror to the target "
+         f"the bitmap belongs to"),
+        (size, header.image_size,
+         f"is for an image of {header.image_size} bytes, but the image has {size} bytes: use the "
+         f"bitmap made for this image"),
+        (granularity, header.granularity,
+         f"has granularity {header.granularity}, but {granularity} was asked for: omit "
+         f"--granularity to use the bitmap's"),
+    )
+    for asked, held, problem in checks:
+        if asked is not None and held != asked:
+            raise BitmapFormatError(f"bitmap {name} {problem}, or start a new job with --sync full")
 
 
 def format_time(ns: int) -> str:

@@ -81,23 +81,29 @@ def words_for(clusters: int) -> int:
 # --- word-level helpers shared by the in-memory and the persistent bitmap ------------------------
 # They take [first, end) cluster ranges that the caller has validated.
 
+def _edge_words(first: int, end: int) -> tuple[int, int, int, int]:
+    """``(wf, wl, fmask, lmask)``: the words holding clusters ``first`` and ``end - 1``, and the
+    masks of the range's bits in each (both the same mask when the range is within one word)."""
+    wf = first >> 6
+    wl = (end - 1) >> 6
+    if wf == wl:
+        mask = ((1 << (end - first)) - 1) << (first & 63)
+        return wf, wl, mask, mask
+    return wf, wl, (_ALL << (first & 63)) & _ALL, _ALL >> (63 - ((end - 1) & 63))
+
+
 def _set_range(words: np.ndarray, first: int, end: int) -> int:
     """Set clusters [first, end); return how many were 0 before. Writes only words that change,
     so that on an mmap an already-set range dirties no page."""
     if end <= first:
         return 0
-    wf, bf = divmod(first, 64)
-    wl, bl = divmod(end - 1, 64)
-    if wf == wl:
-        mask = ((1 << (end - first)) - 1) << bf
-        old = int(words[wf])
-        if old & mask == mask:
-            return 0
-        words[wf] = old | mask
-        return (mask & ~old).bit_count()
-    fmask = (_ALL << bf) & _ALL
-    lmask = (1 << (bl + 1)) - 1
+    wf, wl, fmask, lmask = _edge_words(first, end)
     old_f = int(words[wf])
+    if wf == wl:
+        if old_f & fmask == fmask:
+            return 0
+        words[wf] = old_f | fmask
+        return (fmask & ~old_f).bit_count()
     old_l = int(words[wl])
     newly = (fmask & ~old_f).bit_count() + (lmask & ~old_l).bit_count()
     if wl - wf > 1:
@@ -117,17 +123,12 @@ def _clear_range(words: np.ndarray, first: int, end: int) -> int:
     """Clear clusters [first, end); return how many were 1 before."""
     if end <= first:
         return 0
-    wf, bf = divmod(first, 64)
-    wl, bl = divmod(end - 1, 64)
-    if wf == wl:
-        mask = ((1 << (end - first)) - 1) << bf
-        old = int(words[wf])
-        if old & mask:
-            words[wf] = old & ~mask
-        return (old & mask).bit_count()
-    fmask = (_ALL << bf) & _ALL
-    lmask = (1 << (bl + 1)) - 1
+    wf, wl, fmask, lmask = _edge_words(first, end)
     old_f = int(words[wf])
+    if wf == wl:
+        if old_f & fmask:
+            words[wf] = old_f & ~fmask
+        return (old_f & fmask).bit_count()
     old_l = int(words[wl])
     cleared = (old_f & fmask).bit_count() + (old_l & lmask).bit_count()
     if wl - wf > 1:
@@ -146,11 +147,10 @@ def _clear_range(words: np.ndarray, first: int, end: int) -> int:
 def _any_in_range(words: np.ndarray, first: int, end: int) -> bool:
     if end <= first:
         return False
-    wf, bf = divmod(first, 64)
-    wl, bl = divmod(end - 1, 64)
+    wf, wl, fmask, lmask = _edge_words(first, end)
     if wf == wl:
-        return bool(int(words[wf]) & (((1 << (end - first)) - 1) << bf))
-    if int(words[wf]) >> bf or int(words[wl]) & ((1 << (bl + 1)) - 1):
+        return bool(int(words[wf]) & fmask)
+    if int(words[wf]) & fmask or int(words[wl]) & lmask:
         return True
     return bool(wl - wf > 1 and words[wf + 1:wl].any())
 
@@ -534,6 +534,8 @@ class DirtyBitmap(_BitmapCore):
 
     # The durability half of the engine's bitmap seam: memory has nothing to make durable.
     was_clean = True
+    #: the file that holds the bits (None: memory only)
+    path: str | None = None
 
     def begin_clear_commit(self) -> None:
         return None

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BitmapFormatError, UsageError
+from ..errors import BitmapFormatError, UsageError, reason_of
 from . import format as fmt
 from .memory import (DEFAULT_GRANULARITY, _WORD_DTYPE, DirtyBitmap, _clear_range, _grown, _popcount,
                      _set_range, check_granularity)
@@ -682,9 +682,8 @@ class PersistentBitmap(DirtyBitmap):
                     except (OSError, BitmapFormatError) as exc:
                         if ended:
                             self._set_every_file_bit()
-                        reason = getattr(exc, "strerror", None) or str(exc)
                         raise BitmapFormatError(
-                            f"cannot update bitmap {self.path}: {reason}; it stays marked not "
+                            f"cannot update bitmap {self.path}: {reason_of(exc)}; it stays marked not "
                             f"clean" + ("; every bit is set, as the job no longer records writes"
                                         if ended else " (its bits are still valid)")) from None
                     assert fd is not None

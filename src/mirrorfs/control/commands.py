@@ -74,7 +74,7 @@ class CommandDispatcher:
         result = []
         for job in self.manager.jobs.values():
             bitmap = job.bitmap
-            path = getattr(bitmap, "path", None)
+            path = bitmap.path
             result.append({"device": job.id, "node": job.params.image, "bitmaps": [{
                 "name": "mirror", "granularity": job.params.granularity,
                 "count": bitmap.dirty_bytes(), "persistent": path is not None,

@@ -245,13 +245,13 @@ class _Framer:
         buf = self._buf
         pos = self._pos
         while pos < len(buf):
+            m = (_INSIDE_STOP if self._in_string else _OUTSIDE_STOP).search(buf, pos)
+            if m is None:
+                pos = len(buf)
+                break
+            pos = m.start()
+            c = buf[pos]
             if self._in_string:
-                m = _INSIDE_STOP.search(buf, pos)
-                if m is None:
-                    pos = len(buf)
-                    break
-                pos = m.start()
-                c = buf[pos]
                 if c == 0x5C:  # backslash: the next byte is escaped (json.loads checks which)
                     if pos + 1 >= len(buf):
                         break
@@ -267,12 +267,6 @@ class _Framer:
                         return self._emit(pos)
                     continue
                 return self._fail(pos, "JSON parse error, control character in string")
-            m = _OUTSIDE_STOP.search(buf, pos)
-            if m is None:
-                pos = len(buf)
-                break
-            pos = m.start()
-            c = buf[pos]
             if c == 0x22:
                 self._in_string = True
             elif c in b"{[":

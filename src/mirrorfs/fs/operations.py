@@ -64,6 +64,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 def _fuse_error(name: str, exc: Exception) -> FUSEError:
     """The ``FUSEError`` that answers a request whose handler ``name`` raised ``exc``."""
+    if isinstance(exc, FUSEError):  # the handler's own answer
+        return exc
     if isinstance(exc, OSError):
         log.debug("%s: %s", name, exc)
         return FUSEError(exc.errno or errno.EIO)
@@ -86,8 +88,6 @@ def _guard(func: F, timing: Timing | None = None) -> F:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await func(*args, **kwargs)
-            except FUSEError:
-                raise
             except Exception as exc:
                 raise _fuse_error(func.__name__, exc) from None
 
@@ -100,8 +100,6 @@ def _guard(func: F, timing: Timing | None = None) -> F:
         start = clock()
         try:
             return await func(*args, **kwargs)
-        except FUSEError:
-            raise
         except Exception as exc:
             raise _fuse_error(func.__name__, exc) from None
         finally:

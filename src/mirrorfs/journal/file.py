@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..bitmap.persistent import _still_names, atomic_write
-from ..errors import BitmapFormatError, JournalFormatError, JournalFullError, UsageError
+from ..errors import BitmapFormatError, JournalFormatError, JournalFullError, UsageError, reason_of
 from ..units import parse_size
 from . import format as fmt
 from .format import Kind, Record
@@ -92,8 +92,12 @@ class WriteJournal:
     header: fmt.JournalHeader
     discarded_bytes: int
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("use WriteJournal.create() or WriteJournal.open()")
+    def __init__(self, path: str, fd: int, header: fmt.JournalHeader, state: int) -> None:
+        """Take over ``fd`` (open, locked) holding ``header``; for :meth:`create` and
+        :meth:`open`, which have checked the file."""
+        self.path = path
+        self._stats = {"writes": 0, "zeroes": 0, "flushes": 0, "fsyncs": 0, "bytes": 0}
+        self._start(fd, header, state)
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -115,7 +119,7 @@ class WriteJournal:
         except OSError as exc:
             raise _open_error(path, exc) from None
         assert fd is not None
-        return cls._attach(path, fd, header, fmt.STATE_OK)
+        return cls(path, fd, header, fmt.STATE_OK)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, image_size: int, source_id: str,
@@ -151,20 +155,12 @@ class WriteJournal:
         except BaseException:
             os.close(fd)
             raise
-        self = cls._attach(path, fd, header, state)
+        self = cls(path, fd, header, state)
         try:
             self._recover()
         except BaseException:
             self.close()
             raise
-        return self
-
-    @classmethod
-    def _attach(cls, path: str, fd: int, header: fmt.JournalHeader, state: int) -> "WriteJournal":
-        self = cls.__new__(cls)
-        self.path = path
-        self._stats = {"writes": 0, "zeroes": 0, "flushes": 0, "fsyncs": 0, "bytes": 0}
-        self._start(fd, header, state)
         return self
 
     def _start(self, fd: int, header: fmt.JournalHeader, state: int) -> None:
@@ -403,8 +399,7 @@ class WriteJournal:
         try:
             fd = atomic_write(self.path, [block], keep_locked=True, replacing=self._fd)
         except (OSError, BitmapFormatError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise JournalFormatError(f"cannot reset journal {self.path}: {reason}") from None
+            raise JournalFormatError(f"cannot reset journal {self.path}: {reason_of(exc)}") from None
         assert fd is not None
         os.close(self._fd)  # the old inode's lock; the new one is locked already
         self._start(fd, header, fmt.STATE_OK)

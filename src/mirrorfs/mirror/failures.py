@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import errno
 import logging
+from typing import TYPE_CHECKING, Callable
+
 import trio
 
 from ..errors import (MirrorfsError, SourceError, TargetError, TargetFatalError,
                       TargetNoSpaceError, TargetRetryableError)
+from ..targets.base import Target
 from .state import JobState
+
+if TYPE_CHECKING:
+    from .copy import CopyTask
+    from .params import MirrorParams
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -22,7 +29,32 @@ RECONNECT_BACKOFF = (0.25, 8.0)
 
 
 class FailureHandling:
-    """Errors of a ``MirrorJob``'s tasks: the policies, failing, a lost and restored target."""
+    """Errors of a ``MirrorJob``'s tasks: the policies, failing, a lost and restored target.
+
+    The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
+    attributes; the job provides ``_set_state``).
+    """
+
+    # -- the job's state this reads (and, for ``error``, ``io_status``, ``target_ok`` and
+    # ``_reconnecting``, changes)
+    id: str
+    params: MirrorParams
+    target: Target
+    copy: CopyTask
+    ready: bool
+    paused: bool
+    finished: bool
+    error: str | None
+    io_status: str
+    target_ok: bool
+    stats: dict[str, int]
+    _emit: Callable[[str, dict], None]
+    _reconnecting: bool
+    _cancel_scope: trio.CancelScope | None
+    _nursery: trio.Nursery | None
+
+    if TYPE_CHECKING:  # the job's: a real stub here would shadow it in the job's MRO
+        def _set_state(self, new: JobState) -> None: ...
 
     def on_target_error(self, exc: TargetError) -> str | None:
         """Apply ``on-target-error``; returns the action taken (None: none, or a lost target)."""

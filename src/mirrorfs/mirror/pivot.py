@@ -13,10 +13,11 @@ every handle go to the target, and the image cannot be truncated, unlinked or re
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..errors import StateError, TargetError
 from ..targets.base import Target
+from .seams import Handle
 
 if TYPE_CHECKING:
     from .job import MirrorJob
@@ -102,6 +103,9 @@ def prepare_pivot(job: MirrorJob) -> Plan:
 
 
 class TargetForwarder:
+    """Serves an image pivoted to an NBD target (an ``ImageIO``): every request goes to the
+    target, whichever handle it comes through."""
+
     finished = False
 
     def __init__(self, target: Target, image: str) -> None:
@@ -109,7 +113,7 @@ class TargetForwarder:
         self.image = image
         self.id = f"{image} (pivoted)"
 
-    async def read(self, handle: Any, offset: int, size: int) -> bytes:
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         size = max(0, min(size, self.target.size - offset))
         if size == 0:
             return b""
@@ -118,7 +122,7 @@ class TargetForwarder:
         except TargetError as exc:
             raise OSError(exc.errno, f"target {self.target.description}: {exc}") from None
 
-    async def write(self, handle: Any, offset: int, data: bytes) -> int:
+    async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         if offset + len(data) > self.target.size:
             raise OSError(28, "write beyond the end of the NBD target")  # ENOSPC, as a full disk
         try:
@@ -127,7 +131,7 @@ class TargetForwarder:
             raise OSError(exc.errno, f"target {self.target.description}: {exc}") from None
         return len(data)
 
-    async def fsync(self, handle: Any, datasync: bool = False) -> None:
+    async def fsync(self, handle: Handle, datasync: bool = False) -> None:
         try:
             await self.target.flush()
         except TargetError as exc:

@@ -18,6 +18,8 @@ class JobBitmap(Protocol):
     volatile: bool
     #: the file had been closed cleanly before this open (always true in memory)
     was_clean: bool
+    #: the file that holds the bits (None: memory only)
+    path: str | None
     granularity: int
 
     def mark(self, offset: int, length: int) -> int: ...

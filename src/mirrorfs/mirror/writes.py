@@ -8,12 +8,20 @@ it keeps are in ``docs/write-copy-race.md``; why the inline write may skip regis
 from __future__ import annotations
 
 import logging
-from typing import AbstractSet
+from typing import TYPE_CHECKING, AbstractSet
+
+import trio
 
 from .. import fileio
 from ..errors import TargetError
-from .inflight import Operation
-from .seams import Handle
+from ..targets.base import Target
+from .gate import ActivityCounter
+from .inflight import InflightOps, Operation
+from .seams import Handle, JobBitmap
+
+if TYPE_CHECKING:
+    from .copy import CopyTask
+    from .params import MirrorParams
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -26,7 +34,35 @@ _NO_EDGES: frozenset[int] = frozenset()
 
 
 class WritePath:
-    """Guest writes of a ``MirrorJob``: register, mark, write the source, duplicate, clear."""
+    """Guest writes of a ``MirrorJob``: register, mark, write the source, duplicate, clear.
+
+    The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
+    attributes; ``FailureHandling`` and the job provide the methods).
+    """
+
+    # -- the job's state this reads (and, for ``size`` and ``_dup_bytes``, changes)
+    id: str
+    params: MirrorParams
+    target: Target
+    bitmap: JobBitmap
+    inflight: InflightOps
+    copy: CopyTask
+    size: int
+    ready: bool
+    paused: bool
+    finished: bool
+    error: str | None
+    target_ok: bool
+    stats: dict[str, int]
+    _dup_bytes: int
+    _duplicates: ActivityCounter
+    _grow_lock: trio.Lock
+    _nursery: trio.Nursery | None
+
+    if TYPE_CHECKING:  # from FailureHandling: real stubs here would shadow it in the job's MRO
+        def on_target_error(self, exc: TargetError) -> str | None: ...
+        def contain(self, exc: Exception, where: str) -> None: ...
+        def _fail(self, message: str) -> None: ...
 
     def _duplicating(self) -> bool:
         return self.target_ok and not self.paused and self.error is None
@@ -108,6 +144,7 @@ class WritePath:
         if duplicate and not self.target.can_write_now(length):
             return None
         op: Operation | None
+        edges: AbstractSet[int]
         if self.bitmap.volatile and not self.inflight:
             op, edges = None, _NO_EDGES
         else:

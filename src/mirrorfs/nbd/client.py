@@ -48,6 +48,7 @@ from mirrorfs.errors import (
     TargetFatalError,
     TargetNoSpaceError,
     TargetRetryableError,
+    reason_of,
 )
 from mirrorfs.nbd import proto
 from mirrorfs.nbd.uri import NBDAddress, parse_nbd_uri
@@ -60,6 +61,22 @@ _RECEIVE_SIZE = 1024 * 1024
 _SPLIT_WINDOW = 4
 #: size of the zero buffer used when the server does not offer WRITE_ZEROES
 _ZERO_CHUNK = 4 * 1024 * 1024
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    """One request in flight: the reply or the error that ends it, and who waits for it."""
+
+    cookie: int
+    command: int
+    deadline: float
+    reply: proto.Reply | None = None
+    error: TargetError | None = None
+    wakeup: trio.Event | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.reply is not None or self.error is not None
 
 
 def make_ssl_context(address: NBDAddress) -> ssl.SSLContext:
@@ -88,7 +105,7 @@ def make_ssl_context(address: NBDAddress) -> ssl.SSLContext:
         return ctx
     except (OSError, ssl.SSLError) as exc:
         raise TargetFatalError(f"cannot load TLS certificates from {directory}: "
-                               f"{getattr(exc, 'strerror', None) or exc}") from None
+                               f"{reason_of(exc)}") from None
 
 
 def _describe_tls_failure(uri: str, exc: BaseException) -> TargetError:
@@ -111,24 +128,17 @@ def _describe_tls_failure(uri: str, exc: BaseException) -> TargetError:
     return TargetRetryableError(f"connection to {uri} lost during the TLS handshake: {cause}")
 
 
-@dataclasses.dataclass(eq=False)
-class _Slot:
-    cookie: int
-    command: int
-    deadline: float
-    reply: proto.Reply | None = None
-    error: TargetError | None = None
-    wakeup: trio.Event | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.reply is not None or self.error is not None
-
-
 class NBDClient:
     """One connection to one NBD export. Create with :meth:`connect`.
 
     Many requests may be in flight at once, from any number of tasks.
+
+    Attributes (fixed for the connection's life):
+        info: everything the handshake told: size, flags, block sizes, name, description.
+        size: export size in bytes.
+        flags: transmission flags the server sent (``proto.NBD_FLAG_*``).
+        max_request: largest read or write sent as one request; bigger ones are split.
+        timeout: seconds a request may go without a reply before the connection counts as lost.
     """
 
     def __init__(self, *, address: NBDAddress, transport: trio.SocketStream,
@@ -138,8 +148,11 @@ class NBDClient:
         self._transport = transport
         self._stream = stream
         self._conn = conn
-        self._ready = ready
-        self._timeout = timeout
+        self.info = ready
+        self.size = ready.size
+        self.flags = ready.flags
+        self.max_request = ready.max_block
+        self.timeout = timeout
         self._send_lock = trio.Lock()
         self._slots: dict[int, _Slot] = {}
         self._reading = False
@@ -244,32 +257,7 @@ class NBDClient:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
 
-    # ---- properties --------------------------------------------------------------------------
-    @property
-    def size(self) -> int:
-        """Export size in bytes."""
-        return self._ready.size
-
-    @property
-    def flags(self) -> int:
-        """Transmission flags the server sent (``proto.NBD_FLAG_*``)."""
-        return self._ready.flags
-
-    @property
-    def info(self) -> proto.Ready:
-        """Everything the handshake told: size, flags, block sizes, name, description."""
-        return self._ready
-
-    @property
-    def max_request(self) -> int:
-        """Largest read or write sent as one request; bigger ones are split."""
-        return self._ready.max_block
-
-    @property
-    def timeout(self) -> float:
-        """Seconds a request may go without a reply before the connection counts as lost."""
-        return self._timeout
-
+    # ---- state -------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
         """True once the connection was lost or closed; a closed client stays closed."""
@@ -280,7 +268,7 @@ class NBDClient:
         return {"in_flight": len(self._slots), "closed": self.closed}
 
     def _has(self, flag: int) -> bool:
-        return bool(self._ready.flags & flag)
+        return bool(self.flags & flag)
 
     # ---- losing the connection ---------------------------------------------------------------
     def _lose(self, reason: str) -> None:
@@ -312,7 +300,7 @@ class NBDClient:
                                                          data=data)
             except LocalProtocolError as exc:
                 raise TargetError(f"{self.address.uri}: {exc}", errno=_errno.EINVAL) from None
-            slot = _Slot(cookie, command, deadline=trio.current_time() + self._timeout)
+            slot = _Slot(cookie, command, deadline=trio.current_time() + self.timeout)
             self._slots[cookie] = slot
             # Shielded: a half-sent request would desynchronise the stream for everyone.
             with trio.CancelScope(shield=True, deadline=slot.deadline) as scope:
@@ -323,8 +311,8 @@ class NBDClient:
                     self._lose(f"connection to {self.address.uri} lost while sending: "
                                f"{exc.__cause__ or exc}")
             if scope.cancelled_caught:
-                self._lose(f"sending to {self.address.uri} took longer than {self._timeout:g} s")
-            slot.deadline = trio.current_time() + self._timeout
+                self._lose(f"sending to {self.address.uri} took longer than {self.timeout:g} s")
+            slot.deadline = trio.current_time() + self.timeout
         return slot
 
     def _hand_over(self) -> None:
@@ -380,7 +368,7 @@ class NBDClient:
                     finally:
                         self._reading = False
             if not slot.finished:
-                self._lose(f"no reply from {self.address.uri} within {self._timeout:g} s")
+                self._lose(f"no reply from {self.address.uri} within {self.timeout:g} s")
         finally:
             self._slots.pop(slot.cookie, None)
             if not slot.finished and self._broken is None:
@@ -478,7 +466,7 @@ class NBDClient:
             await self.flush()
 
     def _nonpayload_step(self) -> int:
-        mn = self._ready.min_block
+        mn = self.info.min_block
         return proto.MAX_NONPAYLOAD_REQUEST - proto.MAX_NONPAYLOAD_REQUEST % mn
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
@@ -544,7 +532,7 @@ class NBDClient:
         if self._broken is not None:
             return
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(min(1.0, self._timeout)):
+            with trio.move_on_after(min(1.0, self.timeout)):
                 async with self._send_lock:
                     if self._broken is None:
                         try:
