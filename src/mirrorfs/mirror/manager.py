@@ -24,13 +24,16 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Callable, Iterable
 
 import trio
 
 from ..errors import (JobNotFoundError, MirrorfsError, SourceError, StateError, TargetError,
-                      UsageError)
+                      TargetFatalError, UsageError)
 from ..nbd.uri import parse_nbd_uri
+from ..state.directory import StateDir
+from ..state.record import JobRecord
 from ..targets.base import Target
 from . import paths
 from .extents import allocated_extents
@@ -62,15 +65,19 @@ class JobManager:
         mountpoint: the mount's path, to refuse paths that lead into the mount itself.
         source_dir: the mount's source directory, to refuse images reached through links and
             targets or bitmaps that are images of the mount.
+        state: the mount's open state directory (``--state-dir``), where persistent jobs are
+            recorded; None: ``persistent`` is refused.
     """
 
     def __init__(self, resolve_node: Callable[[str], Any], *, nursery: trio.Nursery,
-                 mountpoint: str | None = None, source_dir: str | None = None) -> None:
+                 mountpoint: str | None = None, source_dir: str | None = None,
+                 state: StateDir | None = None) -> None:
         self._resolve_node = resolve_node
         self._nursery = nursery
         # abspath, not realpath: resolving it would stat the mount from the thread that serves it
         self._mountpoint = os.path.abspath(mountpoint) if mountpoint else None
         self._source_dir = os.path.abspath(source_dir) if source_dir else None
+        self._state = state
         self.jobs: dict[str, MirrorJob] = {}
         #: files in use -> who uses them: a running job's target and bitmap, and a target a
         #: local pivot made an image's backing file (keyed by that node); see ``paths``.
@@ -109,12 +116,62 @@ class JobManager:
         job's file (``paths``, resolved off the trio thread). If the start fails after that,
         whatever it created or opened is undone (``undo``, in reverse order).
 
+        An NBD target that cannot be reached now does not stop the start: the job starts with
+        its target lost and reconnects with the usual backoff (only a target wrong for good is
+        refused). A persistent job is recorded in the state directory before it runs; the
+        record goes again if the start fails.
+
         Raises:
             UsageError: unknown image, an image with a second name, bad target or bitmap path,
-                mismatched bitmap, a target locked by another program.
+                mismatched bitmap, a target locked by another program or wrong for good,
+                ``persistent`` without a state directory.
             StateError: the image or job id already has a running job.
             SourceError: the image cannot be read.
+            StateDirError: the record cannot be saved.
         """
+        if params.persistent:
+            params = self._persistent_params(params)
+        return await self._start(params, None)
+
+    async def reattach(self, record: JobRecord) -> MirrorJob:
+        """Start a persistent job again from its record (a mount with ``--state-dir``): a
+        ``--sync dirty`` resume from its bitmap, whether or not its target answers now.
+
+        Raises:
+            as ``start_mirror``: a bitmap that does not match, a target wrong for good.
+        """
+        params = MirrorParams(image=record.image, target=record.target, job_id=record.job_id,
+                              sync="dirty", granularity=record.granularity, bitmap=record.bitmap,
+                              speed=record.speed, copy_mode=record.copy_mode,
+                              on_target_error=record.on_target_error, persistent=True)
+        return await self._start(params, record)
+
+    def _persistent_params(self, params: MirrorParams) -> MirrorParams:
+        """A persistent job's bitmap defaults to the state directory's."""
+        if self._state is None:
+            raise UsageError("a persistent job is recorded in the mount's state directory, and "
+                             "this mount has none: mount with --state-dir DIR (-o state_dir=DIR)")
+        if params.bitmap is None:
+            params = dataclasses.replace(params, bitmap=self._state.bitmap_path(params.job_id))
+        return params
+
+    def _record_of(self, params: MirrorParams, size: int) -> JobRecord:
+        assert self._state is not None and params.bitmap is not None
+        # The journal helper adds journal_size to the params; until then there is none.
+        journal_size = int(getattr(params, "journal_size", 0) or 0)
+        journal = None
+        if journal_size:
+            default_bitmap = self._state.bitmap_path(params.job_id)
+            journal = (self._state.journal_path(params.job_id) if params.bitmap == default_bitmap
+                       else params.bitmap + ".journal")
+        return JobRecord(job_id=params.job_id, image=params.image, image_size=size,
+                         target=params.target, bitmap=params.bitmap, journal=journal,
+                         granularity=params.granularity, copy_mode=params.copy_mode,
+                         on_target_error=params.on_target_error, speed=params.speed,
+                         journal_size=journal_size, created_at=time.time_ns())
+
+    async def _start(self, params: MirrorParams, record: JobRecord | None) -> MirrorJob:
+        """``start_mirror``; ``record``: the saved record of a job being re-attached."""
         async with self._lock:
             old = self.jobs.get(params.job_id)
             if old is not None and not old.finished:
@@ -142,6 +199,8 @@ class JobManager:
                     self._make_bitmap, params, node, target, size)
                 undo.callback(_undo_bitmap, bitmap, params.bitmap if bitmap_is_new else None,
                               resumed=params.sync == "dirty")
+                if params.persistent and record is None:
+                    await self._save_record(self._record_of(params, size), undo)
                 job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit,
                                 end_lock=self._lock)
                 undo.callback(self._forget, job, old)
@@ -149,9 +208,39 @@ class JobManager:
                 self._claims[job] = dict(claims)
                 await self._nursery.start(self._run_job, job)
                 undo.pop_all()  # started: the job owns all of it now
-            log.info("job %s: mirroring %s to %s (sync %s)", job.id, params.image,
-                     target.description, params.sync)
+            log.info("job %s: mirroring %s to %s (sync %s%s)", job.id, params.image,
+                     target.description, params.sync,
+                     "" if job.target_ok else "; the target is not reachable yet")
             return job
+
+    async def _save_record(self, record: JobRecord, undo: contextlib.AsyncExitStack) -> None:
+        """Record a persistent job before it runs, so there is never one without a record."""
+        assert self._state is not None
+        await trio.to_thread.run_sync(self._state.save, record)
+        undo.callback(_remove_quietly, self._state.remove, record.job_id)
+
+    async def _drop_records(self, jobs: list[MirrorJob]) -> None:
+        """A persistent job that ended (its bitmap closed as ended): its record and journal go."""
+        state = self._state
+        for job in jobs:
+            if state is None or not job.params.persistent or job.outcome not in (
+                    "completed", "cancelled"):
+                continue
+            record_journal = self._state and self._journal_path_of(job)
+            try:
+                await trio.to_thread.run_sync(state.remove, job.id)
+                if record_journal:
+                    await trio.to_thread.run_sync(_unlink_missing_ok, record_journal)
+            except (MirrorfsError, OSError) as exc:
+                log.warning("job %s ended, but its record stays: %s", job.id, exc)
+
+    def _journal_path_of(self, job: MirrorJob) -> str | None:
+        assert self._state is not None
+        if not getattr(job.params, "journal_size", 0):
+            return None
+        default = self._state.bitmap_path(job.id)
+        return (self._state.journal_path(job.id) if job.params.bitmap == default
+                else f"{job.params.bitmap}.journal")
 
     def _forget(self, job: MirrorJob, previous: MirrorJob | None) -> None:
         """Undo a job's registration; a failed job it replaced is listed again."""
@@ -196,15 +285,18 @@ class JobManager:
 
             if params.create:
                 raise UsageError("an NBD target cannot be created; drop --create / mode=absolute-paths")
-            target: Target = NBDTarget(params.target)
+            # The image's size is the target's from the start: a server that is away now is
+            # checked when it first answers (the reconnect fails the job if it differs).
+            target: Target = NBDTarget(params.target, expected_size=size)
             undo.push_async_callback(_close_target, target)
             try:
                 await target.connect()
-            except TargetError as exc:
+            except TargetFatalError as exc:
                 raise UsageError(f"cannot use target {params.target}: {exc}") from None
-            if target.size != size:
-                raise UsageError(f"target {target.description} is {target.size} bytes but the "
-                                 f"image is {size}; give a target of the same size")
+            except TargetError as exc:
+                # Away for now (refused, no socket, timeout): the job starts without it.
+                log.warning("job %s: target %s cannot be reached now (%s); the job starts and "
+                            "connects when it answers", params.job_id, target.description, exc)
             return target
         from ..targets.local import LocalFileTarget
 
@@ -408,6 +500,7 @@ class JobManager:
                 for job in jobs:  # auto-dismiss: ended jobs leave the list at once
                     if self.jobs.get(job.id) is job:
                         del self.jobs[job.id]
+                await self._drop_records(jobs)
             finally:
                 for job in held:
                     job.release_copy()
@@ -462,6 +555,20 @@ def bitmap_identities(source_path: str, target: Target) -> tuple[str, str]:
 async def _close_target(target: Target) -> None:
     with trio.CancelScope(shield=True):
         await target.close()
+
+
+def _remove_quietly(remove: Callable[[str], object], job_id: str) -> None:
+    try:
+        remove(job_id)
+    except MirrorfsError as exc:
+        log.warning("undoing a failed start: %s", exc)
+
+
+def _unlink_missing_ok(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _remove_created(path: str, identity: tuple[int, int]) -> None:
