@@ -17,15 +17,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from mounting import Mount, is_mounted, process_alive, wait_for
+from mounting import Mount, is_mounted, mirrorfs_argv, process_alive, wait_for
 from nbdservers import qemu_nbd
 from test_mirror_mount import assert_identical, job, jobs, qemu_io, read_at, wait_job, wait_ready
-from test_replication_support import make_blank, make_image
+from test_replication_support import NBD_TIMEOUT, make_blank, make_image
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -251,3 +254,53 @@ def test_persistent_through_the_control_file_and_qmp(mount_factory: MountFactory
     records: dict[str, Any] = {p.name: json.loads(p.read_text()) for p in state.glob("*.json")}
     assert records["job-q.raw.json"]["bitmap"] == str(state / "job-q.raw.bitmap")
     assert records["job-c.raw.json"]["image-size"] == MiB
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_no_write_lands_before_the_jobs_are_attached(mount_factory: MountFactory,
+                                                     tmp_path: Path) -> None:
+    """A server that accepts but never answers makes the re-attach take the NBD timeout; a
+    write through the mount in that window waits for its job, so the job records it."""
+    state = tmp_path / "state"
+    mount = persistent_mount(mount_factory, state)
+    source = mount.source / "vm.raw"
+    make_image(source, SIZE)
+    served = tmp_path / "served.raw"
+    make_blank(served, SIZE)
+    with qemu_nbd(served) as server:
+        mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri, "--persistent")
+        wait_ready(mount, "vm.raw")
+        mount.unmount()
+        server.kill()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+            mute.bind(str(server.addr))
+            mute.listen(8)  # connects, never speaks NBD: the handshake times out
+            mount._closed = False  # the fixture's teardown unmounts whatever happens below
+            started = time.monotonic()
+            proc = subprocess.Popen([*mirrorfs_argv(), "mount", mount.source, mount.mountpoint,
+                                     *mount.extra_args], env=mount.env(), text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                wait_for(lambda: is_mounted(mount.mountpoint), 20, "the kernel mount")
+                fd = os.open(mount.mountpoint / "vm.raw", os.O_WRONLY)
+                try:
+                    os.pwrite(fd, b"\x6b" * 65536, 3 * MiB)
+                finally:
+                    os.close(fd)
+                waited = time.monotonic() - started
+                out, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert proc.returncode == 0, err
+        mount.pid = int((mount.control / "pid").read_text())
+        assert waited > NBD_TIMEOUT / 2, f"the write returned after {waited:.1f} s"
+        entry = job(mount, "vm.raw")
+        assert entry is not None and entry["dirty-bytes"] >= 65536, entry
+        os.unlink(server.addr)
+        server.start()
+        wait_ready(mount, "vm.raw", timeout=60)
+        mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
+        assert_identical(source, served)
+    assert read_at(served, 3 * MiB, 65536) == b"\x6b" * 65536

@@ -236,12 +236,17 @@ class MountService:
             # INIT request, any stat of the mountpoint (a realpath() of it, say) blocks forever,
             # and a component doing one before the loop ran would deadlock the mount.
             main_done = trio.Event()
+            attached = trio.Event()
+            if self._records:
+                self.operations.hold_images(attached)
             self.nursery.start_soon(self._serve, main_done)
             try:
                 # ---- components ----
                 await self._start_components()
                 # --------------------
+                self.operations.release_images()
             except BaseException:
+                attached.set()  # the held requests fail: the jobs are not attached
                 self._terminate()
                 # The session is destroyed by the teardown: the main loop must have returned
                 # first, or its workers would still be using it (a crash, the error unreported).

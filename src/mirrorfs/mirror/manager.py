@@ -226,11 +226,11 @@ class JobManager:
             if state is None or not job.params.persistent or job.outcome not in (
                     "completed", "cancelled"):
                 continue
-            record_journal = self._state and self._journal_path_of(job)
+            journal = self._journal_path_of(job)
             try:
                 await trio.to_thread.run_sync(state.remove, job.id)
-                if record_journal:
-                    await trio.to_thread.run_sync(_unlink_missing_ok, record_journal)
+                if journal is not None:
+                    await trio.to_thread.run_sync(_unlink_missing_ok, journal)
             except (MirrorfsError, OSError) as exc:
                 log.warning("job %s ended, but its record stays: %s", job.id, exc)
 
