@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import time
 from typing import Any, Callable, Iterable
 
 import trio
@@ -39,6 +38,7 @@ from . import paths
 from .extents import allocated_extents
 from .job import MirrorJob
 from .params import MirrorParams
+from .persistence import Persistence
 from .seams import JobBitmap
 from .pivot import EndPlan, Plan, prepare_pivot
 
@@ -77,7 +77,7 @@ class JobManager:
         # abspath, not realpath: resolving it would stat the mount from the thread that serves it
         self._mountpoint = os.path.abspath(mountpoint) if mountpoint else None
         self._source_dir = os.path.abspath(source_dir) if source_dir else None
-        self._state = state
+        self._persistence = Persistence(state)
         self.jobs: dict[str, MirrorJob] = {}
         #: files in use -> who uses them: a running job's target and bitmap, and a target a
         #: local pivot made an image's backing file (keyed by that node); see ``paths``.
@@ -130,7 +130,7 @@ class JobManager:
             StateDirError: the record cannot be saved.
         """
         if params.persistent:
-            params = self._persistent_params(params)
+            params = self._persistence.params(params)
         return await self._start(params, None)
 
     async def reattach(self, record: JobRecord) -> MirrorJob:
@@ -140,35 +140,7 @@ class JobManager:
         Raises:
             as ``start_mirror``: a bitmap that does not match, a target wrong for good.
         """
-        params = MirrorParams(image=record.image, target=record.target, job_id=record.job_id,
-                              sync="dirty", granularity=record.granularity, bitmap=record.bitmap,
-                              speed=record.speed, copy_mode=record.copy_mode,
-                              on_target_error=record.on_target_error, persistent=True)
-        return await self._start(params, record)
-
-    def _persistent_params(self, params: MirrorParams) -> MirrorParams:
-        """A persistent job's bitmap defaults to the state directory's."""
-        if self._state is None:
-            raise UsageError("a persistent job is recorded in the mount's state directory, and "
-                             "this mount has none: mount with --state-dir DIR (-o state_dir=DIR)")
-        if params.bitmap is None:
-            params = dataclasses.replace(params, bitmap=self._state.bitmap_path(params.job_id))
-        return params
-
-    def _record_of(self, params: MirrorParams, size: int) -> JobRecord:
-        assert self._state is not None and params.bitmap is not None
-        # The journal helper adds journal_size to the params; until then there is none.
-        journal_size = int(getattr(params, "journal_size", 0) or 0)
-        journal = None
-        if journal_size:
-            default_bitmap = self._state.bitmap_path(params.job_id)
-            journal = (self._state.journal_path(params.job_id) if params.bitmap == default_bitmap
-                       else params.bitmap + ".journal")
-        return JobRecord(job_id=params.job_id, image=params.image, image_size=size,
-                         target=params.target, bitmap=params.bitmap, journal=journal,
-                         granularity=params.granularity, copy_mode=params.copy_mode,
-                         on_target_error=params.on_target_error, speed=params.speed,
-                         journal_size=journal_size, created_at=time.time_ns())
+        return await self._start(self._persistence.reattach_params(record), record)
 
     async def _start(self, params: MirrorParams, record: JobRecord | None) -> MirrorJob:
         """``start_mirror``; ``record``: the saved record of a job being re-attached."""
@@ -200,7 +172,7 @@ class JobManager:
                 undo.callback(_undo_bitmap, bitmap, params.bitmap if bitmap_is_new else None,
                               resumed=params.sync == "dirty")
                 if params.persistent and record is None:
-                    await self._save_record(self._record_of(params, size), undo)
+                    await self._persistence.save(params, size, undo)
                 job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit,
                                 end_lock=self._lock)
                 undo.callback(self._forget, job, old)
@@ -212,35 +184,6 @@ class JobManager:
                      target.description, params.sync,
                      "" if job.target_ok else "; the target is not reachable yet")
             return job
-
-    async def _save_record(self, record: JobRecord, undo: contextlib.AsyncExitStack) -> None:
-        """Record a persistent job before it runs, so there is never one without a record."""
-        assert self._state is not None
-        await trio.to_thread.run_sync(self._state.save, record)
-        undo.callback(_remove_quietly, self._state.remove, record.job_id)
-
-    async def _drop_records(self, jobs: list[MirrorJob]) -> None:
-        """A persistent job that ended (its bitmap closed as ended): its record and journal go."""
-        state = self._state
-        for job in jobs:
-            if state is None or not job.params.persistent or job.outcome not in (
-                    "completed", "cancelled"):
-                continue
-            journal = self._journal_path_of(job)
-            try:
-                await trio.to_thread.run_sync(state.remove, job.id)
-                if journal is not None:
-                    await trio.to_thread.run_sync(_unlink_missing_ok, journal)
-            except (MirrorfsError, OSError) as exc:
-                log.warning("job %s ended, but its record stays: %s", job.id, exc)
-
-    def _journal_path_of(self, job: MirrorJob) -> str | None:
-        assert self._state is not None
-        if not getattr(job.params, "journal_size", 0):
-            return None
-        default = self._state.bitmap_path(job.id)
-        return (self._state.journal_path(job.id) if job.params.bitmap == default
-                else f"{job.params.bitmap}.journal")
 
     def _forget(self, job: MirrorJob, previous: MirrorJob | None) -> None:
         """Undo a job's registration; a failed job it replaced is listed again."""
@@ -500,7 +443,7 @@ class JobManager:
                 for job in jobs:  # auto-dismiss: ended jobs leave the list at once
                     if self.jobs.get(job.id) is job:
                         del self.jobs[job.id]
-                await self._drop_records(jobs)
+                await self._persistence.drop_ended(jobs)
             finally:
                 for job in held:
                     job.release_copy()
@@ -555,20 +498,6 @@ def bitmap_identities(source_path: str, target: Target) -> tuple[str, str]:
 async def _close_target(target: Target) -> None:
     with trio.CancelScope(shield=True):
         await target.close()
-
-
-def _remove_quietly(remove: Callable[[str], object], job_id: str) -> None:
-    try:
-        remove(job_id)
-    except MirrorfsError as exc:
-        log.warning("undoing a failed start: %s", exc)
-
-
-def _unlink_missing_ok(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _remove_created(path: str, identity: tuple[int, int]) -> None:
