@@ -36,11 +36,29 @@ SIZE = 8 * MiB
 MountFactory = Callable[..., Mount]
 
 
-def persistent_mount(mount_factory: MountFactory, state: Path, *, fstab: bool = False) -> Mount:
+def persistent_mount(mount_factory: MountFactory, tmp_path: Path, *,
+                     fstab: bool = False) -> tuple[Mount, Path]:
+    """A mount with the state directory ``tmp_path/state``; returns it and the directory."""
+    state = tmp_path / "state"
     args = ["-o", f"state_dir={state}"] if fstab else ["--state-dir", str(state)]
     mount = mount_factory(extra_args=args)
     mount.allow_log(r"WARNING")  # an unreachable target is a warning, by design
-    return mount
+    return mount, state
+
+
+def image_and_export(mount: Mount, tmp_path: Path, size: int = SIZE) -> tuple[Path, Path]:
+    """``vm.raw`` of random bytes in the mount's source, and a blank file to export as target."""
+    source = mount.source / "vm.raw"
+    make_image(source, size)
+    served = tmp_path / "served.raw"
+    make_blank(served, size)
+    return source, served
+
+
+def assert_no_job_after_a_remount(mount: Mount) -> None:
+    mount.unmount()
+    mount.start()
+    assert jobs(mount) == []
 
 
 def refused_mount(mount: Mount) -> str:
@@ -69,12 +87,8 @@ def sigkill_and_remount(mount: Mount) -> None:
 @pytest.mark.timeout(240)
 def test_restart_during_an_outage_catches_up_on_its_own(mount_factory: MountFactory,
                                                        tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    mount = persistent_mount(mount_factory, state)
-    source = mount.source / "vm.raw"
-    make_image(source, SIZE)
-    served = tmp_path / "served.raw"
-    make_blank(served, SIZE)
+    mount, state = persistent_mount(mount_factory, tmp_path)
+    source, served = image_and_export(mount, tmp_path)
     image = mount.mountpoint / "vm.raw"
     with qemu_nbd(served) as server:
         mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri, "--persistent")
@@ -96,15 +110,12 @@ def test_restart_during_an_outage_catches_up_on_its_own(mount_factory: MountFact
     assert read_at(served, 1 * MiB, 300 * 1024) == b"\x5a" * 300 * 1024
     assert read_at(served, 5 * MiB, 123 * 1024) == b"\xa5" * 123 * 1024
     assert not (state / "job-vm.raw.json").exists()  # complete ended the persistent job
-    mount.unmount()
-    mount.start()
-    assert jobs(mount) == []
+    assert_no_job_after_a_remount(mount)
 
 
 def test_a_clean_remount_reattaches_and_cancel_removes_the_record(mount_factory: MountFactory,
                                                                   tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    mount = persistent_mount(mount_factory, state, fstab=True)
+    mount, state = persistent_mount(mount_factory, tmp_path, fstab=True)
     source = mount.source / "disk.raw"
     make_image(source, 4 * MiB)
     target = tmp_path / "copy.raw"
@@ -122,15 +133,12 @@ def test_a_clean_remount_reattaches_and_cancel_removes_the_record(mount_factory:
     mount.cli("cancel", mount.mountpoint, "disk")  # after ready: leaves an exact copy
     assert sorted(os.listdir(state)) == ["job-disk.bitmap", "lock"]
     assert read_at(target, 3 * MiB, 64 * 1024) == b"\x44" * 64 * 1024
-    mount.unmount()
-    mount.start()
-    assert jobs(mount) == []
+    assert_no_job_after_a_remount(mount)
 
 
 def test_a_record_that_does_not_match_its_image_refuses_the_mount(mount_factory: MountFactory,
                                                                   tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    mount = persistent_mount(mount_factory, state)
+    mount, state = persistent_mount(mount_factory, tmp_path)
     for name in ("a.raw", "b.raw"):
         make_image(mount.source / name, 1 * MiB)
         mount.cli("mirror", mount.mountpoint, name, tmp_path / f"{name}.copy", "--create",
@@ -154,8 +162,7 @@ def test_a_record_that_does_not_match_its_image_refuses_the_mount(mount_factory:
 
 def test_a_record_whose_bitmap_is_gone_refuses_the_mount(mount_factory: MountFactory,
                                                          tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    mount = persistent_mount(mount_factory, state)
+    mount, state = persistent_mount(mount_factory, tmp_path)
     make_image(mount.source / "a.raw", 1 * MiB)
     mount.cli("mirror", mount.mountpoint, "a.raw", tmp_path / "copy.raw", "--create",
               "--persistent")
@@ -195,10 +202,7 @@ def test_a_server_away_at_mirror_time_starts_the_job_offline(mount_factory: Moun
                                                              tmp_path: Path) -> None:
     mount = mount_factory()
     mount.allow_log(r"WARNING")
-    source = mount.source / "vm.raw"
-    make_image(source, SIZE)
-    served = tmp_path / "served.raw"
-    make_blank(served, SIZE)
+    source, served = image_and_export(mount, tmp_path)
     with qemu_nbd(served) as server:
         server.kill()  # away (no socket) when the job starts
         mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri, "--sync", "full")
@@ -239,8 +243,7 @@ def test_a_server_of_the_wrong_size_is_refused_up_front_or_fails_the_job(
 
 def test_persistent_through_the_control_file_and_qmp(mount_factory: MountFactory,
                                                      tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    mount = persistent_mount(mount_factory, state)
+    mount, state = persistent_mount(mount_factory, tmp_path)
     for name in ("c.raw", "q.raw"):
         make_image(mount.source / name, 1 * MiB)
     (mount.control / "control").write_text(
@@ -262,12 +265,8 @@ def test_no_write_lands_before_the_jobs_are_attached(mount_factory: MountFactory
                                                      tmp_path: Path) -> None:
     """A server that accepts but never answers makes the re-attach take the NBD timeout; a
     write through the mount in that window waits for its job, so the job records it."""
-    state = tmp_path / "state"
-    mount = persistent_mount(mount_factory, state)
-    source = mount.source / "vm.raw"
-    make_image(source, SIZE)
-    served = tmp_path / "served.raw"
-    make_blank(served, SIZE)
+    mount, state = persistent_mount(mount_factory, tmp_path)
+    source, served = image_and_export(mount, tmp_path)
     with qemu_nbd(served) as server:
         mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri, "--persistent")
         wait_ready(mount, "vm.raw")

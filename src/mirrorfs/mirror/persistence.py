@@ -54,10 +54,13 @@ class Persistence:
     @staticmethod
     def reattach_params(record: JobRecord) -> MirrorParams:
         """The parameters that resume a recorded job from its bitmap."""
+        extra: dict[str, int] = {}
+        if "journal_size" in MirrorParams.__dataclass_fields__:  # where the journal is built in
+            extra["journal_size"] = record.journal_size
         return MirrorParams(image=record.image, target=record.target, job_id=record.job_id,
                             sync="dirty", granularity=record.granularity, bitmap=record.bitmap,
                             speed=record.speed, copy_mode=record.copy_mode,
-                            on_target_error=record.on_target_error, persistent=True)
+                            on_target_error=record.on_target_error, persistent=True, **extra)
 
     def _journal_path(self, params: MirrorParams) -> str | None:
         """Beside the bitmap: in the state directory, or ``BITMAP.journal`` elsewhere."""
