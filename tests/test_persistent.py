@@ -25,8 +25,13 @@ from typing import Any, Callable
 
 import pytest
 
+from mirrorfs.errors import SourceError, StateDirError
+from mirrorfs.mirror.job import MirrorJob
+from mirrorfs.state.directory import StateDir
 from mounting import Mount, is_mounted, mirrorfs_argv, process_alive, wait_for
 from nbdservers import qemu_nbd
+from test_mirror_engine import assert_identical as assert_engine_identical
+from test_mirror_engine import engine, random_content
 from test_mirror_mount import assert_identical, job, jobs, qemu_io, read_at, wait_job, wait_ready
 from test_replication_support import NBD_TIMEOUT, make_blank, make_image
 
@@ -303,3 +308,42 @@ def test_no_write_lands_before_the_jobs_are_attached(mount_factory: MountFactory
         mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
         assert_identical(source, served)
     assert read_at(served, 3 * MiB, 65536) == b"\x6b" * 65536
+
+
+# -- the engine alone (no mount) --------------------------------------------------------------------
+async def test_a_record_that_cannot_be_saved_undoes_the_start(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    with StateDir.open(tmp_path / "state") as state:
+        async with engine(tmp_path, random_content(MiB), state=state) as env:
+            def full(self: StateDir, record: Any) -> None:
+                raise StateDirError(f"cannot save the record of job {record.job_id} in "
+                                    f"{self.path}: No space left on device")
+
+            monkeypatch.setattr(StateDir, "save", full)
+            target = tmp_path / "created.img"
+            with pytest.raises(StateDirError, match="No space left on device"):
+                await env.mirror(target, persistent=True)
+            assert env.manager.query() == [] and env.node.job is None
+            assert not target.exists()  # created by the start, removed by its undo
+            assert sorted(os.listdir(state.path)) == ["lock"]  # no bitmap, no record
+            monkeypatch.undo()
+            job = await env.mirror(target, persistent=True)
+            assert job.params.bitmap == state.bitmap_path("img")
+            assert [r.job_id for r in state.load_all()[0]] == ["img"]
+            await env.wait_event("BLOCK_JOB_READY")
+            await env.manager.complete(["img"], pivot=False)
+            assert state.load_all() == ([], [])
+            assert_engine_identical(env.source, target)
+
+
+async def test_a_failed_start_removes_the_record_it_saved(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    with StateDir.open(tmp_path / "state") as state:
+        async with engine(tmp_path, random_content(MiB), state=state) as env:
+            async def unreadable_image(self: MirrorJob, **kwargs: Any) -> None:
+                raise SourceError("cannot read image 'img': Input/output error", errno=5)
+
+            monkeypatch.setattr(MirrorJob, "run", unreadable_image)
+            with pytest.raises(SourceError, match="cannot read image"):
+                await env.mirror(tmp_path / "t.img", persistent=True)
+            assert state.load_all() == ([], []) and env.manager.query() == []
