@@ -13,6 +13,9 @@ Lifetime:
   requests (a real ``stat`` of ``.mirrorfs/pid`` through the kernel) or why it could not mount,
   so ``mount`` returns only once the mount is usable, and exits 2 with one line otherwise.
   ``--foreground`` runs the service in this process (for systemd, with ``READY=1``).
+- With ``--state-dir``, the state directory is opened and its records checked before the kernel
+  mount (a bad record: nothing is mounted), and every persistent job is re-attached before the
+  mount reports ready; until then opening a file through the mount waits.
 - SIGTERM, SIGINT and SIGHUP call ``pyfuse3.terminate()``; the main loop returns, the session is
   unmounted and closed first (no new requests can hang on a half-stopped process), then the
   components are torn down (jobs flush their bitmaps), then the source descriptors close.
@@ -430,7 +433,7 @@ def run_service(service: MountService, on_ready: Callable[[], None] | None) -> N
 
 def cli_mount(args: argparse.Namespace) -> int:
     """``mirrorfs mount SOURCE_DIR MOUNTPOINT [--foreground] [--socket P] [--allow-other]
-    [--poll-max-ns NS] [--metrics HOST:PORT] [--log-level L]``.
+    [--poll-max-ns NS] [--metrics HOST:PORT] [--state-dir DIR] [--log-level L]``.
 
     Raises:
         MountError: the mount cannot be made (one line for the user, exit 2).
