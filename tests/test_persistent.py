@@ -215,7 +215,8 @@ def test_a_server_away_at_mirror_time_starts_the_job_offline(mount_factory: Moun
         assert entry is not None and entry["__org.mirrorfs_target-connected"] is False, entry
         assert entry["status"] == "running" and entry["offset"] == 0, entry  # the copy waits
         status = mount.cli("status", mount.mountpoint).stdout
-        assert "vm.raw" in status
+        assert "running (target away)" in status, status
+        assert (mount.control / "status").read_text() == status
         qemu_io(mount.mountpoint / "vm.raw", "write -P 0x77 2M 64k")
         server.start()
         entry = wait_ready(mount, "vm.raw", timeout=60)
