@@ -69,7 +69,8 @@ def _mount_parser() -> argparse.ArgumentParser:
 
 def test_every_mount_flag_has_an_o_spelling_that_sets_the_same_field() -> None:
     parser = _mount_parser()
-    values = {"socket": "/run/x.qmp", "poll_max_ns": "0", "log_level": "debug", "metrics": "[::1]:9464"}
+    values = {"socket": "/run/x.qmp", "poll_max_ns": "0", "log_level": "debug", "metrics": "[::1]:9464",
+              "state_dir": "/var/lib/mirrorfs/vm"}
     spellings = [s.split("=")[0] for s in option_spellings(parser)]
     assert all(s in next(a for a in parser._actions if a.dest == "options").help
                for s in option_spellings(parser))

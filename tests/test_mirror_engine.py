@@ -24,6 +24,7 @@ from mirrorfs.fs.node import ImageNode, OpenHandle
 from mirrorfs.mirror import inflight
 from mirrorfs.mirror.manager import JobManager
 from mirrorfs.mirror.params import MirrorParams
+from mirrorfs.state.directory import StateDir
 
 MiB = 1024 * 1024
 
@@ -67,8 +68,8 @@ class Env:
 
 
 @asynccontextmanager
-async def engine(tmp_path: Path, content: bytes | None = None, *, size: int = 4 * MiB
-                 ) -> AsyncIterator[Env]:
+async def engine(tmp_path: Path, content: bytes | None = None, *, size: int = 4 * MiB,
+                 state: StateDir | None = None) -> AsyncIterator[Env]:
     source = tmp_path / "source.img"
     with open(source, "wb") as f:
         if content is not None:
@@ -85,7 +86,7 @@ async def engine(tmp_path: Path, content: bytes | None = None, *, size: int = 4 
 
     try:
         async with trio.open_nursery() as nursery:
-            manager = JobManager(resolve, nursery=nursery)
+            manager = JobManager(resolve, nursery=nursery, state=state)
             events: list[tuple[str, dict]] = []
             manager.add_listener(lambda e, d: events.append((e, d)))
             env = Env(tmp_path, source, node, handle, manager, events)

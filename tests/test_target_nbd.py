@@ -142,7 +142,8 @@ async def test_expected_size_checked_on_first_connect(tmp_path):
     image = make_image(tmp_path / "t.img")
     with nbdkit(image) as server:
         target = NBDTarget(server.uri, expected_size=SIZE + 512)
-        with pytest.raises(TargetFatalError, match="different export"):
+        with pytest.raises(TargetFatalError, match=f"is {SIZE} bytes, but {SIZE + 512} bytes are "
+                                                   f"needed: give a target of the image's size"):
             await target.connect()
         assert not target.connected
 

@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs and FUSE "
                         "requests); no authentication: anyone who reaches HOST:PORT reads them, so "
                         "prefer 127.0.0.1 unless the network is trusted")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep the mount's persistent jobs (mirror --persistent) in DIR (made 0700 "
+                        "if missing; one mount per directory): each later mount with it "
+                        "re-attaches every one before it answers a request, and refuses to "
+                        "start if a record does not match its image")
     p.add_argument("--log-level", default="warning", metavar="LEVEL",
                    choices=["debug", "info", "warning", "error"],
                    help="log verbosity: debug, info, warning or error (default warning)")

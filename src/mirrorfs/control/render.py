@@ -48,10 +48,13 @@ def _int(job: dict[str, Any], key: str) -> int:
 
 def job_state(job: dict[str, Any]) -> str:
     """The job's state for people: QEMU's ``status``; ``ready`` also when only ``ready`` says so;
-    ``failed: <error>`` when the job carries an error."""
+    ``failed: <error>`` when the job carries an error; ``(target away)`` after it while the
+    target is not connected."""
     status = str(job.get("status") or ("ready" if job.get("ready") else "unknown"))
     if job.get("error"):
         return f"{status}: {job['error']}"
+    if job.get("__org.mirrorfs_target-connected") is False:
+        return f"{status} (target away)"
     return status
 
 

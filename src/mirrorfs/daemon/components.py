@@ -22,7 +22,8 @@ from ..control.commands import CommandDispatcher
 from ..control.control_file import ControlFile
 from ..control.qmp_server import QMPServer
 from ..control.render import render_status_table
-from ..errors import AccessDeniedError, ImageNotFoundError, UsageError
+from ..errors import (AccessDeniedError, ImageNotFoundError, MirrorfsError, StateDirError,
+                      UsageError)
 from ..fs.control_dir import VirtualFile
 from ..fs.node import ImageNode
 from ..fs.operations import Operations
@@ -30,6 +31,8 @@ from ..metrics.collector import MountSnapshot
 from ..metrics.requests import RequestStats
 from ..metrics.server import MetricsServer
 from ..mirror.manager import JobManager
+from ..state.directory import StateDir, record_name
+from ..state.record import JobRecord
 
 
 def default_socket_path(mountpoint: str) -> str:
@@ -49,11 +52,13 @@ def default_socket_path(mountpoint: str) -> str:
 
 async def start_engine(operations: Operations, nursery: trio.Nursery, exit_stack: AsyncExitStack, *,
                        source_dir: str, mountpoint: str,
-                       socket_path: str | None) -> tuple[JobManager, QMPServer]:
+                       socket_path: str | None,
+                       state: StateDir | None = None) -> tuple[JobManager, QMPServer]:
     """Start the job manager, the QMP server and the ``.mirrorfs/`` files of one mount.
 
     Args:
         socket_path: the QMP socket; None: ``default_socket_path(mountpoint)``.
+        state: the mount's open state directory (``--state-dir``), for persistent jobs.
     """
     owner = os.getuid()
 
@@ -63,7 +68,8 @@ async def start_engine(operations: Operations, nursery: trio.Nursery, exit_stack
         except UsageError as exc:
             raise ImageNotFoundError(str(exc)) from None
 
-    manager = JobManager(resolve_node, nursery=nursery, mountpoint=mountpoint, source_dir=source_dir)
+    manager = JobManager(resolve_node, nursery=nursery, mountpoint=mountpoint, source_dir=source_dir,
+                         state=state)
     exit_stack.push_async_callback(manager.shutdown)
     dispatcher = CommandDispatcher(manager)
 
@@ -89,6 +95,26 @@ async def start_engine(operations: Operations, nursery: trio.Nursery, exit_stack
     registry.register("status.json", VirtualFile(status_json))
     registry.register("socket", VirtualFile(lambda: f"{socket_path}\n".encode()))
     return manager, server
+
+
+async def reattach_jobs(manager: JobManager, state: StateDir, records: list[JobRecord]) -> None:
+    """Re-attach every persistent job of the state directory, whether or not its target answers.
+
+    Raises:
+        StateDirError: a record that cannot be re-attached (its bitmap is gone, ended or made for
+            something else; its target is wrong for good), one line per record. The jobs
+            already attached are stopped by the mount's teardown; their records stay.
+    """
+    errors = []
+    for record in records:
+        try:
+            await manager.reattach(record)
+        except MirrorfsError as exc:
+            where = os.path.join(state.path, record_name(record.job_id))
+            errors.append(f"persistent job {record.job_id} (image {record.image}): {exc}; "
+                          f"to drop the job instead, remove {where}")
+    if errors:
+        raise StateDirError("\n".join(errors))
 
 
 def start_metrics(address: tuple[str, int], operations: Operations, source_dir: str, mountpoint: str,

@@ -13,6 +13,9 @@ Lifetime:
   requests (a real ``stat`` of ``.mirrorfs/pid`` through the kernel) or why it could not mount,
   so ``mount`` returns only once the mount is usable, and exits 2 with one line otherwise.
   ``--foreground`` runs the service in this process (for systemd, with ``READY=1``).
+- With ``--state-dir``, the state directory is opened and its records checked before the kernel
+  mount (a bad record: nothing is mounted), and every persistent job is re-attached before the
+  mount reports ready; until then opening a file through the mount waits.
 - SIGTERM, SIGINT and SIGHUP call ``pyfuse3.terminate()``; the main loop returns, the session is
   unmounted and closed first (no new requests can hang on a half-stopped process), then the
   components are torn down (jobs flush their bitmaps), then the source descriptors close.
@@ -39,14 +42,17 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
-from ..errors import MirrorfsError, MountError
+from ..errors import MirrorfsError, MountError, StateDirError
 from ..fs import fuseloop
 from ..fs.control_dir import CONTROL_DIR_NAME, VirtualFile
 from ..fs.fuseloop import DEFAULT_POLL_MAX_NS
+from ..state.directory import open_private_dir
 from . import sdnotify
 
 if TYPE_CHECKING:
     from ..control.qmp_server import QMPServer
+    from ..state.directory import StateDir
+    from ..state.record import JobRecord
     from ..metrics.server import MetricsServer
     from ..mirror.manager import JobManager
 
@@ -68,6 +74,8 @@ class MountService:
         socket_path: the QMP socket path (stored for the QMP server, which is started later).
         poll_max_ns: the request loop's largest polling window (``fuseloop``); 0: never poll.
         metrics_address: (host, port) to serve Prometheus metrics on; None: no metrics.
+        state_dir: the state directory of the mount's persistent jobs (``--state-dir``); every
+            job recorded there is re-attached before the mount reports ready.
 
     Attributes:
         operations: the pyfuse3 ``Operations`` (``operations.control_dir`` for ``.mirrorfs/``).
@@ -80,7 +88,8 @@ class MountService:
 
     def __init__(self, source_dir: str, mountpoint: str, *, allow_other: bool = False,
                  socket_path: str | None = None, poll_max_ns: int = DEFAULT_POLL_MAX_NS,
-                 metrics_address: tuple[str, int] | None = None) -> None:
+                 metrics_address: tuple[str, int] | None = None,
+                 state_dir: str | None = None) -> None:
         from ..fs.operations import Operations  # pyfuse3 only where a mount really runs
 
         self.source_dir = os.path.abspath(source_dir)
@@ -89,6 +98,9 @@ class MountService:
         self.poll_max_ns = poll_max_ns
         self.socket_path = os.path.abspath(socket_path) if socket_path else None
         self.metrics_address = metrics_address
+        self.state_dir = os.path.abspath(state_dir) if state_dir else None
+        self._state: StateDir | None = None
+        self._records: list[JobRecord] = []
         self.operations = Operations(self.source_dir)
         self.nursery: trio.Nursery | None = None
         self.exit_stack: AsyncExitStack | None = None
@@ -121,7 +133,27 @@ class MountService:
         assert self.nursery is not None and self.exit_stack is not None, "only inside run()"
         self.manager, self.qmp_server = await start_engine(
             self.operations, self.nursery, self.exit_stack, source_dir=self.source_dir,
-            mountpoint=self.mountpoint, socket_path=self.socket_path)
+            mountpoint=self.mountpoint, socket_path=self.socket_path, state=self._state)
+        if self._state is not None:
+            from .components import reattach_jobs
+
+            await reattach_jobs(self.manager, self._state, self._records)
+
+    async def _open_state(self, stack: AsyncExitStack) -> None:
+        """Open and lock the state directory and check its records against the images, before
+        anything is mounted: a record that does not match refuses the mount, with one line
+        per bad record, and nothing changes."""
+        from ..state.directory import StateDir, image_checker
+
+        if self.state_dir is None:
+            return
+        state = await trio.to_thread.run_sync(StateDir.open, self.state_dir)
+        stack.callback(state.close)  # after the jobs stopped: registered before them
+        records, errors = await trio.to_thread.run_sync(state.load_all,
+                                                        image_checker(self.source_dir))
+        if errors:
+            raise StateDirError("\n".join(errors))
+        self._state, self._records = state, records
 
     def _jobs(self) -> list[dict[str, Any]]:
         """``query-block-jobs`` of the mount; empty until the job manager runs."""
@@ -189,6 +221,7 @@ class MountService:
             signal_scope = await self.nursery.start(self._watch_signals)
             stack.callback(signal_scope.cancel)
             stack.callback(self.operations.close_all)
+            await self._open_state(stack)
             if self.metrics_address is not None:
                 # Before the kernel mount: a port in use fails the mount with nothing mounted.
                 from .components import start_metrics
@@ -206,13 +239,22 @@ class MountService:
             # INIT request, any stat of the mountpoint (a realpath() of it, say) blocks forever,
             # and a component doing one before the loop ran would deadlock the mount.
             main_done = trio.Event()
+            attached = trio.Event()
+            if self._records:
+                self.operations.hold_images(attached)
             self.nursery.start_soon(self._serve, main_done)
             try:
                 # ---- components ----
                 await self._start_components()
                 # --------------------
+                self.operations.release_images()
             except BaseException:
+                attached.set()  # the held requests fail: the jobs are not attached
                 self._terminate()
+                # The session is destroyed by the teardown: the main loop must have returned
+                # first, or its workers would still be using it (a crash, the error unreported).
+                with trio.CancelScope(shield=True):
+                    await main_done.wait()
                 raise
             if on_ready is not None:
                 self.nursery.start_soon(self._report_ready, on_ready)
@@ -283,6 +325,26 @@ def check_mount_args(source_dir: str, mountpoint: str) -> tuple[str, str]:
     return source, mnt
 
 
+def check_state_dir(state_dir: str, source: str, mountpoint: str) -> str:
+    """Refuse a state directory inside the mount or the source directory: the mount would
+    serve its records and bitmaps as images, or wait on itself to read them.
+
+    Returns:
+        its absolute path.
+
+    Raises:
+        MountError: it lies inside the mountpoint or the source directory.
+    """
+    path = os.path.abspath(state_dir)
+    real = os.path.realpath(path)
+    for name, place in (("the mountpoint", mountpoint), ("the source directory", source)):
+        real_place = os.path.realpath(place).rstrip("/")
+        if real == real_place or real.startswith(real_place + "/"):
+            raise MountError(f"state directory {path} is inside {name} {place}: choose a "
+                             f"directory outside both")
+    return path
+
+
 def default_log_file(mountpoint: str) -> str:
     """Where a detached mount logs: ``$MIRRORFS_LOG_FILE``, else a file per mountpoint in
     ``/tmp/mirrorfs-UID`` (``TMPDIR`` is honoured)."""
@@ -297,14 +359,9 @@ def _own_private_dir(path: str) -> bool:
     """Make ``path`` a directory of ours, mode 0700; False if it is a symlink, not a directory,
     or someone else's (in a shared /tmp anybody can create it first)."""
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(open_private_dir(path, "log directory", fix_mode=True))
+    except StateDirError:
         return False
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700, follow_symlinks=False)
     return True
 
 
@@ -376,15 +433,17 @@ def run_service(service: MountService, on_ready: Callable[[], None] | None) -> N
 
 def cli_mount(args: argparse.Namespace) -> int:
     """``mirrorfs mount SOURCE_DIR MOUNTPOINT [--foreground] [--socket P] [--allow-other]
-    [--poll-max-ns NS] [--metrics HOST:PORT] [--log-level L]``.
+    [--poll-max-ns NS] [--metrics HOST:PORT] [--state-dir DIR] [--log-level L]``.
 
     Raises:
         MountError: the mount cannot be made (one line for the user, exit 2).
     """
     source, mnt = check_mount_args(args.source_dir, args.mountpoint)
+    if args.state_dir:
+        args.state_dir = check_state_dir(args.state_dir, source, mnt)
     service = MountService(source, mnt, allow_other=args.allow_other, socket_path=args.socket,
                            poll_max_ns=DEFAULT_POLL_MAX_NS if args.poll_max_ns is None else args.poll_max_ns,
-                           metrics_address=args.metrics)
+                           metrics_address=args.metrics, state_dir=args.state_dir)
     if args.foreground:
         _setup_logging(args.log_level, sys.stderr)
         run_service(service, sdnotify.ready_notifier())

@@ -138,6 +138,8 @@ class Operations(pyfuse3.Operations):
         # lookup.
         self._handles = self._fhs.files
         self._vhandles = self._fhs.virtual
+        #: Set by the mount while it re-attaches its persistent jobs (``hold_images``).
+        self._images_held: Any = None
 
     # ------------------------------------------------------------------ the seam (public API)
 
@@ -162,6 +164,26 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{relpath!r} is not a regular file")
         return self._inodes.node_for(self._inodes.inode_for(rel), rel)
+
+    def hold_images(self, attached: Any) -> None:
+        """Until ``attached`` (a ``trio.Event``) is set, opening, creating or truncating a file
+        waits: the mount's persistent jobs are being re-attached, and a write before its job
+        records it would be lost to the replica. Released by ``release_images``; if the event is
+        set without that (the attach failed, the mount stops), the waiters fail with EIO."""
+        self._images_held = attached
+
+    def release_images(self) -> None:
+        """The jobs are attached: requests go on (see ``hold_images``)."""
+        attached, self._images_held = self._images_held, None
+        if attached is not None:
+            attached.set()
+
+    async def _wait_images(self) -> None:
+        attached = self._images_held
+        if attached is not None:
+            await attached.wait()
+            if self._images_held is not None:
+                raise FUSEError(errno.EIO)
 
     def time_requests(self, stats: RequestStats) -> None:
         """Count and time every request type into ``stats`` from now on (``--metrics``).
@@ -242,6 +264,8 @@ class Operations(pyfuse3.Operations):
             if fields.update_size and not (fields.update_mode or fields.update_uid or fields.update_gid):
                 return await self._getattr(inode)
             raise FUSEError(errno.EPERM)
+        if fields.update_size:
+            await self._wait_images()
         node = self._inodes.nodes.get(inode)
         if fields.update_size and node is not None and node.job is not None:
             node.job.check_modify("truncate")
@@ -403,6 +427,7 @@ class Operations(pyfuse3.Operations):
             return self._open_virtual(found[1], flags, ctx)
         if self.control_dir.is_reserved(inode):
             raise FUSEError(errno.ENOENT)
+        await self._wait_images()
         node = self._inodes.nodes.get(inode)
         if node is None:
             relpath = self._inodes.relpath(inode)
@@ -431,6 +456,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EEXIST)
         if parent_inode == CONTROL_DIR_INODE:
             raise FUSEError(errno.EACCES)
+        await self._wait_images()
         relpath = self._inodes.child(parent_inode, name)
         created = await fileio.call(create_file, self._inodes.abspath(relpath), fd_flags(flags),
                                     self._new_mode(mode, ctx), self._new_owner(ctx),

@@ -141,6 +141,10 @@ class MirrorJob(WritePath, FailureHandling):
                     if end > offset:
                         self.bitmap.mark(offset, end - offset)
                 self._set_state(JobState.RUNNING)  # the manager's sign that the job started
+                if not self.target_ok:
+                    # Started while its server is away: connect with the usual backoff.
+                    self._reconnecting = True
+                    nursery.start_soon(self._reconnect)
                 task_status.started()
                 await self.node.wait_passthrough_idle()
                 with trio.CancelScope() as scope:

@@ -29,13 +29,16 @@ from typing import Any, Callable, Iterable
 import trio
 
 from ..errors import (JobNotFoundError, MirrorfsError, SourceError, StateError, TargetError,
-                      UsageError)
+                      TargetFatalError, UsageError)
 from ..nbd.uri import parse_nbd_uri
+from ..state.directory import StateDir
+from ..state.record import JobRecord
 from ..targets.base import Target
 from . import paths
 from .extents import allocated_extents
 from .job import MirrorJob
 from .params import MirrorParams
+from .persistence import Persistence
 from .seams import JobBitmap
 from .pivot import EndPlan, Plan, prepare_pivot
 
@@ -62,15 +65,19 @@ class JobManager:
         mountpoint: the mount's path, to refuse paths that lead into the mount itself.
         source_dir: the mount's source directory, to refuse images reached through links and
             targets or bitmaps that are images of the mount.
+        state: the mount's open state directory (``--state-dir``), where persistent jobs are
+            recorded; None: ``persistent`` is refused.
     """
 
     def __init__(self, resolve_node: Callable[[str], Any], *, nursery: trio.Nursery,
-                 mountpoint: str | None = None, source_dir: str | None = None) -> None:
+                 mountpoint: str | None = None, source_dir: str | None = None,
+                 state: StateDir | None = None) -> None:
         self._resolve_node = resolve_node
         self._nursery = nursery
         # abspath, not realpath: resolving it would stat the mount from the thread that serves it
         self._mountpoint = os.path.abspath(mountpoint) if mountpoint else None
         self._source_dir = os.path.abspath(source_dir) if source_dir else None
+        self._persistence = Persistence(state)
         self.jobs: dict[str, MirrorJob] = {}
         #: files in use -> who uses them: a running job's target and bitmap, and a target a
         #: local pivot made an image's backing file (keyed by that node); see ``paths``.
@@ -109,12 +116,34 @@ class JobManager:
         job's file (``paths``, resolved off the trio thread). If the start fails after that,
         whatever it created or opened is undone (``undo``, in reverse order).
 
+        An NBD target that cannot be reached now does not stop the start: the job starts with
+        its target lost and reconnects with the usual backoff (only a target wrong for good is
+        refused). A persistent job is recorded in the state directory before it runs; the
+        record goes again if the start fails.
+
         Raises:
             UsageError: unknown image, an image with a second name, bad target or bitmap path,
-                mismatched bitmap, a target locked by another program.
+                mismatched bitmap, a target locked by another program or wrong for good,
+                ``persistent`` without a state directory.
             StateError: the image or job id already has a running job.
             SourceError: the image cannot be read.
+            StateDirError: the record cannot be saved.
         """
+        if params.persistent:
+            params = self._persistence.params(params)
+        return await self._start(params, None)
+
+    async def reattach(self, record: JobRecord) -> MirrorJob:
+        """Start a persistent job again from its record (a mount with ``--state-dir``): a
+        ``--sync dirty`` resume from its bitmap, whether or not its target answers now.
+
+        Raises:
+            as ``start_mirror``: a bitmap that does not match, a target wrong for good.
+        """
+        return await self._start(self._persistence.reattach_params(record), record)
+
+    async def _start(self, params: MirrorParams, record: JobRecord | None) -> MirrorJob:
+        """``start_mirror``; ``record``: the saved record of a job being re-attached."""
         async with self._lock:
             old = self.jobs.get(params.job_id)
             if old is not None and not old.finished:
@@ -142,6 +171,8 @@ class JobManager:
                     self._make_bitmap, params, node, target, size)
                 undo.callback(_undo_bitmap, bitmap, params.bitmap if bitmap_is_new else None,
                               resumed=params.sync == "dirty")
+                if params.persistent and record is None:
+                    await self._persistence.save(params, size, undo)
                 job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit,
                                 end_lock=self._lock)
                 undo.callback(self._forget, job, old)
@@ -149,8 +180,9 @@ class JobManager:
                 self._claims[job] = dict(claims)
                 await self._nursery.start(self._run_job, job)
                 undo.pop_all()  # started: the job owns all of it now
-            log.info("job %s: mirroring %s to %s (sync %s)", job.id, params.image,
-                     target.description, params.sync)
+            log.info("job %s: mirroring %s to %s (sync %s%s)", job.id, params.image,
+                     target.description, params.sync,
+                     "" if job.target_ok else "; the target is not reachable yet")
             return job
 
     def _forget(self, job: MirrorJob, previous: MirrorJob | None) -> None:
@@ -196,15 +228,18 @@ class JobManager:
 
             if params.create:
                 raise UsageError("an NBD target cannot be created; drop --create / mode=absolute-paths")
-            target: Target = NBDTarget(params.target)
+            # The image's size is the target's from the start: a server that is away now is
+            # checked when it first answers (the reconnect fails the job if it differs).
+            target: Target = NBDTarget(params.target, expected_size=size)
             undo.push_async_callback(_close_target, target)
             try:
                 await target.connect()
-            except TargetError as exc:
+            except TargetFatalError as exc:
                 raise UsageError(f"cannot use target {params.target}: {exc}") from None
-            if target.size != size:
-                raise UsageError(f"target {target.description} is {target.size} bytes but the "
-                                 f"image is {size}; give a target of the same size")
+            except TargetError as exc:
+                # Away for now (refused, no socket, timeout): the job starts without it.
+                log.warning("job %s: target %s cannot be reached now (%s); the job starts and "
+                            "connects when it answers", params.job_id, target.description, exc)
             return target
         from ..targets.local import LocalFileTarget
 
@@ -408,6 +443,7 @@ class JobManager:
                 for job in jobs:  # auto-dismiss: ended jobs leave the list at once
                     if self.jobs.get(job.id) is job:
                         del self.jobs[job.id]
+                await self._persistence.drop_ended(jobs)
             finally:
                 for job in held:
                     job.release_copy()

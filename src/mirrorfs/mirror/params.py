@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from ..bitmap.memory import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY, check_granularity
 from ..errors import UsageError
 from ..nbd.uri import is_nbd_uri, parse_nbd_uri
+from ..state.record import JOB_ID_RE
 from ..units import parse_size
 
 __all__ = ["Param", "MIRROR_PARAMS", "JOB_COMMANDS", "MirrorParams", "job_arguments", "params_of",
@@ -126,6 +127,9 @@ MIRROR_PARAMS: tuple[Param, ...] = (
               ("ignore", "the job goes on and reads the range again later"),
               *_POLICY_COMMON)),
     Param("job-id", "str", "name of the job in QMP and events (default IMAGE)", metavar="ID"),
+    Param("persistent", "bool", "record the job in the mount's state directory (mount "
+          "--state-dir) so every later mount re-attaches it before it answers a request; its "
+          "bitmap lives there unless --bitmap names one", default=False),
     # QEMU's arguments, accepted so that QEMU's clients work unchanged.
     Param("mode", "choice", "absolute-paths: create the target", default="existing",
           choices=(("existing", "the target exists"), ("absolute-paths", "create the target")), cli=False),
@@ -332,6 +336,14 @@ def check_target(target: Any) -> str:
     return target
 
 
+def _check_persistent_id(job_id: str, *, given: bool) -> None:
+    """A persistent job's id names its record file: refuse one that could not."""
+    if not JOB_ID_RE.match(job_id):
+        what = f"job id {job_id!r}" if given else f"the default job id (the image name {job_id!r})"
+        raise UsageError(f"a persistent job's id names its record file: {what} may hold only "
+                         f"letters, digits and _.+- (not first: . + -), up to 128; give --job-id")
+
+
 # ---------------------------------------------------------------------------- drive-mirror
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +365,8 @@ class MirrorParams:
     #: compare every cluster of source and target instead of trusting the bitmap (copy those that
     #: differ): the way to resume from a bitmap whose job ended
     verify_resync: bool = False
+    #: recorded in the mount's state directory, re-attached by every later mount
+    persistent: bool = False
 
     @classmethod
     def from_arguments(cls, args: Mapping[str, Any]) -> "MirrorParams":
@@ -382,10 +396,14 @@ class MirrorParams:
         if verify and sync not in ("dirty", "full"):
             raise UsageError(f"verify-resync compares every cluster: it goes with sync 'dirty' or "
                              f"'full', not {sync!r}")
-        return cls(image=image, target=target, job_id=v["job-id"] or image, sync=sync,
+        job_id = v["job-id"] or image
+        if v["persistent"]:
+            _check_persistent_id(job_id, given="job-id" in args)
+        return cls(image=image, target=target, job_id=job_id, sync=sync,
                    granularity=granularity, bitmap=bitmap, speed=v["speed"], buf_size=buf_size,
                    create=create, copy_mode=v["copy-mode"], on_target_error=v["on-target-error"],
-                   on_source_error=v["on-source-error"], verify_resync=verify)
+                   on_source_error=v["on-source-error"], verify_resync=verify,
+                   persistent=v["persistent"])
 
     @property
     def is_nbd(self) -> bool:

@@ -56,28 +56,8 @@ class StateDir:
                 used by another mount, or cannot be created.
         """
         path = os.path.abspath(os.fspath(path))
+        fd = open_private_dir(path, "state directory")
         try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise StateDirError(f"cannot create state directory {path}: {exc.strerror}") from None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                what = "a symbolic link" if os.path.islink(path) else "not a directory"
-                raise StateDirError(f"state directory {path} is {what}: give a directory of "
-                                    f"your own") from None
-            raise StateDirError(f"cannot open state directory {path}: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if st.st_uid != os.geteuid():
-                raise StateDirError(f"state directory {path} belongs to uid {st.st_uid}, not to "
-                                    f"you: give a directory of your own")
-            if st.st_mode & 0o022:
-                raise StateDirError(f"state directory {path} is writable by others (mode "
-                                    f"{stat.S_IMODE(st.st_mode):04o}): chmod 700 it")
             lock_fd = cls._lock(fd, path)
         except BaseException:
             os.close(fd)
@@ -241,6 +221,54 @@ class StateDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_private_dir(path: str, what: str, *, fix_mode: bool = False) -> int:
+    """Open ``path`` as a directory of this user's that nobody else may write, creating it 0700
+    if it is missing; never through a symbolic link (whoever could write it, or swap it for a
+    link, could plant files that we then trust).
+
+    Args:
+        what: how messages name it ("state directory").
+        fix_mode: make a directory of ours 0700 instead of refusing one that others may write.
+
+    Returns:
+        a descriptor of the directory (``O_DIRECTORY``), the caller's to close.
+
+    Raises:
+        StateDirError: a symbolic link, not a directory, another user's, writable by others, or
+            it cannot be created or opened.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StateDirError(f"cannot create {what} {path}: {exc.strerror}") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            kind = "a symbolic link" if os.path.islink(path) else "not a directory"
+            raise StateDirError(f"{what} {path} is {kind}: give a directory of your own") from None
+        raise StateDirError(f"cannot open {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise StateDirError(f"{what} {path} belongs to uid {st.st_uid}, not to you: give a "
+                                f"directory of your own")
+        if stat.S_IMODE(st.st_mode) != 0o700 and fix_mode:
+            os.fchmod(fd, 0o700)
+        elif st.st_mode & 0o022:
+            raise StateDirError(f"{what} {path} is writable by others (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}): chmod 700 it")
+    except OSError as exc:
+        os.close(fd)
+        raise StateDirError(f"cannot make {what} {path} private: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def image_checker(source_dir: str | os.PathLike[str]) -> Callable[[JobRecord], None]:

@@ -85,7 +85,11 @@ class NBDTarget(Target):
                                              tls=self._ssl_context)
             identity = (client.info.name, client.info.description)
             problem = None
-            if self._size is not None and client.size != self._size:
+            if self._size is not None and client.size != self._size and self._identity is None:
+                # Never connected before: the size is the one the caller expects (the image's).
+                problem = (f"{self.description} is {client.size} bytes, but {self._size} bytes "
+                           f"are needed: give a target of the image's size")
+            elif self._size is not None and client.size != self._size:
                 problem = (f"{self.description} is {client.size} bytes but the target was "
                            f"{self._size} bytes: refusing to write to a different export")
             elif self._identity is not None and identity != self._identity:
