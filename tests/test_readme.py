@@ -51,6 +51,7 @@ EXPECT: dict[str, list[str]] = {
                       r"mirror vm\.raw \S+ create=true.*ok",
                       r"complete vm\.raw pivot=false.*ok",
                       r"pause vm\.raw.*error", r"backup/vm\.raw is identical"],
+    "persistent-replication": [r"db\.raw\s+running \(target away\)", r"Images are identical\."],
     "crash-recipe": [r"dirty: finish the interrupted job", r"Images are identical\.",
                      r"ended: its job ended at .*\n.*exit 1"],
 }
