@@ -535,6 +535,10 @@ class DirtyBitmap(_BitmapCore):
     # The durability half of the engine's bitmap seam: memory has nothing to make durable.
     was_clean = True
 
+    def recent_cleared(self) -> tuple[int, ...]:
+        """The clusters the last clear commits cleared in a file: none, in memory only."""
+        return ()
+
     def begin_clear_commit(self) -> None:
         return None
 
