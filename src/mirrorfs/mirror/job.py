@@ -32,13 +32,15 @@ the FUSE layer, which turns every exception into an errno (``fs/operations.py``)
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 import trio
 
 from .. import fileio
-from ..errors import SourceError, StateError, TargetError
+from ..errors import SourceError, StateError, TargetError, UsageError
+from . import resume
 from ..targets.base import Target
 from .gate import ActivityCounter, IOGate
 from .copy import CopyTask
@@ -101,7 +103,17 @@ class MirrorJob(WritePath, FailureHandling):
         self.successor: ImageIO | None = None
         self.stats = {"copied-bytes": 0, "zeroed-bytes": 0, "duplicated-bytes": 0,
                       "skipped-duplicates": 0, "conflicts": 0, "verified-equal-bytes": 0,
-                      "reconnects": 0}
+                      "reconnects": 0, "outages": 0, "resume-samples": 0}
+        #: A ``dirty`` resume compares clean clusters before it trusts the bitmap (``resume.py``):
+        #: at the start, or at the first connect of a target that was away then.
+        self.resume_check_pending = (params.sync == "dirty" and not params.verify_resync
+                                     and not bitmap.volatile)
+        #: When the oldest write not yet on the target was made (ns since the epoch; None: in
+        #: sync). Set at the start when there is work, and by the first write that is not
+        #: duplicated (``_abandon``); cleared once the job is ready and settled. No clock read
+        #: on the duplicated write path.
+        self.behind_since: int | None = time.time_ns() if bitmap.count() else None
+        self._lag_exceeded = False
         self._dup_bytes = 0
         self._duplicates = ActivityCounter()
         #: The target answers (False from a lost connection until a reconnect).
@@ -130,18 +142,20 @@ class MirrorJob(WritePath, FailureHandling):
         except OSError as exc:
             raise SourceError(f"cannot read image {self.params.image!r}: {exc.strerror}",
                               errno=exc.errno) from None
+        if self.resume_check_pending and self.target_ok:
+            try:
+                await self._check_before_start()
+            except BaseException:
+                self.copy.close_source()
+                raise
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.node.job = self
-                # Writes that began before we attached bypass the write path: mark their ranges
-                # and let them land before the first copy reads the source.
-                for offset, length in list(self.node.passthrough_writes.values()):
-                    end = min(offset + length, self.size)
-                    if end > offset:
-                        self.bitmap.mark(offset, end - offset)
+                self._attach_node()
                 self._set_state(JobState.RUNNING)  # the manager's sign that the job started
                 task_status.started()
+                if self.params.max_lag > 0:
+                    nursery.start_soon(self._watch_lag)
                 await self.node.wait_passthrough_idle()
                 with trio.CancelScope() as scope:
                     self._cancel_scope = scope
@@ -163,6 +177,87 @@ class MirrorJob(WritePath, FailureHandling):
             self._close_bitmap(clean=True, ended=True)
             self._detach()
             self._ended.set()
+
+    def _attach_node(self) -> None:
+        """From now on the FUSE layer sends the image's requests to the job."""
+        self.node.job = self
+        # Writes that began before we attached bypass the write path: mark their ranges and let
+        # them land before the first copy (or resume sample) reads the source.
+        for offset, length in list(self.node.passthrough_writes.values()):
+            end = min(offset + length, self.size)
+            if end > offset:
+                self.bitmap.mark(offset, end - offset)
+
+    async def _check_before_start(self) -> None:
+        """The resume check of a start: attached with the gate closed, so every write is
+        recorded and none lands on a sampled cluster while it runs; writes wait until it ends.
+
+        A refusal closes the bitmap as it was found (its ctime noted) before the waiting writes
+        go on, unrecorded, to the source: a later resume then sees that the image changed.
+
+        Raises:
+            StateError: a sampled clean cluster differs and ``on-mismatch`` is ``refuse``.
+            UsageError: the target cannot be read.
+            SourceError: the image cannot be read.
+        """
+        self.gate.close()
+        try:
+            self._attach_node()
+            await self.node.wait_passthrough_idle()
+            try:
+                await self._check_resume()
+            except TargetError as exc:
+                raise UsageError(f"cannot use target {self.target.description}: {exc}") from None
+        except BaseException:
+            self.finished = True
+            self._close_bitmap(clean=self.bitmap.was_clean)
+            self._detach_node()
+            raise
+        finally:
+            self.gate.open()
+
+    async def _check_resume(self) -> None:
+        """Compare sampled clean clusters of image and target and apply ``on-mismatch``.
+
+        Raises:
+            StateError: a cluster differs and ``on-mismatch`` is ``refuse``.
+            TargetError, SourceError: a read failed (the check is still pending).
+        """
+        g = self.params.granularity
+        samples = resume.pick_samples(self.bitmap, self.bitmap.recent_cleared(),
+                                      resume.RANDOM_SAMPLES, resume.seeded_rng())
+        found = await resume.first_mismatch(
+            samples, granularity=g, size=self.size, read_source=self.copy.read_source,
+            read_target=self.target.pread, still_clean=lambda c: not self.bitmap.is_dirty(c * g, 1))
+        self.resume_check_pending = False
+        self.stats["resume-samples"] = len(samples) if found is None else found.compared
+        if found is None:
+            log.info("job %s: resume check: the %d sampled clean clusters are equal on the "
+                     "target", self.id, len(samples))
+            return
+        if self.params.on_mismatch != "full":
+            raise StateError(resume.mismatch_message(self.id, self.params.image,
+                                                     self.target.description, self.params.bitmap,
+                                                     found))
+        log.warning("job %s: cluster %d differs on the target although the bitmap calls it "
+                    "clean; on-mismatch full: copying every cluster", self.id, found.cluster)
+        self.bitmap.set_all()
+        if self.behind_since is None:
+            self.behind_since = time.time_ns()
+        self.copy.dirtied()
+
+    async def _resume_check_at_connect(self) -> None:
+        """A target that was away at the start is checked at its first connect, before any
+        copy or duplicate writes it; a refused mismatch fails the job.
+
+        Raises:
+            TargetError: the target went away again (the check stays pending).
+        """
+        if self.resume_check_pending:
+            try:
+                await self._check_resume()
+            except StateError as exc:
+                self._fail(str(exc))
 
     def _detach(self) -> None:
         self._detach_node()
@@ -201,6 +296,40 @@ class MirrorJob(WritePath, FailureHandling):
     def offset(self) -> int:
         return self.size - self.bitmap.dirty_bytes()
 
+    def recovery_point_age(self, now: int) -> float:
+        """Seconds from the oldest write not yet on the target to ``now`` (ns since the epoch);
+        0 in sync. The one source of the recovery point: status, events and a journal's oldest
+        pending record (while one holds the writes) meet here."""
+        since = self.behind_since
+        return 0.0 if since is None else max(0, now - since) / 1e9
+
+    def bytes_behind(self) -> int:
+        """Bytes the target lacks: the dirty clusters (which include writes in flight)."""
+        return self.bitmap.dirty_bytes()
+
+    async def _watch_lag(self) -> None:
+        """The job's tick for ``max-lag``: one event when the recovery point gets older than it,
+        one when it is back under."""
+        limit = self.params.max_lag
+        tick = min(1.0, max(0.05, limit / 4))
+        try:
+            while True:
+                await trio.sleep(tick)
+                age = self.recovery_point_age(time.time_ns())
+                if (age > limit) == self._lag_exceeded:
+                    continue
+                self._lag_exceeded = age > limit
+                data = {"device": self.id, "recovery-point-age": round(age, 3), "max-lag": limit}
+                if self._lag_exceeded:
+                    log.warning("job %s: recovery point %.1f s old, more than max-lag %g s",
+                                self.id, age, limit)
+                    self._emit("__org.mirrorfs_MAX_LAG_EXCEEDED", data)
+                else:
+                    log.info("job %s: recovery point back under max-lag", self.id)
+                    self._emit("__org.mirrorfs_MAX_LAG_RECOVERED", data)
+        except Exception as exc:
+            self.contain(exc, "the max-lag check")
+
     def info(self) -> dict:
         """This job as a QMP BlockJobInfo (plus mirrorfs's fields)."""
         entry = {
@@ -212,6 +341,8 @@ class MirrorJob(WritePath, FailureHandling):
             "copy-mode": self.params.copy_mode, "rate": int(self.meter.rate),
             "__org.mirrorfs_image": self.params.image,
             "__org.mirrorfs_target-connected": self.target_ok,
+            "__org.mirrorfs_recovery-point-age": round(self.recovery_point_age(time.time_ns()), 3),
+            "__org.mirrorfs_bytes-behind": self.bytes_behind(),
         }
         entry.update({f"__org.mirrorfs_{k}": v for k, v in self.stats.items()})
         if self.error is not None:
@@ -307,6 +438,7 @@ class MirrorJob(WritePath, FailureHandling):
     # ------------------------------------------------------------------ states and errors
 
     def become_ready(self) -> None:
+        self.behind_since = None
         self._set_state(JobState.READY)
         self._emit("BLOCK_JOB_READY", self._event_data())
 

@@ -50,7 +50,7 @@ class Param:
     Attributes:
         key: QEMU's name: the QMP argument, the control file's ``key=value`` and (as ``--key``)
             the CLI option.
-        kind: ``"str"``, ``"size"`` (bytes, ``64K``), ``"rate"`` (bytes/s), ``"bool"``,
+        kind: ``"str"``, ``"size"`` (bytes, ``64K``), ``"rate"`` (bytes/s), ``"seconds"``, ``"bool"``,
             ``"choice"``, ``"path"`` (absolute: the CLI resolves a relative one), ``"image"``
             (relative to the mount), ``"target"`` (a path or NBD URI) or ``"job"`` (a job's
             name, looked up by the manager).
@@ -125,6 +125,15 @@ MIRROR_PARAMS: tuple[Param, ...] = (
               ("report", "the job fails"),
               ("ignore", "the job goes on and reads the range again later"),
               *_POLICY_COMMON)),
+    Param("on-mismatch", "choice", "what a --sync dirty resume does when a clean cluster it "
+          "samples (random ones and the ones cleared last) differs between image and target",
+          default="refuse", choices=(
+              ("refuse", "the job does not start and nothing changes"),
+              ("full", "every cluster is set dirty and copied again"))),
+    Param("max-lag", "seconds", "emit __org.mirrorfs_MAX_LAG_EXCEEDED when the recovery point "
+          "(the oldest write not yet on the target) is older than SECONDS, and "
+          "__org.mirrorfs_MAX_LAG_RECOVERED when it is back under (default 0: off)",
+          default=0.0, metavar="SECONDS"),
     Param("job-id", "str", "name of the job in QMP and events (default IMAGE)", metavar="ID"),
     # QEMU's arguments, accepted so that QEMU's clients work unchanged.
     Param("mode", "choice", "absolute-paths: create the target", default="existing",
@@ -226,6 +235,26 @@ def _number(key: str, value: Any) -> int:
     return number
 
 
+def _seconds(key: str, value: Any) -> float:
+    """A duration: a finite, non-negative number of seconds (a JSON number, or text such as
+    ``30`` or ``0.5``)."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = None
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number < 0:
+        raise UsageError(f"invalid {key} {value!r}: expected a number of seconds, 0 or more, "
+                         f"such as 30 or 0.5")
+    return number
+
+
 def _string(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise UsageError(f"parameter {key!r} must be a non-empty string")
@@ -241,6 +270,8 @@ def _value(param: Param, args: Mapping[str, Any]) -> Any:
     value = args[param.key]
     if param.kind in ("size", "rate"):
         return _number(param.key, value)
+    if param.kind == "seconds":
+        return _seconds(param.key, value)
     if param.kind == "bool":
         return _bool(param.key, value)
     if param.kind == "choice":
@@ -353,6 +384,10 @@ class MirrorParams:
     #: compare every cluster of source and target instead of trusting the bitmap (copy those that
     #: differ): the way to resume from a bitmap whose job ended
     verify_resync: bool = False
+    #: what a ``dirty`` resume does when a sampled clean cluster differs: refuse or full
+    on_mismatch: str = "refuse"
+    #: seconds; a recovery point older than this is reported by an event (0: off)
+    max_lag: float = 0.0
 
     @classmethod
     def from_arguments(cls, args: Mapping[str, Any]) -> "MirrorParams":
@@ -382,10 +417,14 @@ class MirrorParams:
         if verify and sync not in ("dirty", "full"):
             raise UsageError(f"verify-resync compares every cluster: it goes with sync 'dirty' or "
                              f"'full', not {sync!r}")
+        if v["on-mismatch"] == "full" and sync != "dirty":
+            raise UsageError(f"on-mismatch decides what a resume does when its bitmap proves wrong: "
+                             f"it goes with sync 'dirty', not {sync!r}")
         return cls(image=image, target=target, job_id=v["job-id"] or image, sync=sync,
                    granularity=granularity, bitmap=bitmap, speed=v["speed"], buf_size=buf_size,
                    create=create, copy_mode=v["copy-mode"], on_target_error=v["on-target-error"],
-                   on_source_error=v["on-source-error"], verify_resync=verify)
+                   on_source_error=v["on-source-error"], verify_resync=verify,
+                   on_mismatch=v["on-mismatch"], max_lag=v["max-lag"])
 
     @property
     def is_nbd(self) -> bool:

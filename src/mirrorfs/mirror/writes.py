@@ -8,6 +8,7 @@ it keeps are in ``docs/write-copy-race.md``; why the inline write may skip regis
 from __future__ import annotations
 
 import logging
+import time
 from typing import AbstractSet
 
 from .. import fileio
@@ -66,6 +67,8 @@ class WritePath:
             self.bitmap.mark(offset, length)
         else:
             self.inflight.unregister(op)
+        if self.behind_since is None:  # the recovery point: this write is not on the target
+            self.behind_since = time.time_ns()
         self.copy.dirtied()
 
     def _duplicated(self, op: Operation | None, offset: int, length: int,
