@@ -71,6 +71,19 @@ def mirror_write_and_stop(mount: Any, target: str, bitmap: Path, *, cluster: int
     mount.unmount()
 
 
+def stopped_local_job(mount_factory: Any, tmp_path: Path, *, cluster: int
+                      ) -> tuple[Any, Path, Path, Path]:
+    """A 4 MiB image (64 clusters at 64K: the random samples are every clean cluster) mirrored
+    to a local file with a bitmap, stopped by an unmount: (mount, source, target, bitmap)."""
+    mount = mount_factory()
+    source = mount.source / "vm.raw"
+    make_image(source, 4 * MiB)
+    target, bitmap = tmp_path / "target.raw", tmp_path / "vm.bitmap"
+    make_blank(target, 4 * MiB)
+    mirror_write_and_stop(mount, str(target), bitmap, cluster=cluster)
+    return mount, source, target, bitmap
+
+
 def resume_refused(mount: Any, target: str, bitmap: Path, *extra: str) -> str:
     """``mirror --sync dirty`` that must be refused; returns its one line."""
     r = mount.cli("mirror", mount.mountpoint, "vm.raw", target, "--sync", "dirty", "--bitmap",
@@ -83,13 +96,7 @@ def resume_refused(mount: Any, target: str, bitmap: Path, *extra: str) -> str:
 
 def test_a_changed_clean_cluster_refuses_the_resume_and_on_mismatch_full_resyncs(
         mount_factory: Any, tmp_path: Path) -> None:
-    """4 MiB at 64K: 64 clusters, so the random samples are every clean cluster."""
-    mount = mount_factory()
-    source = mount.source / "vm.raw"
-    make_image(source, 4 * MiB)
-    target, bitmap = tmp_path / "target.raw", tmp_path / "vm.bitmap"
-    make_blank(target, 4 * MiB)
-    mirror_write_and_stop(mount, str(target), bitmap, cluster=5)
+    mount, source, target, bitmap = stopped_local_job(mount_factory, tmp_path, cluster=5)
     assert inspect(mount, bitmap)["dirty-clusters"] == 0
     corrupt(target, 37 * G + 1000)
     before = (digest(source), digest(target), {k: v for k, v in inspect(mount, bitmap).items()
@@ -176,12 +183,7 @@ def to_version2(path: Path) -> None:
 
 def test_a_version2_bitmap_resumes_with_random_samples_only(mount_factory: Any,
                                                               tmp_path: Path) -> None:
-    mount = mount_factory()
-    source = mount.source / "vm.raw"
-    make_image(source, 4 * MiB)
-    target, bitmap = tmp_path / "target.raw", tmp_path / "vm.bitmap"
-    make_blank(target, 4 * MiB)
-    mirror_write_and_stop(mount, str(target), bitmap, cluster=9)
+    mount, source, target, bitmap = stopped_local_job(mount_factory, tmp_path, cluster=9)
     to_version2(bitmap)
     info = inspect(mount, bitmap)
     assert info["version"] == 2 and info["recently-cleared"] == [] and info["exit-code"] == 0

@@ -5,7 +5,8 @@ FUSE layer calls ``read``/``write``/``fsync``/``check_modify`` for every request
 the job is attached to its node; the manager drives ``pause``/``resume``/``set_speed`` and the
 ending actions (complete, cancel, shutdown), which it runs under the job's I/O gate. The write
 interception is in ``writes.py``, the background copy in ``copy.py``, the error policies in
-``failures.py``, the states in ``state.py``.
+``failures.py``, the states in ``state.py``, the check of a ``dirty`` resume in
+``resume_check.py``, the recovery point in ``lag.py``.
 
 Invariants (each stated with its code in ``docs/architecture.md``):
 - The bitmap over-approximates the clusters where target and source differ: bits are set
@@ -39,12 +40,13 @@ from typing import Any, AsyncIterator, Callable
 import trio
 
 from .. import fileio
-from ..errors import SourceError, StateError, TargetError, UsageError
-from . import resume
+from ..errors import SourceError, StateError, TargetError
 from ..targets.base import Target
 from .gate import ActivityCounter, IOGate
 from .copy import CopyTask
 from .failures import FailureHandling
+from .lag import RecoveryPoint
+from .resume_check import ResumeCheck
 from .inflight import InflightOps
 from .params import MirrorParams
 from .seams import Handle, ImageIO, JobBitmap, Node
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 EmitFn = Callable[[str, dict], None]
 
 
-class MirrorJob(WritePath, FailureHandling):
+class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
     """A running mirror of one image to one target.
 
     Args:
@@ -188,77 +190,6 @@ class MirrorJob(WritePath, FailureHandling):
             if end > offset:
                 self.bitmap.mark(offset, end - offset)
 
-    async def _check_before_start(self) -> None:
-        """The resume check of a start: attached with the gate closed, so every write is
-        recorded and none lands on a sampled cluster while it runs; writes wait until it ends.
-
-        A refusal closes the bitmap as it was found (its ctime noted) before the waiting writes
-        go on, unrecorded, to the source: a later resume then sees that the image changed.
-
-        Raises:
-            StateError: a sampled clean cluster differs and ``on-mismatch`` is ``refuse``.
-            UsageError: the target cannot be read.
-            SourceError: the image cannot be read.
-        """
-        self.gate.close()
-        try:
-            self._attach_node()
-            await self.node.wait_passthrough_idle()
-            try:
-                await self._check_resume()
-            except TargetError as exc:
-                raise UsageError(f"cannot use target {self.target.description}: {exc}") from None
-        except BaseException:
-            self.finished = True
-            self._close_bitmap(clean=self.bitmap.was_clean)
-            self._detach_node()
-            raise
-        finally:
-            self.gate.open()
-
-    async def _check_resume(self) -> None:
-        """Compare sampled clean clusters of image and target and apply ``on-mismatch``.
-
-        Raises:
-            StateError: a cluster differs and ``on-mismatch`` is ``refuse``.
-            TargetError, SourceError: a read failed (the check is still pending).
-        """
-        g = self.params.granularity
-        samples = resume.pick_samples(self.bitmap, self.bitmap.recent_cleared(),
-                                      resume.RANDOM_SAMPLES, resume.seeded_rng())
-        found = await resume.first_mismatch(
-            samples, granularity=g, size=self.size, read_source=self.copy.read_source,
-            read_target=self.target.pread, still_clean=lambda c: not self.bitmap.is_dirty(c * g, 1))
-        self.resume_check_pending = False
-        self.stats["resume-samples"] = len(samples) if found is None else found.compared
-        if found is None:
-            log.info("job %s: resume check: the %d sampled clean clusters are equal on the "
-                     "target", self.id, len(samples))
-            return
-        if self.params.on_mismatch != "full":
-            raise StateError(resume.mismatch_message(self.id, self.params.image,
-                                                     self.target.description, self.params.bitmap,
-                                                     found))
-        log.warning("job %s: cluster %d differs on the target although the bitmap calls it "
-                    "clean; on-mismatch full: copying every cluster", self.id, found.cluster)
-        self.bitmap.set_all()
-        if self.behind_since is None:
-            self.behind_since = time.time_ns()
-        self.copy.dirtied()
-
-    async def _resume_check_at_connect(self) -> None:
-        """A target that was away at the start is checked at its first connect, before any
-        copy or duplicate writes it; a refused mismatch fails the job.
-
-        Raises:
-            TargetError: the target went away again (the check stays pending).
-        """
-        if self.resume_check_pending:
-            try:
-                await self._check_resume()
-            except StateError as exc:
-                self._fail(str(exc))
-
     def _detach(self) -> None:
         self._detach_node()
         self.copy.detach()
@@ -295,40 +226,6 @@ class MirrorJob(WritePath, FailureHandling):
     @property
     def offset(self) -> int:
         return self.size - self.bitmap.dirty_bytes()
-
-    def recovery_point_age(self, now: int) -> float:
-        """Seconds from the oldest write not yet on the target to ``now`` (ns since the epoch);
-        0 in sync. The one source of the recovery point: status, events and a journal's oldest
-        pending record (while one holds the writes) meet here."""
-        since = self.behind_since
-        return 0.0 if since is None else max(0, now - since) / 1e9
-
-    def bytes_behind(self) -> int:
-        """Bytes the target lacks: the dirty clusters (which include writes in flight)."""
-        return self.bitmap.dirty_bytes()
-
-    async def _watch_lag(self) -> None:
-        """The job's tick for ``max-lag``: one event when the recovery point gets older than it,
-        one when it is back under."""
-        limit = self.params.max_lag
-        tick = min(1.0, max(0.05, limit / 4))
-        try:
-            while True:
-                await trio.sleep(tick)
-                age = self.recovery_point_age(time.time_ns())
-                if (age > limit) == self._lag_exceeded:
-                    continue
-                self._lag_exceeded = age > limit
-                data = {"device": self.id, "recovery-point-age": round(age, 3), "max-lag": limit}
-                if self._lag_exceeded:
-                    log.warning("job %s: recovery point %.1f s old, more than max-lag %g s",
-                                self.id, age, limit)
-                    self._emit("__org.mirrorfs_MAX_LAG_EXCEEDED", data)
-                else:
-                    log.info("job %s: recovery point back under max-lag", self.id)
-                    self._emit("__org.mirrorfs_MAX_LAG_RECOVERED", data)
-        except Exception as exc:
-            self.contain(exc, "the max-lag check")
 
     def info(self) -> dict:
         """This job as a QMP BlockJobInfo (plus mirrorfs's fields)."""

@@ -8,10 +8,9 @@ breaks that silently. So a resume compares some clean clusters of image and targ
   cleared (``format.RECENT_*``; what a lost or rolled-back target write gets wrong first, so
   these are compared every time, not left to chance), plus random clean ones, seedable through
   ``MIRRORFS_RESUME_SEED``.
-- ``first_mismatch`` reads each from both sides and returns the first that differs.
+- ``mismatch_message``: the one line of a refusal.
 
-The job runs them before it answers writes (``MirrorJob`` applies ``on-mismatch``); the message
-of a refusal comes from ``mismatch_message``.
+Pure: the reads and ``on-mismatch`` are the job's (``resume_check.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -27,9 +26,6 @@ from .seams import JobBitmap
 
 #: Random clean clusters a resume compares, besides the recently cleared ones.
 RANDOM_SAMPLES = 64
-
-ReadFn = Callable[[int, int], Awaitable[bytes]]
-
 
 @dataclass(frozen=True)
 class Mismatch:
@@ -82,29 +78,6 @@ def pick_samples(bitmap: JobBitmap, recent: Iterable[int], count: int,
             if len(extra) == count:
                 break
     return chosen + sorted(extra)
-
-
-async def first_mismatch(samples: Sequence[int], *, granularity: int, size: int,
-                         read_source: ReadFn, read_target: ReadFn,
-                         still_clean: Callable[[int], bool] = lambda c: True) -> Mismatch | None:
-    """Compare each sampled cluster of image and target; the first that differs, or None.
-
-    ``still_clean``: asked after the reads; a cluster that was written meanwhile (dirty now) is
-    not evidence either way and is skipped.
-
-    Raises:
-        SourceError, TargetError: a read failed.
-    """
-    for n, cluster in enumerate(samples, 1):
-        offset = cluster * granularity
-        length = min(granularity, size - offset)
-        if length <= 0:
-            continue
-        source = await read_source(offset, length)
-        target = await read_target(offset, length)
-        if source != target and still_clean(cluster):
-            return Mismatch(cluster, offset, length, n, len(samples))
-    return None
 
 
 def mismatch_message(job_id: str, image: str, target: str, bitmap: str | None,
