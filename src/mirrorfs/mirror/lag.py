@@ -10,14 +10,35 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING, Callable
 
 import trio
+
+from .seams import JobBitmap
+
+if TYPE_CHECKING:
+    from .params import MirrorParams
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
 
 class RecoveryPoint:
-    """The recovery point of a ``MirrorJob`` and its ``max-lag`` events."""
+    """The recovery point of a ``MirrorJob`` and its ``max-lag`` events.
+
+    The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
+    attributes; ``FailureHandling`` provides ``contain``).
+    """
+
+    # -- the job's state this reads (and, for ``_lag_exceeded``, changes)
+    id: str
+    params: MirrorParams
+    bitmap: JobBitmap
+    behind_since: int | None
+    _lag_exceeded: bool
+    _emit: Callable[[str, dict], None]
+
+    if TYPE_CHECKING:  # the job's: a real stub here would shadow it in the job's MRO
+        def contain(self, exc: Exception, where: str) -> None: ...
 
     def recovery_point_age(self, now: int) -> float:
         """Seconds from the oldest write not yet on the target to ``now`` (ns since the epoch);

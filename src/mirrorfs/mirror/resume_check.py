@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 from ..errors import StateError, TargetError, UsageError
+from ..targets.base import Target
 from . import resume
+from .gate import IOGate
 from .resume import Mismatch
+from .seams import JobBitmap, Node
+
+if TYPE_CHECKING:
+    from .copy import CopyTask
+    from .params import MirrorParams
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -45,7 +52,33 @@ async def first_mismatch(samples: Sequence[int], *, granularity: int, size: int,
 
 
 class ResumeCheck:
-    """The resume check of a ``MirrorJob``, and what ``on-mismatch`` makes of it."""
+    """The resume check of a ``MirrorJob``, and what ``on-mismatch`` makes of it.
+
+    The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
+    attributes; the job and ``FailureHandling`` provide the methods).
+    """
+
+    # -- the job's state this reads (and, for ``finished``, ``resume_check_pending``,
+    # ``behind_since`` and ``stats``, changes)
+    id: str
+    params: MirrorParams
+    node: Node
+    target: Target
+    bitmap: JobBitmap
+    copy: CopyTask
+    gate: IOGate
+    size: int
+    finished: bool
+    stats: dict[str, int]
+    resume_check_pending: bool
+    behind_since: int | None
+
+    if TYPE_CHECKING:  # the job's: a real stub here would shadow it in the job's MRO
+        def _attach_node(self) -> None: ...
+        def _detach_node(self) -> None: ...
+        def _close_bitmap(self, *, clean: bool, pivoted: bool = False,
+                          ended: bool = False) -> None: ...
+        def _fail(self, message: str) -> None: ...
 
     async def _check_before_start(self) -> None:
         """The resume check of a start: attached with the gate closed, so every write is
