@@ -6,7 +6,8 @@ files and the bitmap's verdict unchanged), or with ``--on-mismatch full`` copies
 ends identical. A cluster the last clear commit cleared is compared on every resume (it is in the
 bitmap file's ring), checked against a real NBD server on a large image where 64 random samples
 would mostly miss it. A version 2 bitmap (no ring) still resumes. Below: the ring and the sample
-choice on their own.
+choice on their own, and the check of a target that was away at the start (engine-level: this
+branch cannot start a job offline), at its first connect.
 """
 
 from __future__ import annotations
@@ -244,3 +245,38 @@ def test_the_seed_comes_from_the_environment(monkeypatch: Any, seed: str | None)
         monkeypatch.setenv("MIRRORFS_RESUME_SEED", seed)
     a, b = resume.seeded_rng().random(), resume.seeded_rng().random()
     assert (a == b) == (seed is not None)
+
+
+# ---------------------------------------------------------------------------- at the first connect
+
+@pytest.mark.parametrize("policy", ["refuse", "full"])
+async def test_a_check_still_pending_runs_at_the_first_connect(tmp_path: Path, policy: str) -> None:
+    """The engine driven directly: a resumed job whose target was away at the start (its check
+    still pending) checks when the target comes, before the copy or a duplicate writes it; a
+    refused mismatch fails the job with the message, ``full`` copies everything."""
+    from mirrorfs.errors import TargetRetryableError
+    from test_mirror_engine import assert_identical as cmp_identical
+    from test_mirror_engine import engine, random_content
+
+    target, bitmap = tmp_path / "target.img", tmp_path / "img.bitmap"
+    async with engine(tmp_path, random_content(4 * MiB)) as env:
+        await env.mirror(target, bitmap=str(bitmap))
+        await env.wait_event("BLOCK_JOB_READY")
+        await env.manager.shutdown()
+        env.events.clear()
+        job = await env.mirror(target, sync="dirty", bitmap=str(bitmap), on_mismatch=policy)
+        assert job.stats["resume-samples"] > 0 and not job.resume_check_pending
+        # As a job started while its NBD server was away: the check waits for the target.
+        job.resume_check_pending = True
+        corrupt(target, 21 * G)
+        job._target_lost(TargetRetryableError("the server went away"))
+        if policy == "refuse":
+            done = await env.wait_event("BLOCK_JOB_COMPLETED")
+            assert "cluster 21 (offset 1376256, 65536 bytes)" in done["error"], done
+            assert "MIRROR_TARGET_RESTORED" not in env.event_names()
+        else:
+            await env.wait_event("MIRROR_TARGET_RESTORED")
+            await env.wait_event("BLOCK_JOB_READY")
+            assert job.stats["copied-bytes"] + job.stats["zeroed-bytes"] >= 4 * MiB
+            await env.manager.complete([job.id], pivot=False)
+            cmp_identical(env.source, target)
