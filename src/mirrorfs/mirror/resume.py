@@ -27,6 +27,7 @@ from .seams import JobBitmap
 #: Random clean clusters a resume compares, besides the recently cleared ones.
 RANDOM_SAMPLES = 64
 
+
 @dataclass(frozen=True)
 class Mismatch:
     """A sampled clean cluster whose bytes differ between image and target."""
