@@ -28,7 +28,7 @@ def doc_read(path: str) -> dict:
      bits_length, checksum, reserved, src, tgt, ended_at, source_ctime) = DOC_HEADER.unpack_from(data, 0)
     assert DOC_HEADER.size == 2136
     assert magic == b"MFSBITMP"
-    assert version == 2
+    assert version == 3
     assert header_size == 2136
     zeroed = bytearray(data[:header_size])
     zeroed[64:68] = b"\0\0\0\0"
@@ -41,7 +41,11 @@ def doc_read(path: str) -> dict:
     assert cluster_count == -(-image_size // g)
     assert bits_offset == 4096 and bits_length == -(-cluster_count // 64) * 8
     assert len(data) == bits_offset + bits_length
-    assert data[header_size:bits_offset] == bytes(bits_offset - header_size)
+    # the ring of recently cleared clusters: recent_next, then 64 slots of cluster + 1 (0 empty)
+    recent_next, *slots = struct.unpack_from("<Q64Q", data, 2136)
+    start = recent_next % 64 if recent_next > 64 else 0
+    recent = [s - 1 for s in (slots[start:] + slots[:start])[:recent_next] if 0 < s <= cluster_count]
+    assert data[2656:bits_offset] == bytes(bits_offset - 2656)
     bits = data[bits_offset:bits_offset + bits_length]
     dirty = {8 * j + i for j, byte in enumerate(bits) for i in range(8) if byte >> i & 1}
     assert all(c < cluster_count for c in dirty), "tail bits must be zero"
@@ -54,7 +58,7 @@ def doc_read(path: str) -> dict:
     return {"image_size": image_size, "granularity": g, "clusters": cluster_count,
             "generation": generation, "clean": bool(flags & 1), "pivoted": bool(flags & 2),
             "ended": bool(flags & 4), "ended_at": ended_at, "source_ctime": source_ctime,
-            "source": ident(src), "target": ident(tgt), "dirty": dirty}
+            "source": ident(src), "target": ident(tgt), "dirty": dirty, "recent": recent}
 # ------------------------------------------------------------------------------------------------
 
 
@@ -87,7 +91,7 @@ def test_independent_reader_agrees_on_every_field_and_bit(tmp_path, size, g):
     got = doc_read(path)
     assert got == {"image_size": size, "granularity": g, "clusters": -(-size // g), "generation": 1,
                    "clean": True, "pivoted": False, "ended": False, "ended_at": 0, "source_ctime": 0,
-                   "source": src, "target": tgt, "dirty": model}
+                   "source": src, "target": tgt, "dirty": model, "recent": []}
 
     again = PersistentBitmap.open(path, size=size, granularity=g, source_id=src, target_id=tgt)
     assert again.was_clean
@@ -152,7 +156,7 @@ def _digest(path: str) -> str:
     ("extend", "longer than its header says"),
     ("magic", "is not a mirrorfs bitmap file"),
     ("checksum", "header checksum mismatch"),
-    ("version", "format version 3; this mirrorfs reads versions 1 and 2"),
+    ("version", "format version 4; this mirrorfs reads versions 1, 2 and 3"),
     ("clusters", "invalid header field cluster_count"),
     ("flags", "invalid header field flags"),
     ("granularity", "invalid header field granularity_bits"),
@@ -175,7 +179,7 @@ def test_open_refuses_damaged_files_and_changes_nothing(tmp_path, damage, expect
         data = bytearray()
     open(path, "wb").write(data)
     if damage == "version":
-        _patch_header(path, 8, "<I", 3, fix_checksum=True)
+        _patch_header(path, 8, "<I", 4, fix_checksum=True)
     elif damage == "clusters":
         _patch_header(path, 32, "<Q", 999, fix_checksum=True)
     elif damage == "flags":
@@ -355,7 +359,7 @@ def _to_version1(path: str) -> None:
     """Rewrite a (clean, not ended) file as an older mirrorfs wrote it: version 1, no ended_at."""
     data = bytearray(open(path, "rb").read())
     struct.pack_into("<II", data, 8, 1, 2120)
-    data[2120:2136] = bytes(16)
+    data[2120:2656] = bytes(536)
     struct.pack_into("<I", data, 64, 0)
     struct.pack_into("<I", data, 64, zlib.crc32(data[:2120]))
     open(path, "wb").write(data)
@@ -369,7 +373,7 @@ def test_version1_files_are_read_and_a_clean_one_needs_a_verified_resync(tmp_pat
     with pytest.raises(BitmapFormatError, match="format version 1, which cannot tell"):
         PersistentBitmap.open(path, size=1 << 24)
     bm = PersistentBitmap.open(path, size=1 << 24, verify=True)
-    assert doc_read(path)["generation"] == 2  # upgraded to version 2 (doc_read asserts it)
+    assert doc_read(path)["generation"] == 2  # upgraded to version 3 (doc_read asserts it)
     bm.close(clean=False)
     _to_version1(path)  # a crashed version 1 file: in use when it died, its bits are trusted
     PersistentBitmap.open(path, size=1 << 24).close()

@@ -304,9 +304,11 @@ def test_scrape_matches_status_and_counts_requests(mount_factory: Any, tmp_path:
     assert scraped and all("mirrorfs_fuse_requests_total" in text for text in scraped)
 
     entry = _paused_job(mount, "vm.raw", tmp_path / "target.raw")
-    got = samples(scrape(port))
-    assert entry == _status(mount)[0], "the job moved while paused"
     labels = frozenset({("image", "vm.raw"), ("job_id", "vm.raw"), ("target", str(tmp_path / "target.raw"))})
+    got = samples(scrape(port))
+    age = "__org.mirrorfs_recovery-point-age"  # a paused job falls behind as time passes
+    assert {**entry, age: 0} == {**_status(mount)[0], age: 0}, "the job moved while paused"
+    assert 0 < entry[age] <= got[("mirrorfs_job_recovery_point_age_seconds", labels)] < entry[age] + 30
     for metric, field in [("mirrorfs_job_dirty_bytes", "dirty-bytes"), ("mirrorfs_job_length_bytes", "len"),
                           ("mirrorfs_job_offset_bytes", "offset"), ("mirrorfs_job_speed_limit_bytes_per_second", "speed"),
                           ("mirrorfs_job_copied_bytes_total", "__org.mirrorfs_copied-bytes"),
@@ -314,6 +316,8 @@ def test_scrape_matches_status_and_counts_requests(mount_factory: Any, tmp_path:
                           ("mirrorfs_job_duplicated_bytes_total", "__org.mirrorfs_duplicated-bytes"),
                           ("mirrorfs_job_conflicts_total", "__org.mirrorfs_conflicts"),
                           ("mirrorfs_job_reconnects_total", "__org.mirrorfs_reconnects"),
+                          ("mirrorfs_job_outages_total", "__org.mirrorfs_outages"),
+                          ("mirrorfs_job_bytes_behind", "__org.mirrorfs_bytes-behind"),
                           ("mirrorfs_job_target_connected", "__org.mirrorfs_target-connected"),
                           ("mirrorfs_job_paused", "paused"), ("mirrorfs_job_ready", "ready")]:
         assert got[(metric, labels)] == float(entry[field]), metric

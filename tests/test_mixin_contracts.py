@@ -17,7 +17,8 @@ import pytest
 MIRROR = Path(__file__).resolve().parents[1] / "src" / "mirrorfs" / "mirror"
 
 #: mixin class -> the file that defines it
-MIXINS = {"WritePath": MIRROR / "writes.py", "FailureHandling": MIRROR / "failures.py"}
+MIXINS = {"WritePath": MIRROR / "writes.py", "FailureHandling": MIRROR / "failures.py",
+          "ResumeCheck": MIRROR / "resume_check.py", "RecoveryPoint": MIRROR / "lag.py"}
 
 
 def _class(path: Path, name: str) -> ast.ClassDef:

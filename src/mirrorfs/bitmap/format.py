@@ -2,8 +2,8 @@
 
 The file is a 4096-byte header block followed by the bits. The header is one little-endian
 ``struct`` (:data:`HEADER_STRUCT`; version 1 files lack the trailing ``ended_at`` and
-``source_ctime``), zero padded to
-``bits_offset``; the bits are
+``source_ctime``), then (version 3) the ring of recently cleared clusters (:data:`RECENT_STRUCT`),
+zero padded to ``bits_offset``; the bits are
 ``ceil(clusters / 64) * 8`` bytes where bit ``i`` of byte ``j`` is cluster ``8j + i``.
 
 Everything that decides whether a file may be trusted lives here, so that ``open`` and
@@ -26,9 +26,10 @@ from ..units import format_size
 
 MAGIC = b"MFSBITMP"
 #: the version written. Version 1 lacked ENDED: a reader of version 1 refuses version 2 files,
-#: so an older mirrorfs can never read an ended bitmap as clean.
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: so an older mirrorfs can never read an ended bitmap as clean. Version 3 adds the ring of
+#: recently cleared clusters (``RECENT_*``).
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 #: where the bits start: one page, so they can be mapped (and msync'ed) on their own pages.
 BITS_OFFSET = 4096
 #: bytes of each identity field (UTF-8, NUL padded; at most IDENTITY_SIZE - 1 bytes of text).
@@ -37,7 +38,8 @@ IDENTITY_SIZE = 1024
 FLAG_CLEAN = 1 << 0  # the file was closed cleanly
 FLAG_PIVOTED = 1 << 1  # the job ended by pivot: the target is the live image
 FLAG_ENDED = 1 << 2  # the job ended (any way): writes after ended_at are not recorded
-KNOWN_FLAGS = {1: FLAG_CLEAN | FLAG_PIVOTED, 2: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED}
+KNOWN_FLAGS = {1: FLAG_CLEAN | FLAG_PIVOTED, 2: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED,
+               3: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED}
 
 # magic, version, header_size, flags, granularity_bits, image_size, cluster_count, generation,
 # bits_offset, bits_length, checksum, reserved, source_id, target_id, then (version 2) ended_at,
@@ -45,9 +47,20 @@ KNOWN_FLAGS = {1: FLAG_CLEAN | FLAG_PIVOTED, 2: FLAG_CLEAN | FLAG_PIVOTED | FLAG
 HEADER_STRUCT = struct.Struct(f"<8sIIII QQQ QQ II {IDENTITY_SIZE}s{IDENTITY_SIZE}s QQ")
 HEADER_SIZE = HEADER_STRUCT.size  # 2136
 V1_HEADER_SIZE = HEADER_SIZE - 16  # 2120: no ended_at, no source_ctime
-HEADER_SIZES = {1: V1_HEADER_SIZE, 2: HEADER_SIZE}
+HEADER_SIZES = {1: V1_HEADER_SIZE, 2: HEADER_SIZE, 3: HEADER_SIZE}
 CHECKSUM_OFFSET = 64
-assert HEADER_SIZE <= BITS_OFFSET
+
+# Version 3: the clusters whose bits the last clear commits cleared, for a resume to sample.
+# Outside the checksum on purpose: each clear commit updates it in place through the mapping,
+# as it does the bits, with no header rewrite. A torn or stale ring only changes which clean
+# clusters a resume compares, never what the file calls clean.
+RECENT_OFFSET = HEADER_SIZE  # 2136, where version 2 had padding
+RECENT_SLOTS = 64
+#: recent_next (indexes ever recorded; the next goes to slot recent_next % RECENT_SLOTS), then
+#: the slots: cluster index + 1, 0 for an empty slot
+RECENT_STRUCT = struct.Struct(f"<Q{RECENT_SLOTS}Q")
+RECENT_END = RECENT_OFFSET + RECENT_STRUCT.size  # 2656
+assert RECENT_END <= BITS_OFFSET
 
 _MIN_GRAN_BITS, _MAX_GRAN_BITS = 12, 26
 
@@ -78,6 +91,8 @@ class BitmapHeader:
         source_ctime: the source image's ctime (ns) when an unmount closed the file, so that a
             resume can tell whether anything wrote to the image since; 0 if unknown or not shut
             down.
+        recent_cleared: (version 3) indexes of the clusters cleared last, oldest first, at most
+            RECENT_SLOTS; empty for older versions.
     """
 
     image_size: int
@@ -90,6 +105,7 @@ class BitmapHeader:
     bits_offset: int = BITS_OFFSET
     ended_at: int = 0
     source_ctime: int = 0
+    recent_cleared: tuple[int, ...] = ()
 
     @property
     def clusters(self) -> int:
@@ -166,7 +182,26 @@ def encode_header(header: BitmapHeader) -> bytes:
               _encode_identity(header.target_id, "target"), header.ended_at, header.source_ctime)
     raw = bytearray(HEADER_STRUCT.pack(*fields))
     struct.pack_into("<I", raw, CHECKSUM_OFFSET, zlib.crc32(raw))
-    return bytes(raw) + bytes(header.bits_offset - HEADER_SIZE)
+    return bytes(raw) + encode_recent(header.recent_cleared) + bytes(header.bits_offset - RECENT_END)
+
+
+def encode_recent(clusters: tuple[int, ...] | list[int]) -> bytes:
+    """The version 3 ring holding ``clusters`` (oldest first; only the last RECENT_SLOTS kept)."""
+    kept = list(clusters)[-RECENT_SLOTS:]
+    slots = [c + 1 for c in kept] + [0] * (RECENT_SLOTS - len(kept))
+    return RECENT_STRUCT.pack(len(kept), *slots)
+
+
+def decode_recent(data: bytes | memoryview, clusters: int) -> tuple[int, ...]:
+    """The cluster indexes of a version 3 ring (``data`` from RECENT_OFFSET on), oldest first.
+    Empty slots and indexes past the last cluster are left out: the ring is a hint."""
+    recent_next, *slots = RECENT_STRUCT.unpack_from(data)
+    if recent_next > RECENT_SLOTS:
+        start = recent_next % RECENT_SLOTS
+        slots = slots[start:] + slots[:start]
+    else:
+        slots = slots[:recent_next]
+    return tuple(s - 1 for s in slots if 0 < s <= clusters)
 
 
 def _decode_identity(raw: bytes, what: str, name: str) -> str:
@@ -204,12 +239,16 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
     version = struct.unpack_from("<I", data, 8)[0]
     if version not in READABLE_VERSIONS:
         raise BitmapFormatError(f"bitmap {name} has format version {version}; this mirrorfs reads "
-                                f"versions {' and '.join(map(str, READABLE_VERSIONS))}: use the "
+                                f"versions {', '.join(map(str, READABLE_VERSIONS[:-1]))} and "
+                                f"{READABLE_VERSIONS[-1]}: use the "
                                 f"mirrorfs release that wrote it")
     size = HEADER_SIZES[version]
     if len(data) < size:
         raise BitmapFormatError(f"bitmap {name} is truncated ({len(data)} bytes, the header alone is "
                                 f"{size}): the file is damaged; start a new job with --sync full")
+    if version >= 3 and len(data) < RECENT_END:
+        raise BitmapFormatError(f"bitmap {name} is truncated ({len(data)} bytes, the header alone is "
+                                f"{RECENT_END}): the file is damaged; start a new job with --sync full")
     if version == 1:
         fields = HEADER_STRUCT.unpack(bytes(data[:V1_HEADER_SIZE]) + bytes(16))
     else:
@@ -243,8 +282,9 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
     if clusters != _clusters(image_size, granularity):
         raise bad("cluster_count", f"{clusters}, but an image of {image_size} bytes at granularity "
                                    f"{granularity} has {_clusters(image_size, granularity)}")
-    if bits_offset % 4096 or bits_offset < HEADER_SIZE:
-        raise bad("bits_offset", f"{bits_offset}, expected a multiple of 4096 of at least {HEADER_SIZE}")
+    least = RECENT_END if version >= 3 else HEADER_SIZE
+    if bits_offset % 4096 or bits_offset < least:
+        raise bad("bits_offset", f"{bits_offset}, expected a multiple of 4096 of at least {least}")
     if bits_length != bits_length_for(clusters):
         raise bad("bits_length", f"{bits_length}, expected {bits_length_for(clusters)} for {clusters} "
                                  f"clusters")
@@ -254,7 +294,9 @@ def decode_header(data: bytes, *, name: str = "file") -> BitmapHeader:
                         source_id=_decode_identity(src, "source", name),
                         target_id=_decode_identity(tgt, "target", name),
                         flags=flags, generation=generation, version=version, bits_offset=bits_offset,
-                        ended_at=ended_at, source_ctime=source_ctime)
+                        ended_at=ended_at, source_ctime=source_ctime,
+                        recent_cleared=decode_recent(data[RECENT_OFFSET:], clusters)
+                        if version >= 3 else ())
 
 
 def check_file_size(header: BitmapHeader, file_size: int, *, name: str = "file") -> None:

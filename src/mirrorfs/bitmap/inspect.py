@@ -90,6 +90,7 @@ def inspect_file(path: str) -> dict[str, Any]:
         "source": header.source_id,
         "target": header.target_id,
         "generation": header.generation,
+        "recently-cleared": list(header.recent_cleared),
         "verdict": verdict,
         "exit-code": code,
     }
@@ -120,6 +121,10 @@ def format_report(info: dict[str, Any]) -> str:
     lines.append(f"source:         {info['source']}")
     lines.append(f"target:         {info['target']}")
     lines.append(f"generation:     {info['generation']}")
+    recent = info["recently-cleared"]
+    if recent:
+        lines.append(f"recently cleared: {len(recent)} clusters (a resume compares them), "
+                     f"last {recent[-1]}")
     lines.append(info["verdict"])
     return "\n".join(lines)
 

@@ -537,6 +537,10 @@ class DirtyBitmap(_BitmapCore):
     #: the file that holds the bits (None: memory only)
     path: str | None = None
 
+    def recent_cleared(self) -> tuple[int, ...]:
+        """The clusters the last clear commits cleared in a file: none, in memory only."""
+        return ()
+
     def begin_clear_commit(self) -> None:
         return None
 

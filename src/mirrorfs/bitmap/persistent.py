@@ -446,6 +446,9 @@ class PersistentBitmap(DirtyBitmap):
         self._lock_fd = fd  # holds the flock for as long as the job uses the file
         self._file = np.frombuffer(self._mm, dtype=_WORD_DTYPE, count=header.words,
                                    offset=header.bits_offset)
+        #: the version 3 ring of recently cleared clusters, updated in place (``format.py``)
+        self._recent = np.frombuffer(self._mm, dtype=_WORD_DTYPE, count=1 + fmt.RECENT_SLOTS,
+                                     offset=fmt.RECENT_OFFSET)
         self._words = self._file.copy()
         self._count = _popcount(self._words)
         self._pending = np.zeros(header.words, dtype=_WORD_DTYPE)
@@ -583,7 +586,32 @@ class PersistentBitmap(DirtyBitmap):
         if len(changed):
             self._file[idx[changed]] = new[changed]
             self._mod_seq += 1
-            self._stats["file_bits_cleared"] += _popcount(old[changed] & ~new[changed])
+            cleared = old[changed] & ~new[changed]
+            self._stats["file_bits_cleared"] += _popcount(cleared)
+            self._record_cleared(idx[changed], cleared)
+
+    def _record_cleared(self, word_index: np.ndarray, cleared: np.ndarray) -> None:
+        """Put up to RECENT_SLOTS of the clusters one commit cleared into the file's ring, spread
+        over the whole commit, so that a resume compares them whatever its random samples."""
+        slots = fmt.RECENT_SLOTS
+        spread = np.linspace(0, len(word_index) - 1, min(slots, len(word_index))).astype(np.intp)
+        word_index, cleared = word_index[spread], np.ascontiguousarray(cleared[spread])
+        bits = np.unpackbits(cleared.view(np.uint8), bitorder="little").reshape(-1, 64)
+        rows, cols = np.nonzero(bits)
+        clusters = word_index[rows] * 64 + cols
+        if len(clusters) > slots:
+            clusters = clusters[np.linspace(0, len(clusters) - 1, slots).astype(np.intp)]
+        ring = self._recent
+        position = int(ring[0])
+        for cluster in clusters.tolist():
+            ring[1 + position % slots] = cluster + 1
+            position += 1
+        ring[0] = position
+
+    def recent_cleared(self) -> tuple[int, ...]:
+        """The clusters the last clear commits cleared in the file, oldest first (at most
+        ``format.RECENT_SLOTS``; those of earlier jobs on this file too)."""
+        return fmt.decode_recent(self._recent.tobytes(), self.clusters)
 
     # -- growth -----------------------------------------------------------------------------------
     def resize(self, new_size: int) -> None:
@@ -602,7 +630,7 @@ class PersistentBitmap(DirtyBitmap):
             raise UsageError(f"cannot shrink a bitmap from {self.size} to {new_size} bytes")
         if new_size == self.size:
             return
-        header = self.header.replace(image_size=new_size)
+        header = self.header.replace(image_size=new_size, recent_cleared=self.recent_cleared())
         bits = _grown(np.array(self._file), header.words)
         with self._flush_lock:
             try:
@@ -620,6 +648,8 @@ class PersistentBitmap(DirtyBitmap):
             # The old array view pins the old mapping: replace it before closing that mapping.
             self._file = np.frombuffer(mm, dtype=_WORD_DTYPE, count=header.words,
                                        offset=header.bits_offset)
+            self._recent = np.frombuffer(mm, dtype=_WORD_DTYPE, count=1 + fmt.RECENT_SLOTS,
+                                         offset=fmt.RECENT_OFFSET)
             self._mm, self._lock_fd, self.header = mm, fd, header
             self._synced_seq = self._mod_seq  # the rewrite was fsync'ed
             old_mm.close()
@@ -674,7 +704,8 @@ class PersistentBitmap(DirtyBitmap):
                     # writes made while nothing recorded them
                     ctime = _ctime(self.header.source_id) if clean and not ended else None
                     header = self.header.replace(flags=flags, ended_at=time.time_ns() if ended else 0,
-                                                 source_ctime=ctime or 0)
+                                                 source_ctime=ctime or 0,
+                                                 recent_cleared=self.recent_cleared())
                     bits = self._mm[self.header.bits_offset:self.header.file_size]
                     try:
                         fd = atomic_write(self.path, [fmt.encode_header(header), bits], keep_locked=True,
@@ -698,6 +729,7 @@ class PersistentBitmap(DirtyBitmap):
                 # queries keep working on the in-memory words; the file view goes away
                 self._file = self._file.copy()
                 self._file.flags.writeable = False
+                self._recent = self._recent.copy()
                 self._mm.close()  # also drops the lock (the mapping holds a dup of the descriptor)
 
     def _set_every_file_bit(self) -> None:

@@ -103,7 +103,7 @@ def mirror_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], MirrorPa
     params = MirrorParams.from_arguments(arguments)
     # Sent as QEMU's clients send them: the normalised name, sizes and rates as numbers.
     arguments["device"] = params.image
-    for key in ("granularity", "speed", "buf-size"):
+    for key in ("granularity", "speed", "buf-size", "max-lag"):
         if key in arguments:
             arguments[key] = getattr(params, key.replace("-", "_"))
     if not params.is_nbd:

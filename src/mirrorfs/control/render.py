@@ -13,11 +13,13 @@ from typing import Any, Sequence
 
 from ..units import format_size
 
-__all__ = ["STATUS_COLUMNS", "printable", "job_state", "job_percent", "job_eta", "format_eta", "format_rate",
+__all__ = ["STATUS_COLUMNS", "printable", "job_state", "job_percent", "job_eta", "format_eta", "format_lag",
+           "format_rate",
            "format_progress", "status_row", "render_status_table"]
 
 #: Column headers of the status table, in order.
-STATUS_COLUMNS = ("IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "TARGET", "IO-STATUS", "PAUSED")
+STATUS_COLUMNS = ("IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "LAG", "TARGET", "IO-STATUS",
+                  "PAUSED")
 
 
 def printable(text: str) -> str:
@@ -98,6 +100,17 @@ def format_rate(job: dict[str, Any]) -> str:
     return f"{format_size(rate)}/s"
 
 
+def format_lag(job: dict[str, Any]) -> str:
+    """The recovery point's age: ``0s`` in sync, ``12.3s`` under a minute, else ``H:MM:SS``;
+    ``-`` when the job does not say."""
+    age = job.get("__org.mirrorfs_recovery-point-age")
+    if not isinstance(age, (int, float)) or isinstance(age, bool) or not math.isfinite(age) or age < 0:
+        return "-"
+    if age == 0:
+        return "0s"
+    return f"{age:.1f}s" if age < 60 else format_eta(age)
+
+
 def format_progress(job: dict[str, Any]) -> str:
     """``512.0 MiB/1.0 GiB 50.0%``: offset, len and the percentage."""
     return (f"{format_size(_int(job, 'offset'))}/{format_size(_int(job, 'len'))} "
@@ -113,6 +126,7 @@ def status_row(job: dict[str, Any]) -> list[str]:
         format_size(_int(job, "dirty-bytes")),
         format_rate(job),
         format_eta(job_eta(job)),
+        format_lag(job),
         printable(str(job.get("target", "-"))),
         printable(str(job.get("io-status", "ok"))),
         "yes" if job.get("paused") else "no",

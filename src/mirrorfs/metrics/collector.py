@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 JOB_LABELS = ("image", "job_id", "target")
 
 #: (metric name, "gauge" or "counter", query-block-jobs field, help). Counters get ``_total``.
-#: A field a job does not report is left out of that scrape. The recovery point age of a job
-#: belongs here once jobs report it: ("mirrorfs_job_recovery_point_age_seconds", "gauge", FIELD, ...).
+#: A field a job does not report is left out of that scrape.
 JOB_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("mirrorfs_job_dirty_bytes", "gauge", "dirty-bytes", "Bytes of the image still to copy to the target."),
     ("mirrorfs_job_length_bytes", "gauge", "len", "Size of the image."),
@@ -45,6 +44,11 @@ JOB_METRICS: tuple[tuple[str, str, str, str], ...] = (
      "Copies or duplicates that raced a newer write and left their clusters dirty."),
     ("mirrorfs_job_reconnects", "counter", "__org.mirrorfs_reconnects",
      "Times the connection to a lost target was restored."),
+    ("mirrorfs_job_outages", "counter", "__org.mirrorfs_outages", "Times the target was lost."),
+    ("mirrorfs_job_recovery_point_age_seconds", "gauge", "__org.mirrorfs_recovery-point-age",
+     "Seconds since the oldest write that is not on the target yet (0 in sync)."),
+    ("mirrorfs_job_bytes_behind", "gauge", "__org.mirrorfs_bytes-behind",
+     "Bytes the target lacks (dirty clusters, writes in flight included)."),
     ("mirrorfs_job_rate_bytes_per_second", "gauge", "rate", "Measured rate of the background copy."),
     ("mirrorfs_job_speed_limit_bytes_per_second", "gauge", "speed", "Rate limit of the copy (0: unlimited)."),
     ("mirrorfs_job_target_connected", "gauge", "__org.mirrorfs_target-connected",

@@ -169,6 +169,8 @@ class CopyTask:
                 elif trio.current_time() - self._last_commit >= COMMIT_INTERVAL:
                     await job.durable_point()
                     self._last_commit = trio.current_time()
+                if job.ready:  # caught up again (a skipped duplicate had put it behind)
+                    job.behind_since = None
             self._skipped = False
             return False
         offset, length = run
@@ -374,6 +376,19 @@ class CopyTask:
         return buf.count(0, 0, length) == length
 
     # ------------------------------------------------------------------ the source
+
+    async def read_source(self, offset: int, length: int) -> bytes:
+        """Read a range of the image (zeroes past a short end).
+
+        Raises:
+            SourceError: the read failed.
+        """
+        try:
+            data = await fileio.pread(self._source_fd, length, offset)
+        except OSError as exc:
+            raise SourceError(f"reading image {self.params.image!r} at offset {offset} "
+                              f"failed: {exc.strerror or exc}", errno=exc.errno) from None
+        return data + bytes(length - len(data))
 
     def _data_at(self, offset: int, end: int) -> int:
         """Where the source's data begins in ``offset .. end`` (``end``: none there). An lseek

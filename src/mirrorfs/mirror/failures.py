@@ -55,6 +55,7 @@ class FailureHandling:
 
     if TYPE_CHECKING:  # the job's: a real stub here would shadow it in the job's MRO
         def _set_state(self, new: JobState) -> None: ...
+        async def _resume_check_at_connect(self) -> None: ...
 
     def on_target_error(self, exc: TargetError) -> str | None:
         """Apply ``on-target-error``; returns the action taken (None: none, or a lost target)."""
@@ -116,6 +117,7 @@ class FailureHandling:
         if not self.target_ok:
             return
         self.target_ok = False
+        self.stats["outages"] += 1
         log.warning("job %s: target %s lost: %s", self.id, self.target.description, exc)
         if self.ready:  # standby: still paused, no longer ready
             self._set_state(JobState.PAUSED if self.paused else JobState.RUNNING)
@@ -132,6 +134,7 @@ class FailureHandling:
                 await trio.sleep(delay)
                 try:
                     await self.target.connect()
+                    await self._resume_check_at_connect()
                 except TargetFatalError as exc:
                     self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "write",
                                                    "action": "report"})
@@ -141,6 +144,8 @@ class FailureHandling:
                     log.info("job %s: reconnect failed: %s", self.id, exc)
                     delay = min(cap, delay * 2)
                     continue
+                if self.error is not None:  # the resume check refused the target
+                    return
                 self.target_ok = True
                 self.stats["reconnects"] += 1
                 self._emit("MIRROR_TARGET_RESTORED", {"device": self.id,

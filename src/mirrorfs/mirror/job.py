@@ -5,7 +5,8 @@ FUSE layer calls ``read``/``write``/``fsync``/``check_modify`` for every request
 the job is attached to its node; the manager drives ``pause``/``resume``/``set_speed`` and the
 ending actions (complete, cancel, shutdown), which it runs under the job's I/O gate. The write
 interception is in ``writes.py``, the background copy in ``copy.py``, the error policies in
-``failures.py``, the states in ``state.py``.
+``failures.py``, the states in ``state.py``, the check of a ``dirty`` resume in
+``resume_check.py``, the recovery point in ``lag.py``.
 
 Invariants (each stated with its code in ``docs/architecture.md``):
 - The bitmap over-approximates the clusters where target and source differ: bits are set
@@ -32,6 +33,7 @@ the FUSE layer, which turns every exception into an errno (``fs/operations.py``)
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -43,6 +45,8 @@ from ..targets.base import Target
 from .gate import ActivityCounter, IOGate
 from .copy import CopyTask
 from .failures import FailureHandling
+from .lag import RecoveryPoint
+from .resume_check import ResumeCheck
 from .inflight import InflightOps
 from .params import MirrorParams
 from .seams import Handle, ImageIO, JobBitmap, Node
@@ -55,7 +59,7 @@ log = logging.getLogger(__name__)
 EmitFn = Callable[[str, dict], None]
 
 
-class MirrorJob(WritePath, FailureHandling):
+class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
     """A running mirror of one image to one target.
 
     Args:
@@ -101,7 +105,17 @@ class MirrorJob(WritePath, FailureHandling):
         self.successor: ImageIO | None = None
         self.stats = {"copied-bytes": 0, "zeroed-bytes": 0, "duplicated-bytes": 0,
                       "skipped-duplicates": 0, "conflicts": 0, "verified-equal-bytes": 0,
-                      "reconnects": 0}
+                      "reconnects": 0, "outages": 0, "resume-samples": 0}
+        #: A ``dirty`` resume compares clean clusters before it trusts the bitmap (``resume.py``):
+        #: at the start, or at the first connect of a target that was away then.
+        self.resume_check_pending = (params.sync == "dirty" and not params.verify_resync
+                                     and not bitmap.volatile)
+        #: When the oldest write not yet on the target was made (ns since the epoch; None: in
+        #: sync). Set at the start when there is work, and by the first write that is not
+        #: duplicated (``_abandon``); cleared once the job is ready and settled. No clock read
+        #: on the duplicated write path.
+        self.behind_since: int | None = time.time_ns() if bitmap.count() else None
+        self._lag_exceeded = False
         self._dup_bytes = 0
         self._duplicates = ActivityCounter()
         #: The target answers (False from a lost connection until a reconnect).
@@ -130,22 +144,24 @@ class MirrorJob(WritePath, FailureHandling):
         except OSError as exc:
             raise SourceError(f"cannot read image {self.params.image!r}: {exc.strerror}",
                               errno=exc.errno) from None
+        if self.resume_check_pending and self.target_ok:
+            try:
+                await self._check_before_start()
+            except BaseException:
+                self.copy.close_source()
+                raise
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.node.job = self
-                # Writes that began before we attached bypass the write path: mark their ranges
-                # and let them land before the first copy reads the source.
-                for offset, length in list(self.node.passthrough_writes.values()):
-                    end = min(offset + length, self.size)
-                    if end > offset:
-                        self.bitmap.mark(offset, end - offset)
+                self._attach_node()
                 self._set_state(JobState.RUNNING)  # the manager's sign that the job started
                 if not self.target_ok:
                     # Started while its server is away: connect with the usual backoff.
                     self._reconnecting = True
                     nursery.start_soon(self._reconnect)
                 task_status.started()
+                if self.params.max_lag > 0:
+                    nursery.start_soon(self._watch_lag)
                 await self.node.wait_passthrough_idle()
                 with trio.CancelScope() as scope:
                     self._cancel_scope = scope
@@ -167,6 +183,16 @@ class MirrorJob(WritePath, FailureHandling):
             self._close_bitmap(clean=True, ended=True)
             self._detach()
             self._ended.set()
+
+    def _attach_node(self) -> None:
+        """From now on the FUSE layer sends the image's requests to the job."""
+        self.node.job = self
+        # Writes that began before we attached bypass the write path: mark their ranges and let
+        # them land before the first copy (or resume sample) reads the source.
+        for offset, length in list(self.node.passthrough_writes.values()):
+            end = min(offset + length, self.size)
+            if end > offset:
+                self.bitmap.mark(offset, end - offset)
 
     def _detach(self) -> None:
         self._detach_node()
@@ -216,6 +242,8 @@ class MirrorJob(WritePath, FailureHandling):
             "copy-mode": self.params.copy_mode, "rate": int(self.meter.rate),
             "__org.mirrorfs_image": self.params.image,
             "__org.mirrorfs_target-connected": self.target_ok,
+            "__org.mirrorfs_recovery-point-age": round(self.recovery_point_age(time.time_ns()), 3),
+            "__org.mirrorfs_bytes-behind": self.bytes_behind(),
         }
         entry.update({f"__org.mirrorfs_{k}": v for k, v in self.stats.items()})
         if self.error is not None:
@@ -311,6 +339,7 @@ class MirrorJob(WritePath, FailureHandling):
     # ------------------------------------------------------------------ states and errors
 
     def become_ready(self) -> None:
+        self.behind_since = None
         self._set_state(JobState.READY)
         self._emit("BLOCK_JOB_READY", self._event_data())
 

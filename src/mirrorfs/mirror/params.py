@@ -51,7 +51,7 @@ class Param:
     Attributes:
         key: QEMU's name: the QMP argument, the control file's ``key=value`` and (as ``--key``)
             the CLI option.
-        kind: ``"str"``, ``"size"`` (bytes, ``64K``), ``"rate"`` (bytes/s), ``"bool"``,
+        kind: ``"str"``, ``"size"`` (bytes, ``64K``), ``"rate"`` (bytes/s), ``"seconds"``, ``"bool"``,
             ``"choice"``, ``"path"`` (absolute: the CLI resolves a relative one), ``"image"``
             (relative to the mount), ``"target"`` (a path or NBD URI) or ``"job"`` (a job's
             name, looked up by the manager).
@@ -126,6 +126,15 @@ MIRROR_PARAMS: tuple[Param, ...] = (
               ("report", "the job fails"),
               ("ignore", "the job goes on and reads the range again later"),
               *_POLICY_COMMON)),
+    Param("on-mismatch", "choice", "what a --sync dirty resume does when a clean cluster it "
+          "samples (random ones and the ones cleared last) differs between image and target",
+          default="refuse", choices=(
+              ("refuse", "the job does not start and nothing changes"),
+              ("full", "every cluster is set dirty and copied again"))),
+    Param("max-lag", "seconds", "emit __org.mirrorfs_MAX_LAG_EXCEEDED when the recovery point "
+          "(the oldest write not yet on the target) is older than SECONDS, and "
+          "__org.mirrorfs_MAX_LAG_RECOVERED when it is back under (default 0: off)",
+          default=0.0, metavar="SECONDS"),
     Param("job-id", "str", "name of the job in QMP and events (default IMAGE)", metavar="ID"),
     Param("persistent", "bool", "record the job in the mount's state directory (mount "
           "--state-dir) so every later mount re-attaches it before it answers a request; its "
@@ -230,6 +239,26 @@ def _number(key: str, value: Any) -> int:
     return number
 
 
+def _seconds(key: str, value: Any) -> float:
+    """A duration: a finite, non-negative number of seconds (a JSON number, or text such as
+    ``30`` or ``0.5``)."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = None
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number < 0:
+        raise UsageError(f"invalid {key} {value!r}: expected a number of seconds, 0 or more, "
+                         f"such as 30 or 0.5")
+    return number
+
+
 def _string(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise UsageError(f"parameter {key!r} must be a non-empty string")
@@ -245,6 +274,8 @@ def _value(param: Param, args: Mapping[str, Any]) -> Any:
     value = args[param.key]
     if param.kind in ("size", "rate"):
         return _number(param.key, value)
+    if param.kind == "seconds":
+        return _seconds(param.key, value)
     if param.kind == "bool":
         return _bool(param.key, value)
     if param.kind == "choice":
@@ -367,6 +398,10 @@ class MirrorParams:
     verify_resync: bool = False
     #: recorded in the mount's state directory, re-attached by every later mount
     persistent: bool = False
+    #: what a ``dirty`` resume does when a sampled clean cluster differs: refuse or full
+    on_mismatch: str = "refuse"
+    #: seconds; a recovery point older than this is reported by an event (0: off)
+    max_lag: float = 0.0
 
     @classmethod
     def from_arguments(cls, args: Mapping[str, Any]) -> "MirrorParams":
@@ -399,11 +434,14 @@ class MirrorParams:
         job_id = v["job-id"] or image
         if v["persistent"]:
             _check_persistent_id(job_id, given="job-id" in args)
+        if v["on-mismatch"] == "full" and sync != "dirty":
+            raise UsageError(f"on-mismatch decides what a resume does when its bitmap proves wrong: "
+                             f"it goes with sync 'dirty', not {sync!r}")
         return cls(image=image, target=target, job_id=job_id, sync=sync,
                    granularity=granularity, bitmap=bitmap, speed=v["speed"], buf_size=buf_size,
                    create=create, copy_mode=v["copy-mode"], on_target_error=v["on-target-error"],
                    on_source_error=v["on-source-error"], verify_resync=verify,
-                   persistent=v["persistent"])
+                   persistent=v["persistent"], on_mismatch=v["on-mismatch"], max_lag=v["max-lag"])
 
     @property
     def is_nbd(self) -> bool:

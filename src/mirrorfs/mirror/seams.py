@@ -21,6 +21,7 @@ class JobBitmap(Protocol):
     #: the file that holds the bits (None: memory only)
     path: str | None
     granularity: int
+    clusters: int
 
     def mark(self, offset: int, length: int) -> int: ...
     def clear(self, offset: int, length: int) -> None: ...
@@ -32,6 +33,11 @@ class JobBitmap(Protocol):
     def runs(self, start: int = 0, *, max_length: int | None = None
              ) -> Iterator[tuple[int, int]]: ...
     def resize(self, new_size: int) -> None: ...
+    def set_all(self) -> None: ...
+    def to_bytes(self) -> bytes: ...
+
+    def recent_cleared(self) -> tuple[int, ...]:
+        """The clusters the file's last clear commits cleared, oldest first (none in memory)."""
 
     def begin_clear_commit(self) -> Any:
         """Snapshot the clears to commit; call before the target flush."""

@@ -8,6 +8,7 @@ it keeps are in ``docs/write-copy-race.md``; why the inline write may skip regis
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, AbstractSet
 
 import trio
@@ -54,6 +55,7 @@ class WritePath:
     error: str | None
     target_ok: bool
     stats: dict[str, int]
+    behind_since: int | None
     _dup_bytes: int
     _duplicates: ActivityCounter
     _grow_lock: trio.Lock
@@ -102,6 +104,8 @@ class WritePath:
             self.bitmap.mark(offset, length)
         else:
             self.inflight.unregister(op)
+        if self.behind_since is None:  # the recovery point: this write is not on the target
+            self.behind_since = time.time_ns()
         self.copy.dirtied()
 
     def _duplicated(self, op: Operation | None, offset: int, length: int,
