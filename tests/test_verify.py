@@ -1,0 +1,188 @@
+"""Online verify (issue 13, item 5 and Done when "Verify").
+
+- the pure part: range arithmetic and which clusters of two buffers differ;
+- the in-flight watcher the verify relies on for "no false positives";
+- real mounts, a job to a local file and one to qemu-nbd, a writer process busy on the image:
+  three verifies report nothing; one cluster of the target corrupted behind mirrorfs's back is
+  reported as exactly that range (exit 1); ``--repair`` has the job copy it, and after
+  ``complete --no-pivot`` the target is identical;
+- bad input and refusals exit 2 with one line and start nothing; a second verify is refused; a
+  cancel of the job ends a running verify as not finished (exit 3); the control file's
+  ``verify`` line and the QMP event.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mirrorfs.control.cli_verify import render_outcome
+from mirrorfs.errors import QMPCommandError
+from mirrorfs.mirror import verify_ranges as vr
+from mirrorfs.mirror.inflight import InflightOps
+from mounting import Mount, mirrorfs_argv, wait_for
+from nbdservers import qemu_nbd
+from test_replication_support import Writer, assert_identical, make_blank, make_image, qmp, wait_job, wait_ready
+
+KiB, MiB = 1 << 10, 1 << 20
+G = 64 * KiB
+SIZE = 8 * MiB
+#: The cluster corrupted behind mirrorfs's back: outside the writer's span, so the writer cannot
+#: happen to overwrite (and so repair) it.
+CORRUPT_AT = 6 * MiB
+WRITER_SPAN = 4 * MiB
+
+
+# ---------------------------------------------------------------------------- the pure part
+
+def test_merge_joins_touching_and_overlapping_ranges_and_drops_empty_ones() -> None:
+    assert vr.merge([(10, 5), (0, 10), (30, 1), (14, 6), (40, 0)]) == [(0, 20), (30, 1)]
+    assert vr.merge([]) == []
+
+
+def test_subtract_and_intersect() -> None:
+    assert vr.subtract([(0, 100)], [(10, 10), (50, 60)]) == [(0, 10), (20, 30)]
+    assert vr.subtract([(0, 10), (20, 10)], [(5, 20)]) == [(0, 5), (25, 5)]
+    assert vr.subtract([(0, 10)], []) == [(0, 10)]
+    assert vr.intersect([(0, 100)], [(10, 10), (90, 30)]) == [(10, 10), (90, 10)]
+    assert vr.intersect([(0, 10)], [(10, 5)]) == []
+    assert vr.total([(0, 10), (20, 5)]) == 15
+
+
+def test_cluster_spans_become_byte_ranges() -> None:
+    assert vr.cluster_spans([(2, 3), (4, 4), (9, 9)], G) == [(2 * G, 3 * G), (9 * G, G)]
+
+
+def test_differing_names_whole_clusters_merged() -> None:
+    source = bytes(range(256)) * (4 * G // 256)
+    target = bytearray(source)
+    target[G + 5] ^= 1            # cluster 1
+    target[2 * G] ^= 1            # cluster 2: adjacent, merged with 1
+    target[4 * G - 1] ^= 1        # cluster 3 is the last
+    assert vr.differing(source, bytes(target), 0, G) == [(G, 3 * G)]
+    assert vr.differing(source, source, 0, G) == []
+
+
+def test_differing_aligns_clusters_to_the_image_and_counts_a_short_target() -> None:
+    source = b"a" * (2 * G)
+    target = b"a" * (G // 2) + b"b" + b"a" * (G + G // 2 - 1)
+    # read at offset G/2: the first cluster in the buffer is the second half of cluster 0
+    assert vr.differing(source, target, G // 2, G) == [(G, G)]
+    assert vr.differing(source, source[:G], 0, G) == [(G, G)]
+
+
+def test_a_watcher_sees_operations_in_flight_and_later_ones_but_conflicts_nothing() -> None:
+    ops = InflightOps(G)
+    before = ops.register(0, 4 * KiB)                  # cluster 0, in flight when watching starts
+    watcher = ops.watch(0, 4 * G)                      # clusters 0..3
+    assert len(ops) == 2 and not before.conflicted     # not empty: an inline write registers
+    assert not ops.overlaps(2 * G, 1)                  # the copy task does not see it
+    later = ops.register(2 * G + 100, 10)              # cluster 2
+    outside = ops.register(5 * G, 10)
+    assert not later.conflicted and not outside.conflicted
+    assert watcher.conflicted and sorted(watcher.spans) == [(0, 0), (2, 2)]
+    ops.unwatch(watcher)
+    for op in (before, later, outside):
+        ops.unregister(op)
+    assert len(ops) == 0
+    trio.run(ops.wait_idle)
+
+
+def test_render_outcome_texts_and_exit_codes() -> None:
+    text, code = render_outcome("vm.raw", {"result": "identical", "ranges": [], "compared-bytes": 8,
+                                           "skipped-bytes": 0})
+    assert code == 0 and "identical" in text and "differs" not in text
+    text, code = render_outcome("vm.raw", {"result": "differ", "ranges": [{"offset": G, "length": G}],
+                                           "differing-bytes": G, "repaired": True})
+    assert code == 1 and text.startswith(f"differs: offset {G} length {G}\n") and "marked dirty" in text
+    with pytest.raises(QMPCommandError, match="did not finish: the job ended") as caught:
+        render_outcome("vm.raw", {"result": "cancelled", "error": "the job ended"})
+    assert caught.value.exit_code == 3
+
+
+# ---------------------------------------------------------------------------- real mounts
+
+def _differing(stdout: str) -> list[tuple[int, int]]:
+    return [(int(line.split()[2]), int(line.split()[4])) for line in stdout.splitlines()
+            if line.startswith("differs: ")]
+
+
+def _corrupt(path: Path, offset: int) -> bytes:
+    """Overwrite one cluster of a target file directly (as a disk error or another program
+    would): mirrorfs is not told."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(G)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))
+        f.flush()
+        os.fsync(f.fileno())
+    return old
+
+
+def _verify(mount: Mount, *args: str) -> subprocess.CompletedProcess[str]:
+    return mount.cli("verify", mount.mountpoint, "vm.raw", *args, check=False, timeout=120)
+
+
+def _verify_under_a_writer(mount: Mount, tmp_path: Path, target_file: Path, target: str) -> None:
+    source = mount.source / "vm.raw"
+    mount.cli("mirror", mount.mountpoint, "vm.raw", target)
+    with qmp(mount) as client:
+        wait_ready(client, "vm.raw")
+    writer = Writer(mount.mountpoint / "vm.raw", tmp_path, span=WRITER_SPAN, pause=0)
+    try:
+        wait_for(lambda: _writes(mount) > 200, 30, "the writer to get going")
+        for _ in range(3):
+            r = _verify(mount)
+            assert (r.returncode, _differing(r.stdout)) == (0, []), (r.stdout, r.stderr)
+            assert "identical" in r.stdout
+        _corrupt(target_file, CORRUPT_AT)
+        r = _verify(mount)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert _differing(r.stdout) == [(CORRUPT_AT, G)], r.stdout
+        r = _verify(mount, "--repair")
+        assert r.returncode == 1 and _differing(r.stdout) == [(CORRUPT_AT, G)], (r.stdout, r.stderr)
+        assert "marked dirty" in r.stdout
+        stats = writer.stop()
+    finally:
+        writer.kill()
+    assert not stats["errors"] and stats["writes"] > 1000, stats
+    with qmp(mount) as client:
+        wait_job(client, "vm.raw", lambda j: j["dirty-bytes"] == 0, 60, "the job to settle")
+    r = _verify(mount)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
+    assert_identical(source, target_file)
+
+
+def _writes(mount: Mount) -> int:
+    with qmp(mount) as client:
+        job = client.execute("query-block-jobs")[0]
+    return job["__org.mirrorfs_duplicated-bytes"] // 4096
+
+
+def test_verify_of_a_local_target_under_a_busy_writer(mount_factory: Any, tmp_path: Path) -> None:
+    mount = mount_factory()
+    make_image(mount.source / "vm.raw", SIZE)
+    target = tmp_path / "target.raw"
+    make_blank(target, SIZE)
+    _verify_under_a_writer(mount, tmp_path, target, f"{target}")
+
+
+def test_verify_of_an_nbd_target_under_a_busy_writer(mount_factory: Any, tmp_path: Path) -> None:
+    mount = mount_factory()
+    make_image(mount.source / "vm.raw", SIZE)
+    served = tmp_path / "served.raw"
+    make_blank(served, SIZE)
+    with qemu_nbd(served, transport="unix") as server:
+        try:
+            _verify_under_a_writer(mount, tmp_path, served, server.uri)
+        finally:
+            mount.unmount()  # before the server goes
