@@ -23,12 +23,14 @@ from typing import Any
 import pytest
 import trio
 
+from mirrorfs import fileio
 from mirrorfs.control.cli_verify import render_outcome
 from mirrorfs.errors import QMPCommandError
 from mirrorfs.mirror import verify_ranges as vr
 from mirrorfs.mirror.inflight import InflightOps
 from mounting import Mount, mirrorfs_argv, wait_for
 from nbdservers import qemu_nbd
+from test_mirror_engine import engine, random_content
 from test_replication_support import Writer, assert_identical, make_blank, make_image, qmp, wait_job, wait_ready
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -105,6 +107,85 @@ def test_render_outcome_texts_and_exit_codes() -> None:
     with pytest.raises(QMPCommandError, match="did not finish: the job ended") as caught:
         render_outcome("vm.raw", {"result": "cancelled", "error": "the job ended"})
     assert caught.value.exit_code == 3
+
+
+# ---------------------------------------------------------------------------- the engine
+
+class RacingTarget:
+    """A real target whose every read of ``at`` first lets a guest write change ``at``: the
+    write lands between the verify's read of the source and its read of the target, every time."""
+
+    def __init__(self, inner: Any, write: Any, at: int) -> None:
+        self._inner = inner
+        self._write = write
+        self._at = at
+        self.races = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        if offset <= self._at < offset + length:
+            self.races += 1
+            await self._write(self._at, os.urandom(4096))
+        return await self._inner.pread(offset, length)
+
+
+@pytest.fixture(params=["thread", "direct"])
+def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """File I/O in worker threads, and on the trio thread (where a write may run inline without
+    registering while nothing is in flight: the watcher must make it register)."""
+    monkeypatch.setattr(fileio, "IO_MODE", request.param)
+    return request.param
+
+
+async def test_a_write_between_the_two_reads_is_never_reported(tmp_path: Path, io_mode: str) -> None:
+    async with engine(tmp_path, random_content(4 * MiB)) as env:
+        # write-blocking: the write is on the target too when it returns, so the target read
+        # that follows sees bytes the source read before it did not
+        job = await env.mirror(tmp_path / "target.img", copy_mode="write-blocking")
+        await env.wait_event("BLOCK_JOB_READY")
+        racing = RacingTarget(job.target, env.write, 2 * MiB + 8192)
+        job.target = racing
+        job.start_verify()
+        done = await env.wait_event("__org.mirrorfs_VERIFY_COMPLETED")
+        assert racing.races >= 1
+        assert done["result"] == "identical" and done["ranges"] == []
+        # the raced cluster is left to the job, not compared
+        assert done["skipped-bytes"] >= G and done["compared-bytes"] + done["skipped-bytes"] == 4 * MiB
+
+
+async def test_corruption_is_found_and_repair_has_the_job_copy_it(tmp_path: Path, io_mode: str) -> None:
+    async with engine(tmp_path, random_content(4 * MiB)) as env:
+        target = tmp_path / "target.img"
+        job = await env.mirror(target)
+        await env.wait_event("BLOCK_JOB_READY")
+        _corrupt(target, 3 * G)
+        _corrupt(target, 4 * G)
+        _corrupt(target, 9 * G)
+        job.start_verify(repair=True)
+        done = await env.wait_event("__org.mirrorfs_VERIFY_COMPLETED")
+        assert done["result"] == "differ" and done["repaired"]
+        assert done["ranges"] == [{"offset": 3 * G, "length": 2 * G}, {"offset": 9 * G, "length": G}]
+        with trio.fail_after(30):
+            while job.bitmap.dirty_bytes():
+                await trio.sleep(0.01)
+        await env.manager.complete(["img"], pivot=False)
+        assert env.source.read_bytes() == target.read_bytes()
+
+
+async def test_one_verify_per_job_and_the_jobs_end_cancels_it(tmp_path: Path) -> None:
+    async with engine(tmp_path, random_content(4 * MiB)) as env:
+        job = await env.mirror(tmp_path / "target.img")
+        await env.wait_event("BLOCK_JOB_READY")
+        job.start_verify(speed=256 * KiB)
+        with pytest.raises(Exception, match="already being verified"):
+            env.manager.verify("img")
+        await trio.sleep(0.3)
+        assert 0 < job.info()["__org.mirrorfs_verify"]["offset"] < 4 * MiB  # the rate holds it
+        await env.manager.cancel(["img"])
+        done = await env.wait_event("__org.mirrorfs_VERIFY_COMPLETED")
+        assert done["result"] == "cancelled" and done["error"] == "the job ended"
 
 
 # ---------------------------------------------------------------------------- real mounts
