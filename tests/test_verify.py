@@ -267,3 +267,116 @@ def test_verify_of_an_nbd_target_under_a_busy_writer(mount_factory: Any, tmp_pat
             _verify_under_a_writer(mount, tmp_path, served, server.uri)
         finally:
             mount.unmount()  # before the server goes
+
+
+def _ready_local_job(mount: Mount, tmp_path: Path) -> Path:
+    make_image(mount.source / "vm.raw", SIZE)
+    make_image(mount.source / "other.raw", SIZE)
+    target = tmp_path / "target.raw"
+    make_blank(target, SIZE)
+    mount.cli("mirror", mount.mountpoint, "vm.raw", target)
+    with qmp(mount) as client:
+        wait_ready(client, "vm.raw")
+    return target
+
+
+def _no_verify_running(mount: Mount) -> bool:
+    with qmp(mount) as client:
+        return all("__org.mirrorfs_verify" not in j for j in client.execute("query-block-jobs"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("nope.raw",), "no mirror job 'nope.raw'"),
+    (("other.raw",), "no mirror job 'other.raw'"),
+    (("vm.raw", "--speed", "fast"), "invalid speed 'fast'"),
+    (("vm.raw", "--speed", "-1"), "speed"),
+    (("../vm.raw",), "leaves the mount"),
+    (("other.raw", "--job-id", "vm.raw"), "job 'vm.raw' mirrors 'vm.raw', not 'other.raw'"),
+], ids=["no-image", "no-job", "bad-speed", "negative-speed", "outside", "job-of-another-image"])
+def test_bad_input_exits_2_with_one_line_and_starts_nothing(mount_factory: Any, tmp_path: Path,
+                                                           args: tuple[str, ...], message: str) -> None:
+    mount = mount_factory()
+    _ready_local_job(mount, tmp_path)
+    r = mount.cli("verify", mount.mountpoint, *args, check=False)
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("mirrorfs verify: ")
+    assert message in r.stderr, r.stderr
+    assert _no_verify_running(mount)
+
+
+def test_no_mount_there_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run([*mirrorfs_argv(), "verify", str(tmp_path), "vm.raw"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "no mirrorfs mount serves" in proc.stderr
+
+
+def test_a_second_verify_is_refused_and_a_cancel_ends_the_first(mount_factory: Any, tmp_path: Path) -> None:
+    mount = mount_factory()
+    _ready_local_job(mount, tmp_path)
+    first = subprocess.Popen([*mirrorfs_argv(), "verify", str(mount.mountpoint), "vm.raw",
+                              "--speed", "1M"], env=mount.env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        with qmp(mount) as client:
+            job = wait_job(client, "vm.raw", lambda j: "__org.mirrorfs_verify" in j, 30,
+                           "the verify to start")
+        assert job["__org.mirrorfs_verify"]["speed"] == MiB
+        r = _verify(mount)
+        assert r.returncode == 2 and "already being verified" in r.stderr, (r.returncode, r.stderr)
+        time.sleep(1)
+        with qmp(mount) as client:
+            progress = client.execute("query-block-jobs")[0]["__org.mirrorfs_verify"]
+        assert 0 < progress["offset"] < SIZE // 2  # 1 MiB/s over 8 MiB: the rate holds it back
+        mount.cli("cancel", mount.mountpoint, "vm.raw")
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    assert first.returncode == 3, (first.returncode, out, err)
+    assert out == "" and err.strip() == ("mirrorfs verify: the verify of vm.raw did not finish: "
+                                         "the job ended")
+
+
+def test_a_target_that_is_away_is_refused(mount_factory: Any, tmp_path: Path) -> None:
+    mount = mount_factory()
+    make_image(mount.source / "vm.raw", SIZE)
+    served = tmp_path / "served.raw"
+    make_blank(served, SIZE)
+    with qemu_nbd(served, transport="unix") as server:
+        try:
+            mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri)
+            with qmp(mount) as client:
+                wait_ready(client, "vm.raw")
+                server.kill()
+                wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"], 30,
+                         "the target to be lost")
+            r = _verify(mount)
+            assert r.returncode == 2, (r.stdout, r.stderr)
+            assert "the target of job 'vm.raw' is not connected" in r.stderr
+            assert _no_verify_running(mount)
+        finally:
+            mount.unmount()
+
+
+def test_the_control_file_starts_a_verify_and_qmp_reports_it(mount_factory: Any, tmp_path: Path) -> None:
+    from test_control_file import control, last_outcome
+
+    mount = mount_factory()
+    _ready_local_job(mount, tmp_path)
+    assert control(mount, "verify vm.raw repair=maybe\n") == errno.EINVAL
+    assert "'repair' must be true or false" in last_outcome(mount)
+    assert control(mount, "verify\n") == errno.EINVAL
+    assert "usage: verify IMAGE [repair=true] [speed=RATE]" in last_outcome(mount)
+    assert control(mount, "verify nope.raw\n") == errno.EINVAL
+    assert _no_verify_running(mount)
+    with qmp(mount) as client:
+        assert control(mount, "verify vm.raw speed=64M\n") == 0
+        event = client.wait_event(["__org.mirrorfs_VERIFY_COMPLETED"], timeout=60)
+        assert event is not None
+        assert event["data"] == {"device": "vm.raw", "result": "identical", "ranges": [],
+                                 "differing-bytes": 0, "repaired": False, "compared-bytes": SIZE,
+                                 "skipped-bytes": 0}
+        reply = client.execute_raw({"execute": "__org.mirrorfs_block-job-verify",
+                                    "arguments": {"device": "vm.raw", "repair": "yes"}})
+        assert reply["error"]["class"] == "GenericError" and "repair" in reply["error"]["desc"]
