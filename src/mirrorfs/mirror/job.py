@@ -48,7 +48,7 @@ from .params import MirrorParams
 from .seams import Handle, ImageIO, JobBitmap, Node
 from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
-from .verify import Verifier, check_can_verify
+from . import verify
 from .writes import WritePath, source_pread, source_pwrite
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ class MirrorJob(WritePath, FailureHandling):
         self._nursery: trio.Nursery | None = None
         self._ended = trio.Event()
         self.copy = CopyTask(self)
-        #: The verify running on this job, if any (``verify.py``; one at a time).
-        self.verifier: Verifier | None = None
+        self.verifier: verify.Verifier | None = None  # the one running (``verify.py``)
         self._fsync_lock = trio.Lock()
         self._durable_requested = 0
         self._durable_done = 0
@@ -345,18 +344,9 @@ class MirrorJob(WritePath, FailureHandling):
     def set_speed(self, speed: int) -> None:
         self.limiter.set_rate(speed)
 
-    def start_verify(self, *, repair: bool = False, speed: int = 0) -> Verifier:
-        """Start comparing source and target as one of the job's tasks (its end cancels it).
-
-        Raises:
-            StateError: the target cannot be read now, or a verify is already running.
-        """
-        check_can_verify(self)
-        if self._nursery is None:
-            raise StateError(f"job {self.id!r} has not started yet; verify it once it runs")
-        self.verifier = Verifier(self, repair=repair, speed=speed, emit=self._emit)
-        self._nursery.start_soon(self.verifier.run)
-        return self.verifier
+    def start_verify(self, *, repair: bool = False, speed: int = 0) -> None:
+        """Start a verify as one of the job's tasks (``verify.start``; StateError if refused)."""
+        self.verifier = verify.start(self, self._nursery, repair=repair, speed=speed, emit=self._emit)
 
     def check_can_complete(self) -> None:
         """Refuse complete (either form) unless the job is ready (QEMU's rule)."""

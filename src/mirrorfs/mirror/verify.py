@@ -1,7 +1,7 @@
 """Online verify: compare a job's source and target cluster by cluster while the guest runs.
 
-Role: one ``Verifier`` per job at a time, started by ``MirrorJob.start_verify`` as one of the
-job's tasks, so the job's end (complete, cancel, failure, unmount) cancels it; it then reports
+Role: one ``Verifier`` per job at a time, started by ``start`` (``MirrorJob.start_verify``) as
+one of the job's tasks, so the job's end (complete, cancel, failure, unmount) cancels it; it then reports
 itself cancelled. It walks the image in chunks at its own rate (``RateLimiter``), reads both sides
 off the trio thread as the copy does, and ends with one ``__org.mirrorfs_VERIFY_COMPLETED``
 event carrying the ranges that differ.
@@ -71,6 +71,21 @@ def check_can_verify(job: MirrorJob) -> None:
     if job.verifier is not None:
         raise StateError(f"job {job.id!r} is already being verified; wait for its "
                          f"{VERIFY_COMPLETED} event")
+
+
+def start(job: MirrorJob, nursery: trio.Nursery | None, *, repair: bool, speed: int,
+          emit: Callable[[str, dict], None]) -> Verifier:
+    """Start a verify of ``job`` in ``nursery`` (the job's own, so its end cancels the verify).
+
+    Raises:
+        StateError: as ``check_can_verify``, or the job's task has not started.
+    """
+    check_can_verify(job)
+    if nursery is None:
+        raise StateError(f"job {job.id!r} has not started yet; verify it once it runs")
+    verifier = Verifier(job, repair=repair, speed=speed, emit=emit)
+    nursery.start_soon(verifier.run)
+    return verifier
 
 
 class Verifier:
