@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import time
@@ -380,3 +381,39 @@ def test_the_control_file_starts_a_verify_and_qmp_reports_it(mount_factory: Any,
         reply = client.execute_raw({"execute": "__org.mirrorfs_block-job-verify",
                                     "arguments": {"device": "vm.raw", "repair": "yes"}})
         assert reply["error"]["class"] == "GenericError" and "repair" in reply["error"]["desc"]
+
+
+async def test_a_partial_last_cluster_is_reported_to_the_image_end(tmp_path: Path) -> None:
+    size = 4 * MiB + 5000
+    async with engine(tmp_path, random_content(size)) as env:
+        target = tmp_path / "target.img"
+        job = await env.mirror(target)
+        await env.wait_event("BLOCK_JOB_READY")
+        with open(target, "r+b") as f:
+            f.seek(size - 1)
+            f.write(b"\xff" if env.source.read_bytes()[-1:] != b"\xff" else b"\x00")
+        job.start_verify()
+        done = await env.wait_event("__org.mirrorfs_VERIFY_COMPLETED")
+        assert done["ranges"] == [{"offset": 4 * MiB, "length": 5000}]
+
+
+def test_repair_marks_the_range_in_the_bitmap_file(mount_factory: Any, tmp_path: Path) -> None:
+    mount = mount_factory()
+    make_image(mount.source / "vm.raw", SIZE)
+    target = tmp_path / "target.raw"
+    make_blank(target, SIZE)
+    bitmap = tmp_path / "vm.bitmap"
+    mount.cli("mirror", mount.mountpoint, "vm.raw", target, "--bitmap", bitmap)
+    with qmp(mount) as client:
+        wait_ready(client, "vm.raw")
+    mount.cli("pause", mount.mountpoint, "vm.raw")  # so the job does not copy the range at once
+    _corrupt(target, CORRUPT_AT)
+    r = _verify(mount, "--repair")
+    assert r.returncode == 1 and _differing(r.stdout) == [(CORRUPT_AT, G)], (r.stdout, r.stderr)
+    inspected = json.loads(mount.cli("bitmap", "inspect", bitmap, "--json", check=False).stdout)
+    assert inspected["dirty-ranges"] == [{"offset": CORRUPT_AT, "length": G}], inspected
+    mount.cli("resume", mount.mountpoint, "vm.raw")
+    with qmp(mount) as client:
+        wait_job(client, "vm.raw", lambda j: j["ready"] and j["dirty-bytes"] == 0, 60, "the repair")
+    mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
+    assert_identical(mount.source / "vm.raw", target)

@@ -159,6 +159,7 @@ class Verifier:
             fd = os.open(job.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise StateError(f"cannot read image {job.params.image!r}: {exc.strerror}") from None
+        fileio.open_copy_twin(fd)  # as the copy: a full pass does not fill the page cache
         try:
             suspects: list[Range] = []
             while self.position < job.size:
@@ -174,6 +175,7 @@ class Verifier:
                 await self._mark_dirty(confirmed)
             self.outcome = "differ" if confirmed else "identical"
         finally:
+            fileio.close_direct_twin(fd)
             os.close(fd)
 
     def _check_going(self) -> None:
