@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import trio
@@ -258,16 +259,24 @@ def test_verify_of_a_local_target_under_a_busy_writer(mount_factory: Any, tmp_pa
     _verify_under_a_writer(mount, tmp_path, target, f"{target}")
 
 
-def test_verify_of_an_nbd_target_under_a_busy_writer(mount_factory: Any, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _nbd_served(mount_factory: Any, tmp_path: Path) -> Iterator[tuple[Mount, Path, Any]]:
+    """A mount with ``vm.raw`` and a qemu-nbd serving a blank file of its size; the mount goes
+    before the server does."""
     mount = mount_factory()
     make_image(mount.source / "vm.raw", SIZE)
     served = tmp_path / "served.raw"
     make_blank(served, SIZE)
     with qemu_nbd(served, transport="unix") as server:
         try:
-            _verify_under_a_writer(mount, tmp_path, served, server.uri)
+            yield mount, served, server
         finally:
-            mount.unmount()  # before the server goes
+            mount.unmount()
+
+
+def test_verify_of_an_nbd_target_under_a_busy_writer(mount_factory: Any, tmp_path: Path) -> None:
+    with _nbd_served(mount_factory, tmp_path) as (mount, served, server):
+        _verify_under_a_writer(mount, tmp_path, served, server.uri)
 
 
 def _ready_local_job(mount: Mount, tmp_path: Path) -> Path:
@@ -340,24 +349,17 @@ def test_a_second_verify_is_refused_and_a_cancel_ends_the_first(mount_factory: A
 
 
 def test_a_target_that_is_away_is_refused(mount_factory: Any, tmp_path: Path) -> None:
-    mount = mount_factory()
-    make_image(mount.source / "vm.raw", SIZE)
-    served = tmp_path / "served.raw"
-    make_blank(served, SIZE)
-    with qemu_nbd(served, transport="unix") as server:
-        try:
-            mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri)
-            with qmp(mount) as client:
-                wait_ready(client, "vm.raw")
-                server.kill()
-                wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"], 30,
-                         "the target to be lost")
-            r = _verify(mount)
-            assert r.returncode == 2, (r.stdout, r.stderr)
-            assert "the target of job 'vm.raw' is not connected" in r.stderr
-            assert _no_verify_running(mount)
-        finally:
-            mount.unmount()
+    with _nbd_served(mount_factory, tmp_path) as (mount, _, server):
+        mount.cli("mirror", mount.mountpoint, "vm.raw", server.uri)
+        with qmp(mount) as client:
+            wait_ready(client, "vm.raw")
+            server.kill()
+            wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"], 30,
+                     "the target to be lost")
+        r = _verify(mount)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "the target of job 'vm.raw' is not connected" in r.stderr
+        assert _no_verify_running(mount)
 
 
 def test_the_control_file_starts_a_verify_and_qmp_reports_it(mount_factory: Any, tmp_path: Path) -> None:

@@ -44,6 +44,13 @@ class Operation:
         self.spans: list[tuple[int, int]] = []
 
 
+def _seen_by(watcher: Operation, first: int, last: int) -> None:
+    """Record an operation on clusters [first, last] in ``watcher``, where they overlap."""
+    if watcher.first <= last and first <= watcher.last:
+        watcher.conflicted = True
+        watcher.spans.append((max(first, watcher.first), min(last, watcher.last)))
+
+
 class InflightOps:
     """The registry of operations in flight on one image."""
 
@@ -67,9 +74,7 @@ class InflightOps:
                 other.spans.append(span)
                 op.spans.append(span)
         for watcher in self._watchers:
-            if watcher.first <= last and first <= watcher.last:
-                watcher.conflicted = True
-                watcher.spans.append((max(first, watcher.first), min(last, watcher.last)))
+            _seen_by(watcher, first, last)
         self._ops.append(op)
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -89,13 +94,9 @@ class InflightOps:
         """Watch the clusters of [offset, offset+length) until ``unwatch``: the watcher's
         ``spans`` collect the clusters that operations in flight now or registered later touch
         (a watcher is neither waited for, nor seen by ``overlaps``)."""
-        first = offset >> self._shift
-        last = (offset + max(length, 1) - 1) >> self._shift
-        watcher = Operation(first, last, False)
+        watcher = Operation(offset >> self._shift, (offset + max(length, 1) - 1) >> self._shift, False)
         for other in self._ops:
-            if other.first <= last and first <= other.last:
-                watcher.conflicted = True
-                watcher.spans.append((max(first, other.first), min(last, other.last)))
+            _seen_by(watcher, other.first, other.last)
         self._watchers.append(watcher)
         return watcher
 
