@@ -27,7 +27,7 @@ import trio
 
 from mirrorfs import fileio
 from mirrorfs.control.cli_verify import render_outcome
-from mirrorfs.errors import QMPCommandError
+from mirrorfs.errors import VerifyNotFinishedError
 from mirrorfs.mirror import verify_ranges as vr
 from mirrorfs.mirror.inflight import InflightOps
 from mounting import Mount, mirrorfs_argv, wait_for
@@ -106,7 +106,7 @@ def test_render_outcome_texts_and_exit_codes() -> None:
     text, code = render_outcome("vm.raw", {"result": "differ", "ranges": [{"offset": G, "length": G}],
                                            "differing-bytes": G, "repaired": True})
     assert code == 1 and text.startswith(f"differs: offset {G} length {G}\n") and "marked dirty" in text
-    with pytest.raises(QMPCommandError, match="did not finish: the job ended") as caught:
+    with pytest.raises(VerifyNotFinishedError, match="did not finish: the job ended") as caught:
         render_outcome("vm.raw", {"result": "cancelled", "error": "the job ended"})
     assert caught.value.exit_code == 3
 

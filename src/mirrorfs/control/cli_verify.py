@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import MirrorfsError, QMPCommandError, UsageError
+from ..errors import MirrorfsError, UsageError, VerifyNotFinishedError
 from ..mirror.params import VERIFY_COMMAND, job_arguments, normalize_image_name
 from ..mirror.verify import VERIFY_COMPLETED
 from .cli_commands import _connect
 from .qmp_client import QMPClient
 
-__all__ = ["cli_verify", "render_outcome", "NOT_FINISHED"]
+__all__ = ["cli_verify", "render_outcome"]
 
-#: The exit code of a verify that did not finish.
-NOT_FINISHED = 3
 _EXIT = {"identical": 0, "differ": 1}
 
 
@@ -39,9 +37,8 @@ def cli_verify(args: argparse.Namespace) -> int:
             client.execute(VERIFY_COMMAND, arguments)
             event = _wait_completed(client, arguments["device"])
     except MirrorfsError as exc:
-        # 1 means "ranges differ" here: a refusal is reported as bad input.
-        if exc.exit_code == 1:
-            exc.exit_code = 2
+        if exc.exit_code == 1:  # 1 means "ranges differ" here: a refusal exits 2
+            raise UsageError(str(exc)) from None
         raise
     text, code = render_outcome(arguments["device"], event)
     print(text, end="")
@@ -78,14 +75,12 @@ def render_outcome(device: str, data: dict[str, Any]) -> tuple[str, int]:
     """The text ``mirrorfs verify`` prints for a ``VERIFY_COMPLETED`` event, and its exit code.
 
     Raises:
-        QMPCommandError: the verify did not finish (exit code ``NOT_FINISHED``).
+        VerifyNotFinishedError: the verify did not finish (exit 3).
     """
     result = data.get("result")
     if result not in _EXIT:
         why = data.get("error") or "the job ended"
-        error = QMPCommandError("GenericError", f"the verify of {device} did not finish: {why}")
-        error.exit_code = NOT_FINISHED
-        raise error
+        raise VerifyNotFinishedError(f"the verify of {device} did not finish: {why}")
     found = data.get("ranges", [])
     lines = [f"differs: offset {r['offset']} length {r['length']}\n" for r in found]
     checked = (f"{data.get('compared-bytes', 0)} bytes compared, {data.get('skipped-bytes', 0)} "
