@@ -110,6 +110,8 @@ class Verifier:
         self.compared = 0
         self.skipped = 0
         self.differing: list[Range] = []
+        #: the differing ranges are marked dirty (and durable)
+        self.repaired = False
         self.outcome = "cancelled"
         self.error: str | None = None
 
@@ -123,7 +125,7 @@ class Verifier:
         data: dict[str, Any] = {
             "device": self._job.id, "result": self.outcome,
             "ranges": [{"offset": o, "length": n} for o, n in self.differing],
-            "differing-bytes": ranges.total(self.differing), "repaired": self.repair,
+            "differing-bytes": ranges.total(self.differing), "repaired": self.repaired,
             "compared-bytes": self.compared, "skipped-bytes": self.skipped}
         if self.error is not None:
             data["error"] = self.error
@@ -277,3 +279,4 @@ class Verifier:
                 job.bitmap.mark(offset, length)
             job.copy.dirtied()
             await job.durable_point()
+        self.repaired = True
