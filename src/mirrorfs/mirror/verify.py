@@ -260,6 +260,8 @@ class Verifier:
 
     def _dirty_in(self, offset: int, length: int) -> list[Range]:
         """The dirty clusters' parts of [offset, offset+length)."""
+        if not self._job.bitmap.is_dirty(offset, length):
+            return []  # the common case, and a listing would scan on to the next dirty run
         end = offset + length
         found = []
         for run_offset, run_length in self._job.bitmap.runs(offset):
