@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from mirrorfs.mirror import verify_ranges as vr
 from mirrorfs.mirror.inflight import InflightOps
 from mounting import Mount, mirrorfs_argv, wait_for
 from nbdservers import qemu_nbd
-from test_mirror_engine import engine, random_content
+from test_mirror_engine import SlowTarget, engine, random_content
 from test_replication_support import Writer, assert_identical, make_blank, make_image, qmp, wait_job, wait_ready
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -155,6 +156,43 @@ async def test_a_write_between_the_two_reads_is_never_reported(tmp_path: Path, i
         assert done["result"] == "identical" and done["ranges"] == []
         # the raced cluster is left to the job, not compared
         assert done["skipped-bytes"] >= G and done["compared-bytes"] + done["skipped-bytes"] == 4 * MiB
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+async def test_no_false_positive_under_concurrent_unaligned_writers(tmp_path: Path, io_mode: str,
+                                                                    copy_mode: str) -> None:
+    """Four writers of random unaligned writes, a target that delays every write a few ms (so
+    duplicates and copies overlap the verify's reads), 4 KiB clusters: verify after verify finds
+    nothing, and compares most of the image each time."""
+    size = 2 * MiB
+    async with engine(tmp_path, random_content(size)) as env:
+        job = await env.mirror(tmp_path / "target.img", granularity=4096, buf_size=16384,
+                               copy_mode=copy_mode)
+        await env.wait_event("BLOCK_JOB_READY", timeout=60)
+        job.target = SlowTarget(job.target, seed=7)
+        results: list[dict] = []
+        writes = 0
+
+        async def writer(seed: int) -> None:
+            # until the verifies are done; never cancelled inside a write, as FUSE never does
+            nonlocal writes
+            rng = random.Random(seed)
+            while len(results) < 5:
+                length = rng.randrange(1, 20000)
+                await env.write(rng.randrange(0, size - length), rng.randbytes(length))
+                writes += 1
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            for w in range(4):
+                nursery.start_soon(writer, w)
+            for _ in range(5):
+                env.events.clear()
+                job.start_verify()
+                results.append(await env.wait_event("__org.mirrorfs_VERIFY_COMPLETED", timeout=60))
+        assert writes > 20, writes
+        assert [r["result"] for r in results] == ["identical"] * 5, results
+        assert all(r["compared-bytes"] + r["skipped-bytes"] == size for r in results)
 
 
 async def test_corruption_is_found_and_repair_has_the_job_copy_it(tmp_path: Path, io_mode: str) -> None:
