@@ -53,7 +53,7 @@ def test_every_subcommand_and_option_is_in_its_own_section() -> None:
             for option in action.option_strings:
                 if option not in ("-h", "--help") and f"`{option}" not in text:
                     missing.append(f"mirrorfs {name} {option}")
-    assert seen == 11
+    assert seen == 12
     for action in build_parser()._actions:
         for option in action.option_strings:
             if f"`{option}`" not in section("Command line", "##"):

@@ -32,6 +32,7 @@ _HANDLERS = {
     "resume": "mirrorfs.control.cli_commands:cli_resume",
     "set-speed": "mirrorfs.control.cli_commands:cli_set_speed",
     "qmp": "mirrorfs.control.cli_commands:cli_qmp",
+    "verify": "mirrorfs.control.cli_verify:cli_verify",
     "bitmap inspect": "mirrorfs.bitmap.inspect:cli_inspect",
 }
 
@@ -112,7 +113,7 @@ def _mount_command(sub: "argparse._SubParsersAction[_Parser]", name: str, *, hel
 
 def build_parser() -> argparse.ArgumentParser:
     from .daemon.mount_options import MountOptionsAction, option_spellings
-    from .mirror.params import MIRROR_PARAMS, params_of
+    from .mirror.params import MIRROR_PARAMS, VERIFY_COMMAND, params_of
 
     parser = _Parser(prog="mirrorfs", description="Live mirroring of disk images beneath a FUSE mount. "
                      "Exit codes: 0 done, 1 refused in the current state, 2 bad input or cannot mount.")
@@ -192,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Change a job's rate limit.")
     p.add_argument("image", metavar="IMAGE", help="the image whose job to change")
     p.add_argument("rate", metavar="RATE", help="bytes per second, e.g. 50M; 0: unlimited")
+
+    p = _mount_command(sub, "verify", help="compare a running job's source and target while in use",
+                       description="Compare IMAGE with its job's target cluster by cluster while "
+                                   "the job runs, and print the ranges that differ. Exit 0: "
+                                   "identical; 1: ranges differ; 2: bad input or refused; 3: the "
+                                   "verify did not finish (the job ended, the target was lost).")
+    p.add_argument("image", metavar="IMAGE", help="the image whose job to verify")
+    _add_params(p, [param for param in params_of(VERIFY_COMMAND).values() if param.key != "device"])
+    p.add_argument("--job-id", metavar="ID", help="the job's id, when it is not IMAGE")
 
     p = _mount_command(sub, "qmp", help="send one raw QMP command, or an interactive prompt without one",
                            description="Send one QMP command and print the reply (exit 1 on an error "

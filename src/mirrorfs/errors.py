@@ -19,6 +19,7 @@ stderr and an exit code. Anything else that escapes is a bug and is allowed to c
     │   └── JournalFormatError      a write journal whose header is corrupt or mismatched
     ├── JournalFullError        the write journal reached its bound: resync from the bitmap
     ├── StateDirError           a --state-dir that is unsafe, in use, or holds a bad record
+    ├── VerifyNotFinishedError  an online verify ended early (CLI exit 3)
     ├── SourceError             the job's read of the source image failed (carries the errno)
     ├── TargetError             the target failed an operation
     │   ├── TargetRetryableError    connection lost, timeout: reconnect and go on
@@ -114,6 +115,13 @@ class StateDirError(MirrorfsError):
     """A state directory is unsafe or in use, or one of its job records cannot be used."""
 
     exit_code = 2
+
+
+class VerifyNotFinishedError(MirrorfsError):
+    """An online verify ended before it had compared the whole image (the job ended, its target
+    was lost, a read failed): nothing can be said about the clusters it did not reach."""
+
+    exit_code = 3
 
 
 class SourceError(MirrorfsError):

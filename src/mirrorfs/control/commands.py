@@ -14,7 +14,8 @@ import trio
 
 from ..errors import ControlError, UsageError
 from ..mirror.manager import Action, JobManager
-from ..mirror.params import MirrorParams, job_arguments, reject_nul, reject_unknown
+from ..mirror.params import (VERIFY_COMMAND, MirrorParams, job_arguments, reject_nul,
+                             reject_unknown)
 
 
 class CommandDispatcher:
@@ -33,6 +34,7 @@ class CommandDispatcher:
             "block-job-resume": self._resume,
             "block-job-set-speed": self._set_speed,
             "transaction": self._transaction,
+            VERIFY_COMMAND: self._verify,
         }
 
     def command_names(self) -> list[str]:
@@ -117,6 +119,11 @@ class CommandDispatcher:
     async def _set_speed(self, args: Mapping[str, Any]) -> Any:
         v = job_arguments("block-job-set-speed", args)
         self.manager.set_speed(v["device"], v["speed"])
+        return {}
+
+    async def _verify(self, args: Mapping[str, Any]) -> Any:
+        v = job_arguments(VERIFY_COMMAND, args)
+        self.manager.verify(v["device"], repair=v["repair"], speed=v["speed"])
         return {}
 
     async def _transaction(self, args: Mapping[str, Any]) -> Any:

@@ -6,7 +6,8 @@ value gets the same message on each. ``ControlFile`` runs the lines written to t
 and keeps the recent outcomes that reading the file returns.
 
 Grammar (docs/reference.md): ``mirror IMAGE TARGET [key=value ...]``, ``complete IMAGE... [pivot=false]``,
-``cancel IMAGE... [force=true]``, ``pause IMAGE``, ``resume IMAGE``, ``set-speed IMAGE RATE``.
+``cancel IMAGE... [force=true]``, ``pause IMAGE``, ``resume IMAGE``, ``set-speed IMAGE RATE``,
+``verify IMAGE [repair=true] [speed=RATE]``.
 Words are split like a shell does (``shlex``), so paths with spaces can be quoted. Only ``\n``
 ends a line: a path may hold any other character, also the ones ``str.splitlines`` would break at
 (``\v``, ``\f``, ``\x1c``-``\x1e``, ``\x85``, ``\u2028``, ``\u2029``).
@@ -21,7 +22,7 @@ import shlex
 from typing import Any, Protocol
 
 from ..errors import MirrorfsError, UsageError
-from ..mirror.params import params_of, parse_bool_word
+from ..mirror.params import VERIFY_COMMAND, params_of, parse_bool_word
 from .render import printable
 
 MAX_LINE = 64 * 1024
@@ -99,7 +100,13 @@ def parse_command(line: str) -> tuple[str, dict]:
         if len(rest) != 2:
             raise UsageError("usage: set-speed IMAGE RATE")
         return "block-job-set-speed", {"device": rest[0], "speed": rest[1]}
-    raise UsageError(f"unknown command {command!r} (mirror, complete, cancel, pause, resume, set-speed)")
+    if command == "verify":
+        positional, options = _split(rest)
+        if len(positional) != 1:
+            raise UsageError("usage: verify IMAGE [repair=true] [speed=RATE]")
+        return VERIFY_COMMAND, _arguments(VERIFY_COMMAND, {"device": positional[0]}, options)
+    raise UsageError(f"unknown command {command!r} (mirror, complete, cancel, pause, resume, "
+                     f"set-speed, verify)")
 
 
 class ControlFile:

@@ -15,6 +15,12 @@ nothing else touched its clusters between its source access and its target write
 proof holds cluster by cluster: a conflicted copy records the shared clusters (``spans``) and
 still clears the rest of its range, which no other operation touched while it ran.
 
+A verify (``verify.py``) reads both sides of clean clusters and must know whether anything
+touched them meanwhile. It *watches* a range instead of registering: a watcher is conflicted
+(with ``spans``) by every operation in flight when it starts and every one registered until it
+ends, but it conflicts nothing itself, since it writes nothing. While one is watched the registry
+is not empty, so even the inline write registers (``writes.py``) and cannot pass unseen.
+
 This is cheap: the registry holds at most a few dozen operations (bounded by buf-size and the
 FUSE request concurrency), so a linear scan per registration costs less than a dict of clusters.
 """
@@ -38,12 +44,20 @@ class Operation:
         self.spans: list[tuple[int, int]] = []
 
 
+def _seen_by(watcher: Operation, first: int, last: int) -> None:
+    """Record an operation on clusters [first, last] in ``watcher``, where they overlap."""
+    if watcher.first <= last and first <= watcher.last:
+        watcher.conflicted = True
+        watcher.spans.append((max(first, watcher.first), min(last, watcher.last)))
+
+
 class InflightOps:
     """The registry of operations in flight on one image."""
 
     def __init__(self, granularity: int) -> None:
         self._shift = granularity.bit_length() - 1
         self._ops: list[Operation] = []
+        self._watchers: list[Operation] = []
         self._idle = trio.Event()
         self._idle.set()
 
@@ -59,6 +73,8 @@ class InflightOps:
                 span = (max(first, other.first), min(last, other.last))
                 other.spans.append(span)
                 op.spans.append(span)
+        for watcher in self._watchers:
+            _seen_by(watcher, first, last)
         self._ops.append(op)
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -74,6 +90,19 @@ class InflightOps:
         if op in self._ops:
             self.unregister(op)
 
+    def watch(self, offset: int, length: int) -> Operation:
+        """Watch the clusters of [offset, offset+length) until ``unwatch``: the watcher's
+        ``spans`` collect the clusters that operations in flight now or registered later touch
+        (a watcher is neither waited for, nor seen by ``overlaps``)."""
+        watcher = Operation(offset >> self._shift, (offset + max(length, 1) - 1) >> self._shift, False)
+        for other in self._ops:
+            _seen_by(watcher, other.first, other.last)
+        self._watchers.append(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Operation) -> None:
+        self._watchers.remove(watcher)
+
     def overlaps(self, offset: int, length: int) -> bool:
         """True when an operation in flight touches the clusters of [offset, offset+length)."""
         first = offset >> self._shift
@@ -86,7 +115,8 @@ class InflightOps:
         return [(o.first, o.last) for o in self._ops if not o.is_copy and not o.conflicted]
 
     def __len__(self) -> int:
-        return len(self._ops)
+        """Operations in flight, and watchers: nonzero makes every write register."""
+        return len(self._ops) + len(self._watchers)
 
     async def wait_idle(self) -> None:
         """Wait until no operation is in flight."""

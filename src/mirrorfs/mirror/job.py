@@ -52,6 +52,7 @@ from .params import MirrorParams
 from .seams import Handle, ImageIO, JobBitmap, Node
 from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
+from . import verify
 from .writes import WritePath, source_pread, source_pwrite
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
         self._nursery: trio.Nursery | None = None
         self._ended = trio.Event()
         self.copy = CopyTask(self)
+        self.verifier: verify.Verifier | None = None  # the one running (``verify.py``)
         self._fsync_lock = trio.Lock()
         self._durable_requested = 0
         self._durable_done = 0
@@ -246,6 +248,8 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
             "__org.mirrorfs_bytes-behind": self.bytes_behind(),
         }
         entry.update({f"__org.mirrorfs_{k}": v for k, v in self.stats.items()})
+        if self.verifier is not None:
+            entry["__org.mirrorfs_verify"] = self.verifier.info()
         if self.error is not None:
             entry["error"] = self.error
         return entry
@@ -372,6 +376,10 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
 
     def set_speed(self, speed: int) -> None:
         self.limiter.set_rate(speed)
+
+    def start_verify(self, *, repair: bool = False, speed: int = 0) -> None:
+        """Start a verify as one of the job's tasks (``verify.start``; StateError if refused)."""
+        self.verifier = verify.start(self, self._nursery, repair=repair, speed=speed, emit=self._emit)
 
     def check_can_complete(self) -> None:
         """Refuse complete (either form) unless the job is ready (QEMU's rule)."""

@@ -390,6 +390,15 @@ class JobManager:
             raise StateError(f"job {job_id!r} has ended")
         job.set_speed(speed)
 
+    def verify(self, job_id: str, *, repair: bool = False, speed: int = 0) -> None:
+        """Start an online verify of a job (``verify.py``); its event reports the outcome.
+
+        Raises:
+            JobNotFoundError: no such job.
+            StateError: the job's target cannot be read now, or it is being verified.
+        """
+        self.get(job_id).start_verify(repair=repair, speed=speed)
+
     async def complete(self, job_ids: Iterable[str], *, pivot: bool = True) -> None:
         await self.transaction([Action("complete", j, pivot=pivot) for j in job_ids])
 

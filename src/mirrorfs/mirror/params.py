@@ -25,7 +25,7 @@ from ..nbd.uri import is_nbd_uri, parse_nbd_uri
 from ..state.record import JOB_ID_RE
 from ..units import parse_size
 
-__all__ = ["Param", "MIRROR_PARAMS", "JOB_COMMANDS", "MirrorParams", "job_arguments", "params_of",
+__all__ = ["Param", "MIRROR_PARAMS", "JOB_COMMANDS", "VERIFY_COMMAND", "MirrorParams", "job_arguments", "params_of",
            "reject_nul", "reject_unknown", "normalize_image_name", "check_target", "is_uri", "parse_bool_word",
            "SYNC_MODES", "SYNC_ALIASES", "COPY_MODES", "ERROR_POLICIES", "DEFAULT_GRANULARITY", "MIN_GRANULARITY",
            "MAX_GRANULARITY", "DEFAULT_BUF_SIZE", "MAX_BUF_SIZE", "MAX_SIZE"]
@@ -149,6 +149,8 @@ MIRROR_PARAMS: tuple[Param, ...] = (
 )
 
 _DEVICE = Param("device", "job", "the job (its image or job-id)", required=True)
+#: QMP's name of the online verify (a mirrorfs extension, hence the vendor prefix).
+VERIFY_COMMAND = "__org.mirrorfs_block-job-verify"
 #: The parameters of the other job commands.
 JOB_COMMANDS: dict[str, tuple[Param, ...]] = {
     "block-job-complete": (_DEVICE, Param("pivot", "bool", "switch the mount to the target", default=True)),
@@ -156,6 +158,11 @@ JOB_COMMANDS: dict[str, tuple[Param, ...]] = {
     "block-job-pause": (_DEVICE,),
     "block-job-resume": (_DEVICE,),
     "block-job-set-speed": (_DEVICE, Param("speed", "rate", "bytes per second; 0: unlimited", required=True)),
+    VERIFY_COMMAND: (_DEVICE,
+                     Param("repair", "bool", "mark the ranges that differ dirty, so the job copies "
+                           "them", default=False),
+                     Param("speed", "rate", "compare at most RATE bytes/s, e.g. 50M (default 0: "
+                           "unlimited)", default=0, metavar="RATE")),
 }
 _MIRROR_BY_KEY = {p.key: p for p in MIRROR_PARAMS}
 SYNC_MODES = _MIRROR_BY_KEY["sync"].choice_names
