@@ -26,11 +26,12 @@ without an ``await``, so it needs no gate and no in-flight bookkeeping (``Mirror
 O_DIRECT (see ``open_direct_twin``): a descriptor opened for an O_DIRECT client gets a second
 descriptor of the same file opened with O_DIRECT, its "twin" (as does the descriptor a copy
 reads a disk-backed image through), which its owner keeps beside it. ``pread``/``pwrite``/
-``preadinto`` and the ``_thread`` forms, given the twin, send aligned requests through it, always in
-a worker thread (O_DIRECT I/O waits for the device), via a reused page-aligned (mmap) buffer of
-that thread; unaligned requests take the buffered descriptor, a whole request at a time: a
-read-modify-write of partial blocks through the twin would race with concurrent writers of the
-same blocks.
+``preadinto`` and the ``_thread`` forms, given the twin, send aligned requests through it, never
+on the trio thread (O_DIRECT I/O waits for the device): requests of up to a MiB by Linux AIO
+(``aio.py``: no thread hop, which costs more CPU than the I/O), the rest and whatever AIO does not
+take in a worker thread, via a reused page-aligned (mmap) buffer of that thread; unaligned
+requests take the buffered descriptor, a whole request at a time: a read-modify-write of partial
+blocks through the twin would race with concurrent writers of the same blocks.
 
 ``MIRRORFS_IO_MODE`` in the environment: ``auto`` (default), ``thread`` (always a worker thread)
 or ``direct`` (never; benchmarks only).
@@ -49,6 +50,8 @@ import time
 from typing import Any, Callable, TypeVar
 
 import trio
+
+from . import aio
 
 T = TypeVar("T")
 
@@ -176,7 +179,7 @@ async def pread(fd: int, size: int, offset: int, twin: int | None = None) -> byt
         OSError: the read failed; ``errno`` says why (EIO, EBADF, ...).
     """
     if twin is not None:
-        return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
+        return await pread_aligned(fd, twin, size, offset)
     if _direct(fd, size):
         await _direct_checkpoint()
         return os.pread(fd, size, offset)
@@ -231,7 +234,7 @@ async def pread_thread(fd: int, size: int, offset: int, twin: int | None = None)
     request to the (possibly stalled) filesystem, and it would run on the trio thread.
     """
     if twin is not None:
-        return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
+        return await pread_aligned(fd, twin, size, offset)
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=LIMITER)
 
 
@@ -415,5 +418,23 @@ def _preadinto_twin(fd: int, twin: int, view: memoryview, offset: int) -> int:
 
 async def pwrite_aligned(fd: int, twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     """``pwrite`` through the O_DIRECT descriptor ``twin`` of ``fd``'s file where the request is
-    aligned, else through ``fd``; in a worker thread (O_DIRECT I/O waits for the device)."""
+    aligned, else through ``fd``; off the trio thread (O_DIRECT I/O waits for the device): by
+    Linux AIO where it takes the request, else in a worker thread."""
+    length = len(data)
+    if length and _is_aligned(offset, length):
+        ctx = aio.context()
+        if ctx is not None and await ctx.pwrite(twin, data, offset) is not None:
+            return length
     return await trio.to_thread.run_sync(_pwrite_twin, fd, twin, data, offset, limiter=LIMITER)
+
+
+async def pread_aligned(fd: int, twin: int, size: int, offset: int) -> bytes:
+    """``pread`` through ``twin`` where the request is aligned, else through ``fd`` (see
+    ``pwrite_aligned``)."""
+    if size and _is_aligned(offset, size):
+        ctx = aio.context()
+        if ctx is not None:
+            data = await ctx.pread(twin, size, offset)
+            if data is not None:
+                return data
+    return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
