@@ -146,7 +146,6 @@ async def test_the_fuse_loop_takes_a_scheduler_pass_when_completions_wait(
     """pyfuse3's loop serves queued requests without a scheduler pass; a completed O_DIRECT
     request would wait up to ``YIELD_INTERVAL`` for its reaper, so the waiter takes one."""
     _, _, twin = image
-    monkeypatch.setattr(fuseloop, "YIELD_INTERVAL", 3600.0)  # only the completion can end it
     ctx = aio.context()
     if ctx is None:
         pytest.skip("no Linux AIO on this machine")
@@ -157,6 +156,11 @@ async def test_the_fuse_loop_takes_a_scheduler_pass_when_completions_wait(
         waits = _IoWaits()
         trio.lowlevel.add_instrument(waits)
         try:
+            monkeypatch.setattr(fuseloop, "YIELD_INTERVAL", 0.0)
+            await waiter.wait_readable(r)  # a scheduler pass: the waiter finds the AIO context
+            assert waits.count == 1
+            monkeypatch.setattr(fuseloop, "YIELD_INTERVAL", 3600.0)  # only a completion ends it
+            waits.count = 0
             await waiter.wait_readable(r)
             assert waits.count == 0  # the fast path
             await waiter.wait_readable(r)

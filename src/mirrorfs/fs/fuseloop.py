@@ -85,6 +85,7 @@ class PollingWaiter:
         self.window = 0.0
         self._pollers: dict[Any, select.poll] = {}
         self._last_yield = time.monotonic()
+        self._aio: aio.AioContext | None = None
 
     def _poller(self, fd: Any) -> select.poll:
         poller = self._pollers.get(fd)
@@ -95,7 +96,7 @@ class PollingWaiter:
 
     async def wait_readable(self, fd: Any) -> None:
         start = time.monotonic()
-        ring = aio.current()
+        ring = self._aio
         if start - self._last_yield < YIELD_INTERVAL and (ring is None or not ring.completed()):
             # No checkpoint on these returns: the wait through trio below comes within
             # YIELD_INTERVAL and delivers any cancellation. Completed AIO requests (O_DIRECT
@@ -112,6 +113,9 @@ class PollingWaiter:
                     if ring is not None and ring.completed():
                         break
         await trio.lowlevel.wait_readable(fd)
+        # Looked up here, at most every YIELD_INTERVAL (a RunVar costs a microsecond, as much
+        # as a tenth of a request): the run's AIO context appears with its first O_DIRECT request.
+        self._aio = aio.current()
         self._last_yield = woke = time.monotonic()
         self.adapt(woke - start)
 
