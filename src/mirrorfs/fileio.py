@@ -228,7 +228,8 @@ async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int,
 
 
 async def pread_thread(fd: int, size: int, offset: int, twin: int | None = None) -> bytes:
-    """``pread`` in a worker thread, for a descriptor ``inline_capable`` said no to.
+    """``pread`` off the trio thread, for a descriptor ``inline_capable`` said no to: in a
+    worker thread, or by Linux AIO through ``twin`` (see ``pread_aligned``).
 
     Skips the per-call ``fstatfs`` of ``pread``: on a FUSE or NFS descriptor that call is itself a
     request to the (possibly stalled) filesystem, and it would run on the trio thread.
