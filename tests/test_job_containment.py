@@ -130,11 +130,11 @@ class BadSector:
         self.healed = False
         real = fileio.preadinto
 
-        async def preadinto(fd: int, view: memoryview, offset: int) -> int:
+        async def preadinto(fd: int, view: memoryview, offset: int, twin: int | None = None) -> int:
             if not self.healed and offset < end and start < offset + len(view):
                 self.failed += 1
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
-            return await real(fd, view, offset)
+            return await real(fd, view, offset, twin)
 
         monkeypatch.setattr(fileio, "preadinto", preadinto)
 

@@ -226,9 +226,10 @@ def test_on_tmpfs_an_odirect_open_keeps_the_inline_path(shm_path: Path, tmp_path
         path = where / "img"
         path.write_bytes(b"\0" * 65536)
         fd = os.open(path, os.O_RDWR)
+        twin = None
         try:
-            fileio.open_direct_twin(fd, os.O_RDWR, "source")
-            assert fileio.has_direct_twin(fd) is expect_twin, where
+            twin = fileio.open_direct_twin(fd, os.O_RDWR, "source")
+            assert (twin is not None) is expect_twin, where
         finally:
-            fileio.close_direct_twin(fd)
+            fileio.close_twin(twin)
             os.close(fd)

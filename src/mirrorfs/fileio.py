@@ -25,12 +25,13 @@ without an ``await``, so it needs no gate and no in-flight bookkeeping (``Mirror
 
 O_DIRECT (see ``open_direct_twin``): a descriptor opened for an O_DIRECT client gets a second
 descriptor of the same file opened with O_DIRECT, its "twin" (as does the descriptor a copy
-reads a disk-backed image through). ``pread``/``pwrite``/``preadinto`` and the ``_thread`` forms
-look the descriptor up (one dict lookup) and send its aligned requests through the twin, always in
-a worker thread (O_DIRECT I/O waits for the device), via a reused page-aligned (mmap) buffer of
-that thread; unaligned requests take the buffered descriptor, a whole request at a time: a
-read-modify-write of partial blocks through the twin would race with concurrent writers of the
-same blocks.
+reads a disk-backed image through), which its owner keeps beside it. ``pread``/``pwrite``/
+``preadinto`` and the ``_thread`` forms, given the twin, send aligned requests through it, never
+on the trio thread (O_DIRECT I/O waits for the device): requests of up to a MiB by Linux AIO
+(``aio.py``: no thread hop, which costs more CPU than the I/O), the rest and whatever AIO does not
+take in a worker thread, via a reused page-aligned (mmap) buffer of that thread; unaligned
+requests take the buffered descriptor, a whole request at a time: a read-modify-write of partial
+blocks through the twin would race with concurrent writers of the same blocks.
 
 ``MIRRORFS_IO_MODE`` in the environment: ``auto`` (default), ``thread`` (always a worker thread)
 or ``direct`` (never; benchmarks only).
@@ -49,6 +50,8 @@ import time
 from typing import Any, Callable, TypeVar
 
 import trio
+
+from . import aio
 
 T = TypeVar("T")
 
@@ -168,15 +171,15 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> i
     return done
 
 
-async def pread(fd: int, size: int, offset: int) -> bytes:
-    """Read up to ``size`` bytes at ``offset`` (short only at end of file).
+async def pread(fd: int, size: int, offset: int, twin: int | None = None) -> bytes:
+    """Read up to ``size`` bytes at ``offset`` (short only at end of file); aligned requests
+    through ``fd``'s O_DIRECT ``twin`` if it has one.
 
     Raises:
         OSError: the read failed; ``errno`` says why (EIO, EBADF, ...).
     """
-    twin = _TWINS.get(fd)
     if twin is not None:
-        return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
+        return await pread_aligned(fd, twin, size, offset)
     if _direct(fd, size):
         await _direct_checkpoint()
         return os.pread(fd, size, offset)
@@ -193,7 +196,7 @@ def _preadinto_all(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-async def preadinto(fd: int, view: memoryview, offset: int) -> int:
+async def preadinto(fd: int, view: memoryview, offset: int, twin: int | None = None) -> int:
     """Read into ``view`` (a byte memoryview) at ``offset``; returns the bytes read, fewer only
     at end of file. For loops that reuse one buffer: a fresh multi-megabyte ``bytes`` per read
     costs its page faults every time.
@@ -201,7 +204,6 @@ async def preadinto(fd: int, view: memoryview, offset: int) -> int:
     Raises:
         OSError: the read failed; ``errno`` says why.
     """
-    twin = _TWINS.get(fd)
     if twin is not None:
         return await trio.to_thread.run_sync(_preadinto_twin, fd, twin, view, offset, limiter=LIMITER)
     if _direct(fd, len(view)):
@@ -210,13 +212,13 @@ async def preadinto(fd: int, view: memoryview, offset: int) -> int:
     return await trio.to_thread.run_sync(_preadinto_all, fd, view, offset, limiter=LIMITER)
 
 
-async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int,
+                 twin: int | None = None) -> int:
     """Write ``data`` at ``offset``; returns the number of bytes written (all unless an error).
 
     Raises:
         OSError: nothing could be written; ``errno`` says why (ENOSPC, EIO, EBADF, ...).
     """
-    twin = _TWINS.get(fd)
     if twin is not None:
         return await pwrite_aligned(fd, twin, data, offset)
     if _direct(fd, len(data)):
@@ -225,21 +227,21 @@ async def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
     return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
 
 
-async def pread_thread(fd: int, size: int, offset: int) -> bytes:
-    """``pread`` in a worker thread, for a descriptor ``inline_capable`` said no to.
+async def pread_thread(fd: int, size: int, offset: int, twin: int | None = None) -> bytes:
+    """``pread`` off the trio thread, for a descriptor ``inline_capable`` said no to: in a
+    worker thread, or by Linux AIO through ``twin`` (see ``pread_aligned``).
 
     Skips the per-call ``fstatfs`` of ``pread``: on a FUSE or NFS descriptor that call is itself a
     request to the (possibly stalled) filesystem, and it would run on the trio thread.
     """
-    twin = _TWINS.get(fd)
     if twin is not None:
-        return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
+        return await pread_aligned(fd, twin, size, offset)
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=LIMITER)
 
 
-async def pwrite_thread(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+async def pwrite_thread(fd: int, data: bytes | bytearray | memoryview, offset: int,
+                        twin: int | None = None) -> int:
     """``pwrite`` of all of ``data`` in a worker thread (see ``pread_thread``)."""
-    twin = _TWINS.get(fd)
     if twin is not None:
         return await pwrite_aligned(fd, twin, data, offset)
     return await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=LIMITER)
@@ -278,8 +280,6 @@ async def fsync(fd: int, datasync: bool = False) -> None:
 ALIGN = mmap.PAGESIZE
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
-#: buffered descriptor -> its O_DIRECT twin (see the module docstring)
-_TWINS: dict[int, int] = {}
 #: (kind, st_dev) of filesystems already reported as refusing O_DIRECT: one log line each
 _REFUSED: set[tuple[str, int]] = set()
 _local = threading.local()
@@ -307,10 +307,10 @@ def open_direct(path: str, flags: int, kind: str) -> int | None:
     return None
 
 
-def open_direct_twin(fd: int, flags: int, kind: str) -> None:
-    """Give the buffered descriptor ``fd`` an O_DIRECT twin of the same file (opened through
-    ``/proc/self/fd``, so a rename cannot make it another file); ``pread``/``pwrite`` use it for
-    aligned requests from now on. Nothing happens where the filesystem refuses O_DIRECT, or
+def open_direct_twin(fd: int, flags: int, kind: str) -> int | None:
+    """An O_DIRECT twin of the buffered descriptor ``fd``: the same file (opened through
+    ``/proc/self/fd``, so a rename cannot make it another file), for the owner of ``fd`` to keep
+    beside it and pass to ``pread``/``pwrite``. None where the filesystem refuses O_DIRECT, or
     where the file is in memory anyway (tmpfs).
     Blocking (an open): call it in a worker thread for a source that may be slow.
 
@@ -320,35 +320,27 @@ def open_direct_twin(fd: int, flags: int, kind: str) -> None:
     if memory_backed(fd):
         # tmpfs: its page cache is the file, so O_DIRECT keeps nothing out of memory; a twin
         # would only move every request of the handle off the inline path into a thread.
-        return
+        return None
     # Acts-once flags must not act again; O_APPEND would make pwrite ignore its offset.
     once = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
-    twin = open_direct(f"/proc/self/fd/{fd}", flags & ~once, kind)
-    if twin is not None:
-        _TWINS[fd] = twin
+    return open_direct(f"/proc/self/fd/{fd}", flags & ~once, kind)
 
 
-def open_copy_twin(fd: int) -> None:
+def open_copy_twin(fd: int) -> int | None:
     """An O_DIRECT twin for a copy's reads of ``fd`` on a disk (the page cache would keep the
     whole image a copy reads, evicting what the host uses); none on tmpfs or ramfs, whose pages
     are the file, nor where it cannot be opened (the reads then stay buffered)."""
     try:
-        if not memory_backed(fd):
-            open_direct_twin(fd, os.O_RDONLY, "source")
+        return open_direct_twin(fd, os.O_RDONLY, "source")
     except OSError as exc:
         log.info("the copy reads of descriptor %d stay buffered: %s", fd, exc.strerror or exc)
+        return None
 
 
-def close_direct_twin(fd: int) -> None:
-    """Forget and close ``fd``'s twin, if any; before ``fd`` itself is closed, whose number the
-    kernel may then give to another file."""
-    twin = _TWINS.pop(fd, None)
+def close_twin(twin: int | None) -> None:
+    """Close a twin that ``open_direct_twin`` returned (None: there is none)."""
     if twin is not None:
         os.close(twin)
-
-
-def has_direct_twin(fd: int) -> bool:
-    return fd in _TWINS
 
 
 def aligned_buffer(size: int) -> mmap.mmap:
@@ -427,5 +419,23 @@ def _preadinto_twin(fd: int, twin: int, view: memoryview, offset: int) -> int:
 
 async def pwrite_aligned(fd: int, twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     """``pwrite`` through the O_DIRECT descriptor ``twin`` of ``fd``'s file where the request is
-    aligned, else through ``fd``; in a worker thread (O_DIRECT I/O waits for the device)."""
+    aligned, else through ``fd``; off the trio thread (O_DIRECT I/O waits for the device): by
+    Linux AIO where it takes the request, else in a worker thread."""
+    length = len(data)
+    if length and _is_aligned(offset, length):
+        ctx = aio.context()
+        if ctx is not None and await ctx.pwrite(twin, data, offset) is not None:
+            return length
     return await trio.to_thread.run_sync(_pwrite_twin, fd, twin, data, offset, limiter=LIMITER)
+
+
+async def pread_aligned(fd: int, twin: int, size: int, offset: int) -> bytes:
+    """``pread`` through ``twin`` where the request is aligned, else through ``fd`` (see
+    ``pwrite_aligned``)."""
+    if size and _is_aligned(offset, size):
+        ctx = aio.context()
+        if ctx is not None:
+            data = await ctx.pread(twin, size, offset)
+            if data is not None:
+                return data
+    return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)

@@ -69,17 +69,18 @@ class HandleTable:
             if node.job is not None:
                 node.job.check_modify("truncate")
             fdf |= os.O_TRUNC
-        fd, inline_io = await fileio.call(open_classified, node.backing_path, fdf,
-                                          bool(flags & _O_DIRECT))
-        return self.add(node, flags, fd, inline_io)
+        fd, twin, inline_io = await fileio.call(open_classified, node.backing_path, fdf,
+                                                bool(flags & _O_DIRECT))
+        return self.add(node, flags, fd, inline_io, twin)
 
-    def add(self, node: ImageNode, flags: int, fd: int, inline_io: bool) -> OpenHandle:
-        """Register the open of ``node`` on ``fd`` (opened with its O_DIRECT twin if ``flags``
-        ask for O_DIRECT)."""
+    def add(self, node: ImageNode, flags: int, fd: int, inline_io: bool,
+            twin: int | None = None) -> OpenHandle:
+        """Register the open of ``node`` on ``fd`` (and ``twin``, its O_DIRECT twin, if
+        ``flags`` ask for O_DIRECT and the filesystem gave one)."""
         fh = next(self._counter)
         direct = bool(flags & _O_DIRECT)
         handle = OpenHandle(fh=fh, node=node, flags=flags & ~STRIPPED_OPEN_FLAGS, fd=fd,
-                            direct=direct, inline_io=inline_io and not fileio.has_direct_twin(fd))
+                            direct=direct, inline_io=inline_io and twin is None, twin=twin)
         node.handles[fh] = handle
         self.files[fh] = handle
         return handle
@@ -98,13 +99,13 @@ class HandleTable:
     async def release(self, fh: int) -> None:
         handle = self._drop(fh)
         if handle is not None:
-            await fileio.call(close_fd, handle.fd, handle.node.backing_path)
+            await fileio.call(close_fd, handle.fd, handle.node.backing_path, handle.twin)
 
     def close_all(self) -> None:
         """Close every source descriptor (at unmount, after the FUSE session ended)."""
         for fh in list(self.files):
             handle = self._drop(fh)
             if handle is not None:
-                close_fd(handle.fd, handle.node.backing_path)
+                close_fd(handle.fd, handle.node.backing_path, handle.twin)
         self.virtual.clear()
         self.dirs.clear()

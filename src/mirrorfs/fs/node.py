@@ -100,19 +100,22 @@ class OpenHandle:
             engine may swap it (pivot).
         direct: the opener asked for O_DIRECT (served with FUSE ``direct_io`` and an O_DIRECT
             twin of ``fd``, which follows ``fd`` when the engine swaps it).
+        twin: that O_DIRECT twin of ``fd``; None where there is none (a buffered open, tmpfs,
+            a filesystem that refuses O_DIRECT).
         inline_io: requests of up to ``fileio.DIRECT_MAX`` bytes may run ``fd``'s I/O on the trio
             thread (``fileio.inline_capable``); kept with ``fd``, so a swapped descriptor is
             asked anew.
     """
 
-    __slots__ = ("fh", "node", "flags", "direct", "_fd", "inline_io")
+    __slots__ = ("fh", "node", "flags", "direct", "_fd", "inline_io", "twin")
 
     def __init__(self, fh: int, node: ImageNode, flags: int, fd: int, direct: bool = False,
-                 inline_io: bool | None = None) -> None:
+                 inline_io: bool | None = None, twin: int | None = None) -> None:
         self.fh = fh
         self.node = node
         self.flags = flags
         self.direct = direct
+        self.twin = twin
         if inline_io is None:
             self.fd = fd
         else:  # asked already, off the trio thread (fstatfs of a FUSE or NFS file can hang)
@@ -126,12 +129,12 @@ class OpenHandle:
     @fd.setter
     def fd(self, fd: int) -> None:
         # A swap (pivot) on the trio thread: the new file is a local target, whose open is quick.
-        old = getattr(self, "_fd", None)
-        if self.direct and old is not None:
-            fileio.close_direct_twin(old)  # before the caller closes old, freeing its number
-            fileio.open_direct_twin(fd, self.flags, "source")
+        if self.direct and getattr(self, "_fd", None) is not None:
+            fileio.close_twin(self.twin)
+            self.twin = None
+            self.twin = fileio.open_direct_twin(fd, self.flags, "source")
         self._fd = fd
-        self.inline_io = not fileio.has_direct_twin(fd) and fileio.inline_capable(fd)
+        self.inline_io = self.twin is None and fileio.inline_capable(fd)
 
     def runs_inline(self, size: int) -> bool:
         """Whether a request of ``size`` bytes on this handle runs its I/O on the trio thread."""

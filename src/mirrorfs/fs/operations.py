@@ -474,11 +474,11 @@ class Operations(pyfuse3.Operations):
                 await self._fhs.release(handle.fh)
                 raise
         else:
-            fd, inline_io, st = created
+            fd, twin, inline_io, st = created
             if self._inodes.known(relpath) is not None:
                 self._inodes.forget_path(relpath)  # a stale entry: the file was removed behind our back
             node = self._inodes.node_for(self._inodes.inode_for(relpath), relpath)
-            handle = self._fhs.add(node, flags, fd, inline_io)
+            handle = self._fhs.add(node, flags, fd, inline_io, twin)
         attr = source_attributes(node.inode, st)
         return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct, keep_cache=False), attr
 
@@ -499,7 +499,7 @@ class Operations(pyfuse3.Operations):
             return await job.read(handle, off, size)
         if handle.runs_inline(size):
             return fileio.pread_now(handle.fd, size, off)
-        return await fileio.pread_thread(handle.fd, size, off)
+        return await fileio.pread_thread(handle.fd, size, off, handle.twin)
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -519,7 +519,7 @@ class Operations(pyfuse3.Operations):
             return fileio.pwrite_now(handle.fd, buf, off)
         token = node.begin_passthrough_write(off, len(buf))  # seen by a job that attaches now
         try:
-            return await fileio.pwrite_thread(handle.fd, buf, off)
+            return await fileio.pwrite_thread(handle.fd, buf, off, handle.twin)
         finally:
             node.end_passthrough_write(token)
 

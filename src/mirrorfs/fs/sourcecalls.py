@@ -26,24 +26,23 @@ def list_dir(path: str) -> list[str]:
         return [de.name for de in it]
 
 
-def close_fd(fd: int, path: str) -> None:
+def close_fd(fd: int, path: str, twin: int | None = None) -> None:
     """Close a source descriptor and its O_DIRECT twin, if it has one."""
     try:
-        fileio.close_direct_twin(fd)
+        fileio.close_twin(twin)
         os.close(fd)
     except OSError as exc:
         log.info("close of %s failed: %s", path, exc)
 
 
-def open_classified(path: str, flags: int, direct: bool = False) -> tuple[int, bool]:
-    """Open ``path`` (with an O_DIRECT twin if ``direct``) and ask whether its I/O may run
-    inline (``fstatfs``: on a FUSE or NFS file a request to that filesystem, so asked here in
-    the worker thread too)."""
+def open_classified(path: str, flags: int, direct: bool = False) -> tuple[int, int | None, bool]:
+    """Open ``path`` (with an O_DIRECT twin if ``direct``); returns the descriptor, its twin and
+    whether its I/O may run inline (``fstatfs``: on a FUSE or NFS file a request to that
+    filesystem, so asked here in the worker thread too)."""
     fd = os.open(path, flags)
     try:
-        if direct:
-            fileio.open_direct_twin(fd, flags, "source")
-        return fd, fileio.inline_capable(fd)
+        twin = fileio.open_direct_twin(fd, flags, "source") if direct else None
+        return fd, twin, fileio.inline_capable(fd)
     except BaseException:
         close_fd(fd, path)
         raise
@@ -64,10 +63,11 @@ def set_owner_and_mode(fd: int, owner: tuple[int, int] | None, mode: int) -> os.
 
 
 def create_file(path: str, fd_flags: int, mode: int, owner: tuple[int, int] | None,
-                direct: bool = False) -> tuple[int, bool, os.stat_result] | None:
+                direct: bool = False) -> tuple[int, int | None, bool, os.stat_result] | None:
     """Create ``path`` exclusively and open it with ``fd_flags``; None if the name exists.
 
-    Returns the descriptor, whether its I/O may run inline, and its attributes. Owner and mode
+    Returns the descriptor, its O_DIRECT twin (if ``direct``), whether its I/O may run inline,
+    and its attributes. Owner and mode
     are set through the descriptor before it is returned, so they reach the file that was
     created whatever happens to its name meanwhile. On failure nothing is left behind.
     """
@@ -77,9 +77,8 @@ def create_file(path: str, fd_flags: int, mode: int, owner: tuple[int, int] | No
         return None
     try:
         st = set_owner_and_mode(fd, owner, mode)
-        if direct:
-            fileio.open_direct_twin(fd, fd_flags, "source")
-        return fd, fileio.inline_capable(fd), st
+        twin = fileio.open_direct_twin(fd, fd_flags, "source") if direct else None
+        return fd, twin, fileio.inline_capable(fd), st
     except BaseException:
         _unlink_if_same(path, fd)
         close_fd(fd, path)

@@ -64,6 +64,7 @@ class CopyTask:
         self._skipped = False
         self._last_commit = 0.0
         self._source_fd = -1
+        self._source_twin: int | None = None
         self._zero = bytes(self.chunk_size)
         #: copy buffers, one per copy in flight, reused (see ``_copy_data``)
         self._buffers: list[mmap.mmap] = []
@@ -82,11 +83,12 @@ class CopyTask:
         self._source_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         # On a disk, the copy reads through an O_DIRECT twin: a full copy does not fill the page
         # cache with an image the guest may be keeping out of it (cache=none).
-        fileio.open_copy_twin(self._source_fd)
+        self._source_twin = fileio.open_copy_twin(self._source_fd)
 
     def close_source(self) -> None:
         if self._source_fd >= 0:
-            fileio.close_direct_twin(self._source_fd)
+            fileio.close_twin(self._source_twin)
+            self._source_twin = None
             os.close(self._source_fd)
             self._source_fd = -1
 
@@ -322,7 +324,7 @@ class CopyTask:
         try:
             view = memoryview(buf)[:length]
             try:
-                n = await fileio.preadinto(self._source_fd, view, offset)
+                n = await fileio.preadinto(self._source_fd, view, offset, self._source_twin)
             except OSError as exc:
                 raise SourceError(f"reading image {self.params.image!r} at offset {offset} "
                                   f"failed: {exc.strerror or exc}", errno=exc.errno) from None

@@ -59,6 +59,8 @@ class Handle(Protocol):
     flags: int
     #: opened with O_DIRECT: its duplicates go to a local target with O_DIRECT too
     direct: bool
+    #: the O_DIRECT twin of ``fd`` its aligned requests go through (``fileio.open_direct_twin``)
+    twin: int | None
 
     def runs_inline(self, size: int) -> bool: ...
 

@@ -275,11 +275,11 @@ async def source_pread(handle: Handle, size: int, offset: int) -> bytes:
     whose I/O cannot run inline): the handle knows which, so no per-call fstatfs."""
     if handle.runs_inline(size):
         return fileio.pread_now(handle.fd, size, offset)
-    return await fileio.pread_thread(handle.fd, size, offset)
+    return await fileio.pread_thread(handle.fd, size, offset, handle.twin)
 
 
 async def source_pwrite(handle: Handle, data: bytes, offset: int) -> int:
     """A write of the source outside the inline path (see ``source_pread``)."""
     if handle.runs_inline(len(data)):
         return fileio.pwrite_now(handle.fd, data, offset)
-    return await fileio.pwrite_thread(handle.fd, data, offset)
+    return await fileio.pwrite_thread(handle.fd, data, offset, handle.twin)

@@ -1,0 +1,260 @@
+"""Linux native AIO for O_DIRECT descriptors, with completions delivered through trio's loop.
+
+Why: an O_DIRECT request waits for the device. Sent to a worker thread (``trio.to_thread``), each
+request costs two thread wake-ups and a hand-off of the GIL, which on this project's VMs is more
+CPU than the I/O itself and caps a QD1 writer at a fraction of the disk (figures in
+docs/performance.md). With AIO the trio thread submits the request (``io_submit`` returns once
+the device has it) and one reaper task per trio run picks the completions up from an eventfd: no
+thread, and a stalled device still holds only the requests that wait for it.
+
+Each request is submitted with ``RWF_NOWAIT``: where the submission itself would block (a
+filesystem lock, a write that allocates blocks or extends the file), the kernel refuses it with
+EAGAIN instead, and a filesystem that cannot promise that (NFS, FUSE) refuses the flag at once,
+so a request holds the trio thread only for its submission. Every outcome but a complete
+transfer (a refusal, an error, a short count) returns None, and the caller runs the request its
+usual way, which reports errors as before: rewriting the same bytes at the same offset, or
+rereading them, is harmless.
+
+Buffers: each of the ``DEPTH`` request slots owns a page-aligned buffer of ``SLOT_BYTES``, created
+on first use and reused, so a request costs one copy of its bytes and no allocation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import platform
+
+import outcome
+import trio
+
+log = logging.getLogger(__name__)
+
+#: requests in flight per trio run; more wait for a slot in a worker thread (the caller's path)
+DEPTH = 64
+#: the largest request taken (a FUSE request is at most 1 MiB)
+SLOT_BYTES = 1 << 20
+
+_SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
+_IOCB_CMD_PREAD, _IOCB_CMD_PWRITE = 0, 1
+_IOCB_FLAG_RESFD = 1
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 8)
+
+
+class _Iocb(ctypes.Structure):
+    # struct iocb of <linux/aio_abi.h>, little-endian layout (aio_key before aio_rw_flags)
+    _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_int32),
+                ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
+                ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
+                ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64),
+                ("res2", ctypes.c_int64)]
+
+
+class _RingHeader(ctypes.Structure):
+    # the head of struct aio_ring (fs/aio.c), which the kernel maps at the context's address
+    _fields_ = [("id", ctypes.c_uint), ("nr", ctypes.c_uint), ("head", ctypes.c_uint),
+                ("tail", ctypes.c_uint), ("magic", ctypes.c_uint)]
+
+
+_AIO_RING_MAGIC = 0xA10A10A1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+
+def _syscalls() -> tuple[ctypes._CFuncPtr, tuple[int, int, int, int]] | None:
+    numbers = _SYSCALLS.get(platform.machine())
+    if numbers is None or not hasattr(os, "eventfd") or not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    func.restype = ctypes.c_long
+    return func, numbers
+
+
+_SYSCALL = _syscalls()
+
+
+class AioContext:
+    """One kernel AIO context, its eventfd, its request slots and their buffers.
+
+    Created by ``context()`` inside a trio run; its reaper is a system task of that run.
+    """
+
+    def __init__(self) -> None:
+        assert _SYSCALL is not None
+        self._syscall, (self._nr_setup, self._nr_destroy, self._nr_getevents, self._nr_submit) = _SYSCALL
+        self._ctx = ctypes.c_ulong(0)
+        if self._syscall(self._nr_setup, DEPTH, ctypes.byref(self._ctx)) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        try:
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            self._syscall(self._nr_destroy, self._ctx)
+            raise
+        ring = _RingHeader.from_address(self._ctx.value)
+        self._ring = ring if ring.magic == _AIO_RING_MAGIC else None
+        self._iocbs = (_Iocb * DEPTH)()
+        self._ptrs = [ctypes.pointer(self._iocbs[i]) for i in range(DEPTH)]
+        self._refs = [ctypes.byref(p) for p in self._ptrs]
+        self._events = (_Event * DEPTH)()
+        self._zero_timeout = _Timespec(0, 0)
+        self._buffers: list[mmap.mmap | None] = [None] * DEPTH
+        self._views: list[memoryview | None] = [None] * DEPTH
+        self._free = list(range(DEPTH))
+        #: slot -> the task waiting for it
+        self._waiting: dict[int, trio.lowlevel.Task] = {}
+        self.broken = False
+
+    def completed(self) -> bool:
+        """Whether completions wait to be delivered (read from the kernel's ring: no syscall).
+
+        For loops that serve requests without a scheduler pass (``fs/fuseloop.py``): the
+        reaper only runs in one, so such a loop must take one as soon as this says so.
+        """
+        ring = self._ring
+        if ring is None:
+            return bool(self._waiting)
+        return ring.head != ring.tail
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet delivered."""
+        return len(self._waiting)
+
+    def _slot_view(self, slot: int) -> memoryview:
+        view = self._views[slot]
+        if view is None:
+            buf = self._buffers[slot] = mmap.mmap(-1, SLOT_BYTES)
+            view = self._views[slot] = memoryview(buf)
+            # What a slot's requests share is set once: a ctypes field costs ~0.1 us a store.
+            iocb = self._iocbs[slot]
+            iocb.data = slot
+            iocb.rw_flags = _RWF_NOWAIT
+            iocb.buf = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            iocb.flags = _IOCB_FLAG_RESFD
+            iocb.resfd = self._efd
+        return view
+
+    async def _submit(self, opcode: int, fd: int, slot: int, length: int, offset: int) -> int | None:
+        """Submit one request of ``slot`` and wait for its result (None: not taken)."""
+        iocb = self._iocbs[slot]
+        iocb.opcode = opcode
+        iocb.fildes = fd
+        iocb.nbytes = length
+        iocb.offset = offset
+        if self._syscall(self._nr_submit, self._ctx, 1, self._refs[slot]) != 1:
+            return None  # EAGAIN (would block), EINVAL/EOPNOTSUPP (not for this file), ...
+        self._waiting[slot] = trio.lowlevel.current_task()
+        # Not cancellable: the kernel writes into the slot's buffer until the request completes.
+        res: int = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        return res
+
+    async def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int | None:
+        """Write all of ``data`` through the O_DIRECT ``fd`` (aligned offset and length); None,
+        having perhaps written part of it, where the request was not completed here."""
+        length = len(data)
+        if self.broken or not self._free or length > SLOT_BYTES:
+            return None
+        slot = self._free.pop()
+        try:
+            self._slot_view(slot)[:length] = data
+            res = await self._submit(_IOCB_CMD_PWRITE, fd, slot, length, offset)
+        finally:
+            self._free.append(slot)
+        return res if res == length else None
+
+    async def pread(self, fd: int, length: int, offset: int) -> bytes | None:
+        """Read ``length`` bytes through the O_DIRECT ``fd``; None where not read in full here
+        (also at the end of the file)."""
+        if self.broken or not self._free or length > SLOT_BYTES:
+            return None
+        slot = self._free.pop()
+        try:
+            view = self._slot_view(slot)
+            res = await self._submit(_IOCB_CMD_PREAD, fd, slot, length, offset)
+            return view[:length].tobytes() if res == length else None
+        finally:
+            self._free.append(slot)
+
+    def _reap(self) -> None:
+        while self._waiting:
+            n = self._syscall(self._nr_getevents, self._ctx, 0, DEPTH, self._events,
+                              ctypes.byref(self._zero_timeout))
+            if n <= 0:
+                return
+            for i in range(n):
+                event = self._events[i]
+                task = self._waiting.pop(event.data, None)
+                if task is not None:
+                    trio.lowlevel.reschedule(task, outcome.Value(event.res))
+
+    async def run_reaper(self) -> None:
+        """Deliver completions until the run ends (a system task)."""
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._efd)
+                try:
+                    os.eventfd_read(self._efd)
+                except BlockingIOError:
+                    continue
+                self._reap()
+        except trio.Cancelled:
+            raise
+        except Exception:  # never seen; a dead reaper must not take the mount with it
+            log.exception("AIO completions failed: O_DIRECT requests use worker threads from now on")
+            self.broken = True
+            for task in self._waiting.values():
+                trio.lowlevel.reschedule(task, outcome.Value(-errno.EIO))
+            self._waiting.clear()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._efd < 0:
+            return
+        # io_destroy waits for requests still in flight, so no buffer is freed under the kernel.
+        self._syscall(self._nr_destroy, self._ctx)
+        os.close(self._efd)
+        self._efd = -1
+        self.broken = True
+
+
+_CONTEXT: trio.lowlevel.RunVar = trio.lowlevel.RunVar("mirrorfs_aio", default=None)
+_UNAVAILABLE = object()
+
+
+def current() -> AioContext | None:
+    """This trio run's AIO context if it has one (never creates it)."""
+    ctx = _CONTEXT.get()
+    return None if ctx is _UNAVAILABLE else ctx
+
+
+def context() -> AioContext | None:
+    """This trio run's AIO context, created with its reaper on first use; None where AIO is
+    not available (other architectures, an exhausted ``fs.aio-max-nr``), logged once per run."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        if _SYSCALL is None:
+            _CONTEXT.set(_UNAVAILABLE)
+            return None
+        try:
+            ctx = AioContext()
+        except OSError as exc:
+            log.info("no Linux AIO (%s): O_DIRECT requests use worker threads", exc.strerror or exc)
+            _CONTEXT.set(_UNAVAILABLE)
+            return None
+        _CONTEXT.set(ctx)
+        trio.lowlevel.spawn_system_task(ctx.run_reaper, name="mirrorfs AIO reaper")
+    return None if ctx is _UNAVAILABLE else ctx
