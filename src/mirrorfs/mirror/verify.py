@@ -106,6 +106,7 @@ class Verifier:
         self.limiter = RateLimiter(speed)
         self._granularity = job.params.granularity
         self.position = 0
+        self._source_twin: int | None = None
         #: clusters compared equal or found differing, and clusters left out as busy or dirty
         self.compared = 0
         self.skipped = 0
@@ -161,7 +162,8 @@ class Verifier:
             fd = os.open(job.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise StateError(f"cannot read image {job.params.image!r}: {exc.strerror}") from None
-        fileio.open_copy_twin(fd)  # as the copy: a full pass does not fill the page cache
+        # as the copy: a full pass does not fill the page cache
+        self._source_twin = fileio.open_copy_twin(fd)
         try:
             suspects: list[Range] = []
             while self.position < job.size:
@@ -177,7 +179,8 @@ class Verifier:
                 await self._mark_dirty(confirmed)
             self.outcome = "differ" if confirmed else "identical"
         finally:
-            fileio.close_direct_twin(fd)
+            fileio.close_twin(self._source_twin)
+            self._source_twin = None
             os.close(fd)
 
     def _check_going(self) -> None:
@@ -213,7 +216,7 @@ class Verifier:
         watcher = job.inflight.watch(offset, length)
         try:
             try:
-                source = await fileio.pread(fd, length, offset)
+                source = await fileio.pread(fd, length, offset, self._source_twin)
             except OSError as exc:
                 raise StateError(f"reading image {job.params.image!r} at offset {offset} failed: "
                                  f"{exc.strerror or exc}") from None
