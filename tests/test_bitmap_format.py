@@ -28,12 +28,12 @@ def doc_read(path: str) -> dict:
      bits_length, checksum, reserved, src, tgt, ended_at, source_ctime) = DOC_HEADER.unpack_from(data, 0)
     assert DOC_HEADER.size == 2136
     assert magic == b"MFSBITMP"
-    assert version == 2
+    assert version == 3
     assert header_size == 2136
     zeroed = bytearray(data[:header_size])
     zeroed[64:68] = b"\0\0\0\0"
     assert zlib.crc32(zeroed) == checksum
-    assert flags & ~7 == 0 and reserved == 0
+    assert flags & ~15 == 0 and reserved == 0
     assert bool(flags & 4) == (ended_at != 0)
     assert source_ctime == 0 or flags & 5 == 1  # only in a file shut down (clean, not ended)
     assert 12 <= gbits <= 26
@@ -53,7 +53,7 @@ def doc_read(path: str) -> dict:
 
     return {"image_size": image_size, "granularity": g, "clusters": cluster_count,
             "generation": generation, "clean": bool(flags & 1), "pivoted": bool(flags & 2),
-            "ended": bool(flags & 4), "ended_at": ended_at, "source_ctime": source_ctime,
+            "ended": bool(flags & 4), "inconsistent": bool(flags & 8), "ended_at": ended_at, "source_ctime": source_ctime,
             "source": ident(src), "target": ident(tgt), "dirty": dirty}
 # ------------------------------------------------------------------------------------------------
 
@@ -86,7 +86,8 @@ def test_independent_reader_agrees_on_every_field_and_bit(tmp_path, size, g):
 
     got = doc_read(path)
     assert got == {"image_size": size, "granularity": g, "clusters": -(-size // g), "generation": 1,
-                   "clean": True, "pivoted": False, "ended": False, "ended_at": 0, "source_ctime": 0,
+                   "clean": True, "pivoted": False, "ended": False, "inconsistent": False, "ended_at": 0,
+                   "source_ctime": 0,
                    "source": src, "target": tgt, "dirty": model}
 
     again = PersistentBitmap.open(path, size=size, granularity=g, source_id=src, target_id=tgt)
@@ -152,7 +153,7 @@ def _digest(path: str) -> str:
     ("extend", "longer than its header says"),
     ("magic", "is not a mirrorfs bitmap file"),
     ("checksum", "header checksum mismatch"),
-    ("version", "format version 3; this mirrorfs reads versions 1 and 2"),
+    ("version", "format version 4; this mirrorfs reads versions 1, 2 and 3"),
     ("clusters", "invalid header field cluster_count"),
     ("flags", "invalid header field flags"),
     ("granularity", "invalid header field granularity_bits"),
@@ -175,7 +176,7 @@ def test_open_refuses_damaged_files_and_changes_nothing(tmp_path, damage, expect
         data = bytearray()
     open(path, "wb").write(data)
     if damage == "version":
-        _patch_header(path, 8, "<I", 3, fix_checksum=True)
+        _patch_header(path, 8, "<I", 4, fix_checksum=True)
     elif damage == "clusters":
         _patch_header(path, 32, "<Q", 999, fix_checksum=True)
     elif damage == "flags":
@@ -369,7 +370,7 @@ def test_version1_files_are_read_and_a_clean_one_needs_a_verified_resync(tmp_pat
     with pytest.raises(BitmapFormatError, match="format version 1, which cannot tell"):
         PersistentBitmap.open(path, size=1 << 24)
     bm = PersistentBitmap.open(path, size=1 << 24, verify=True)
-    assert doc_read(path)["generation"] == 2  # upgraded to version 2 (doc_read asserts it)
+    assert doc_read(path)["generation"] == 2  # upgraded to version 3 (doc_read asserts it)
     bm.close(clean=False)
     _to_version1(path)  # a crashed version 1 file: in use when it died, its bits are trusted
     PersistentBitmap.open(path, size=1 << 24).close()
@@ -427,3 +428,35 @@ def test_source_ctime_only_in_a_shut_down_file(tmp_path):
     _patch_header(path, 2128, "<Q", 12345, fix_checksum=True)
     with pytest.raises(BitmapFormatError, match="invalid header field source_ctime"):
         PersistentBitmap.open(path, size=1 << 24, verify=True)
+
+
+def test_inconsistent_flag_is_switched_in_place_and_kept_across_opens(tmp_path):
+    path = str(tmp_path / "b.bitmap")
+    bm = PersistentBitmap.create(path, 1 << 24, source_id="/s", target_id="/t", fill=True,
+                                 inconsistent=True)
+    assert doc_read(path)["inconsistent"] and bm.inconsistent
+    bm.set_inconsistent(False)
+    assert not doc_read(path)["inconsistent"]  # on the file at once, checksum right
+    bm.set_inconsistent(True)
+    bm.close()
+    got = doc_read(path)
+    assert got["inconsistent"] and got["clean"]
+    bm = PersistentBitmap.open(path, size=1 << 24)
+    assert bm.inconsistent and doc_read(path)["inconsistent"]  # a resume starts inconsistent
+    bm.set_inconsistent(False)
+    bm.close(ended=True)
+    got = doc_read(path)
+    assert not got["inconsistent"] and got["ended"]
+
+
+def test_version2_files_are_read_and_upgraded(tmp_path):
+    path = _make(tmp_path)
+    _patch_header(path, 8, "<I", 2, fix_checksum=True)
+    header = decode_header(open(path, "rb").read())
+    assert header.version == 2 and not header.inconsistent
+    PersistentBitmap.open(path, size=1 << 24).close()
+    assert not doc_read(path)["inconsistent"]  # doc_read asserts version 3
+    _patch_header(path, 8, "<I", 2, fix_checksum=False)
+    _patch_header(path, 16, "<I", 8 | 1, fix_checksum=True)  # INCONSISTENT is unknown to version 2
+    with pytest.raises(BitmapFormatError, match="invalid header field flags"):
+        PersistentBitmap.open(path, size=1 << 24)

@@ -111,7 +111,7 @@ def test_ended_file_exits_1_even_with_no_bit_set(tmp_path):
                         rf"--verify-resync \(compares every cluster\)", out[-1]), out
     info = json.loads(run_cli(path, "--json").stdout)
     assert info["ended"] is True and info["ended-at"].endswith("Z") and info["ended-at-ns"] > 0
-    assert info["version"] == 2 and info["exit-code"] == 1
+    assert info["version"] == 3 and info["exit-code"] == 1
 
 
 def test_clean_version1_file_cannot_be_called_clean(tmp_path):

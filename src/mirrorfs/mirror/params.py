@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from ..bitmap.memory import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY, check_granularity
 from ..errors import UsageError
+from ..journal.file import DEFAULT_SIZE as DEFAULT_JOURNAL_SIZE, parse_journal_size
 from ..nbd.uri import is_nbd_uri, parse_nbd_uri
 from ..units import parse_size
 
@@ -125,6 +126,10 @@ MIRROR_PARAMS: tuple[Param, ...] = (
               ("report", "the job fails"),
               ("ignore", "the job goes on and reads the range again later"),
               *_POLICY_COMMON)),
+    Param("journal-size", "size", "bound of the write journal kept beside the bitmap "
+          "(BITMAP.journal) while the target is away, so that the replica stays a consistent "
+          "earlier state of the image; 0 turns it off; a job without --bitmap has no journal "
+          f"(default {DEFAULT_JOURNAL_SIZE >> 30}G)", default=DEFAULT_JOURNAL_SIZE, metavar="SIZE"),
     Param("job-id", "str", "name of the job in QMP and events (default IMAGE)", metavar="ID"),
     # QEMU's arguments, accepted so that QEMU's clients work unchanged.
     Param("mode", "choice", "absolute-paths: create the target", default="existing",
@@ -353,6 +358,8 @@ class MirrorParams:
     #: compare every cluster of source and target instead of trusting the bitmap (copy those that
     #: differ): the way to resume from a bitmap whose job ended
     verify_resync: bool = False
+    #: bound of the write journal in bytes (0: none); only a job with a bitmap file has one
+    journal_size: int = DEFAULT_JOURNAL_SIZE
 
     @classmethod
     def from_arguments(cls, args: Mapping[str, Any]) -> "MirrorParams":
@@ -382,10 +389,19 @@ class MirrorParams:
         if verify and sync not in ("dirty", "full"):
             raise UsageError(f"verify-resync compares every cluster: it goes with sync 'dirty' or "
                              f"'full', not {sync!r}")
+        journal_size = parse_journal_size(v["journal-size"])
         return cls(image=image, target=target, job_id=v["job-id"] or image, sync=sync,
                    granularity=granularity, bitmap=bitmap, speed=v["speed"], buf_size=buf_size,
                    create=create, copy_mode=v["copy-mode"], on_target_error=v["on-target-error"],
-                   on_source_error=v["on-source-error"], verify_resync=verify)
+                   on_source_error=v["on-source-error"], verify_resync=verify,
+                   journal_size=journal_size)
+
+    @property
+    def journal(self) -> str | None:
+        """The journal file: beside the bitmap file; None without one or with size 0."""
+        if self.bitmap is None or not self.journal_size:
+            return None
+        return self.bitmap + ".journal"
 
     @property
     def is_nbd(self) -> bool:
