@@ -232,9 +232,10 @@ def test_status_no_jobs_table_and_json(mount: Any, capsys: Any) -> None:
     code, out, _ = run_cli(capsys, "status", mnt)
     assert out == render_status_table(jobs)
     header, row_a, row_b = out.splitlines()
-    assert header.split() == ["IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "TARGET", "IO-STATUS", "PAUSED"]
+    assert header.split() == ["IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "TARGET", "IO-STATUS", "PAUSED",
+                              "REPLICA"]
     assert row_a.split() == ["vm/a.img", "ready", "8.0", "MiB/8.0", "MiB", "100.0%", "0", "B", "-", "0:00",
-                             "/t/x.img", "ok", "no"]
+                             "/t/x.img", "ok", "no", "-"]
     assert "0 B/4.0 MiB 0.0%" in row_b and "4.0 MiB" in row_b and "nbd://h/b" in row_b
 
 

@@ -54,6 +54,9 @@ class FailureHandling:
         side = "source" if operation == "read" else "target"
         log.warning("job %s: %s error (%s): %s", self.id, side, action, exc)
         self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action})
+        if operation == "write" and action in ("ignore", "stop"):
+            # the cluster is copied again later, out of the order it was written in
+            self._enter_resync(f"target write error: {exc}")
         if action == "ignore":
             return
         self.io_status = "nospace" if nospace else "failed"
@@ -87,6 +90,7 @@ class FailureHandling:
         log.warning("job %s: target %s lost: %s", self.id, self.target.description, exc)
         if self.ready:  # standby: still paused, no longer ready
             self._set_state(JobState.PAUSED if self.paused else JobState.RUNNING)
+        self._start_journal()  # before any other write is acknowledged
         self._emit("MIRROR_TARGET_LOST", {"device": self.id, "target": self.target.description,
                                           "reason": str(exc)})
         if not self._reconnecting and self._nursery is not None:
@@ -109,11 +113,13 @@ class FailureHandling:
                     log.info("job %s: reconnect failed: %s", self.id, exc)
                     delay = min(cap, delay * 2)
                     continue
-                self.target_ok = True
                 self.stats["reconnects"] += 1
                 self._emit("MIRROR_TARGET_RESTORED", {"device": self.id,
                                                       "target": self.target.description})
-                self.copy.poke()
+                if self.replica.journaled:
+                    self._begin_replay()  # the target is the replay's until it caught up
+                else:
+                    self._target_back()
                 return
         except Exception as exc:
             self.contain(exc, "the reconnect task")

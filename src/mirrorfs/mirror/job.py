@@ -44,7 +44,9 @@ from .gate import ActivityCounter, IOGate
 from .copy import CopyTask
 from .failures import FailureHandling
 from .inflight import InflightOps
+from .journaling import Journaling
 from .params import MirrorParams
+from .replica import Replica, initial_replica
 from .seams import Handle, ImageIO, JobBitmap, Node
 from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 EmitFn = Callable[[str, dict], None]
 
 
-class MirrorJob(WritePath, FailureHandling):
+class MirrorJob(WritePath, FailureHandling, Journaling):
     """A running mirror of one image to one target.
 
     Args:
@@ -67,10 +69,13 @@ class MirrorJob(WritePath, FailureHandling):
         emit: callback for QMP events.
         end_lock: the manager's lock. The job's own end (a failure) takes it, so it never runs
             in the middle of a transaction or a shutdown acting on the job.
+        journal: the job's open ``WriteJournal`` (None: no journal; see ``journaling.py``).
+        replica: the replica's state at the start (default: from the sync mode and bitmap).
     """
 
     def __init__(self, params: MirrorParams, node: Node, target: Target, bitmap: JobBitmap, *,
-                 size: int, emit: EmitFn, end_lock: trio.Lock | None = None) -> None:
+                 size: int, emit: EmitFn, end_lock: trio.Lock | None = None,
+                 journal: Any = None, replica: Replica | None = None) -> None:
         self.params = params
         self.id = params.job_id
         self.node = node
@@ -116,6 +121,11 @@ class MirrorJob(WritePath, FailureHandling):
         self._durable_done = 0
         self._grow_lock = trio.Lock()
         self._end_lock = end_lock if end_lock is not None else trio.Lock()
+        if replica is None:
+            replica = initial_replica(params.sync, flagged=bitmap.inconsistent,
+                                      verify=params.verify_resync, dirty=bitmap.count() > 0,
+                                      background=params.copy_mode == "background")
+        self._init_replica(replica, journal)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,6 +151,7 @@ class MirrorJob(WritePath, FailureHandling):
                     if end > offset:
                         self.bitmap.mark(offset, end - offset)
                 self._set_state(JobState.RUNNING)  # the manager's sign that the job started
+                self._start_replica()
                 task_status.started()
                 await self.node.wait_passthrough_idle()
                 with trio.CancelScope() as scope:
@@ -161,6 +172,7 @@ class MirrorJob(WritePath, FailureHandling):
             # However the task ended, writes are no longer recorded from here on; a no-op when
             # an ending (or an unmount's stop) already closed the bitmap.
             self._close_bitmap(clean=True, ended=True)
+            self._close_journal(remove=False)
             self._detach()
             self._ended.set()
 
@@ -211,7 +223,9 @@ class MirrorJob(WritePath, FailureHandling):
             "target": self.target.description, "dirty-bytes": self.bitmap.dirty_bytes(),
             "copy-mode": self.params.copy_mode, "rate": int(self.meter.rate),
             "__org.mirrorfs_image": self.params.image,
-            "__org.mirrorfs_target-connected": self.target_ok,
+            "__org.mirrorfs_target-connected": self.target_ok or self.replica is Replica.REPLAYING,
+            "__org.mirrorfs_replica-state": self.replica.value,
+            "__org.mirrorfs_replica-consistent": self.replica.consistent,
         }
         entry.update({f"__org.mirrorfs_{k}": v for k, v in self.stats.items()})
         if self.error is not None:
@@ -249,6 +263,8 @@ class MirrorJob(WritePath, FailureHandling):
                 return await self.successor.fsync(handle, datasync)
             await fileio.fsync(handle.fd, datasync)
             if not self.finished:
+                if self.replica.journaled:
+                    await self._journal_flush()
                 await self.durable_point()
 
     def check_modify(self, op: str) -> None:
@@ -307,6 +323,7 @@ class MirrorJob(WritePath, FailureHandling):
     # ------------------------------------------------------------------ states and errors
 
     def become_ready(self) -> None:
+        self._replica_ready()
         self._set_state(JobState.READY)
         self._emit("BLOCK_JOB_READY", self._event_data())
 
@@ -334,6 +351,8 @@ class MirrorJob(WritePath, FailureHandling):
         # Writes made while paused are not on the target: ready (len == offset) must be
         # earned again, and BLOCK_JOB_READY says when, as after a lost target.
         again_ready = self.ready and not self.bitmap.count()
+        if self.bitmap.count() and self.replica is Replica.IN_SYNC:
+            self._enter_resync("writes made while paused")
         self._set_state(JobState.READY if again_ready else JobState.RUNNING)
         self.copy.poke()
 
@@ -423,6 +442,7 @@ class MirrorJob(WritePath, FailureHandling):
             if self.error is None:
                 self.error = "job failed"
         self._close_bitmap(clean=clean, pivoted=pivoted, ended=outcome != "stopped")
+        self._close_journal(remove=outcome != "stopped")
         if outcome == "stopped":
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
