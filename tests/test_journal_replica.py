@@ -294,8 +294,9 @@ def inspect_bitmap(bitmap: Path) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("copy_mode", ["write-blocking", "background"])
 def test_catch_up_from_the_journal_keeps_every_snapshot_a_prefix(
-        mount_factory: Any, tmp_path: Path, nbd_file: NbdkitFile) -> None:
+        mount_factory: Any, tmp_path: Path, nbd_file: NbdkitFile, copy_mode: str) -> None:
     before, during, seed = 60, 600, 11
     mount = mount_factory()
     mount.allow_log(r"WARNING")  # the lost target is logged as a warning, by design
@@ -304,7 +305,7 @@ def test_catch_up_from_the_journal_keeps_every_snapshot_a_prefix(
     bitmap = tmp_path / "vm.bitmap"
     nbd_file.start()
     mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--bitmap", bitmap,
-              "--copy-mode", "write-blocking")
+              "--copy-mode", copy_mode)
     slots = _slots(seed)
     writer = None
     with qmp(mount) as client:

@@ -286,6 +286,19 @@ def _check_replaceable(path: str, fd: int, *, source_id: str, target_id: str) ->
                                 f"it; give --bitmap a new path")
 
 
+def _switch_flag(mm: mmap.mmap, header: fmt.BitmapHeader, flag: int, on: bool) -> fmt.BitmapHeader:
+    """Set or clear one header flag of a mapped file in place, msync'ed before returning.
+
+    The flags and the header checksum share the file's first sector, rewritten in one store: a
+    disk writes a sector whole, so the header is never torn. Returns the header now on file.
+    """
+    new = header.replace(flags=(header.flags & ~flag) | (flag if on else 0))
+    if new != header:
+        mm[:fmt.FLAGS_SECTOR] = fmt.flags_sector(new)
+        mm.flush(0, mmap.PAGESIZE)
+    return new
+
+
 class ClearToken:
     """What :meth:`PersistentBitmap.begin_clear_commit` hands out: the clusters cleared before it."""
 
@@ -409,8 +422,7 @@ class PersistentBitmap(DirtyBitmap):
             if not header.clean:
                 log.info("bitmap %s was not shut down cleanly (generation %d): its set bits are still "
                          "trustworthy (they over-approximate)", path, header.generation)
-            # INCONSISTENT stays: it is about the target, which this open does not change
-            kept = header.flags & fmt.FLAG_INCONSISTENT
+            kept = header.flags & fmt.FLAG_INCONSISTENT  # about the target: an open keeps it
             new = header.replace(flags=kept, generation=header.generation + 1, version=fmt.VERSION,
                                  ended_at=0, source_ctime=0)
             bits: memoryview = memoryview(data)[header.bits_offset:]
@@ -707,30 +719,13 @@ class PersistentBitmap(DirtyBitmap):
                 self._file.flags.writeable = False
                 self._mm.close()  # also drops the lock (the mapping holds a dup of the descriptor)
 
-    @property
-    def inconsistent(self) -> bool:
-        """The file says the target is a mix of older and newer clusters."""
-        return self.header.inconsistent
+    inconsistent = property(lambda self: self.header.inconsistent)
 
     def set_inconsistent(self, inconsistent: bool) -> None:
-        """Switch FLAG_INCONSISTENT, durably (msync) before returning: set it before the first
-        cluster of a copy driven by the bitmap is written, clear it once the target is a copy.
-
-        The flags and the header checksum share the file's first sector, rewritten in place in
-        one store: a disk writes a sector whole, so the header is never torn. Blocking (one
-        msync of one page); the engine calls it once per transition, never per write.
-
-        Raises:
-            OSError: the msync failed (the file's storage did).
-        """
-        flags = self.header.flags & ~fmt.FLAG_INCONSISTENT
-        header = self.header.replace(flags=flags | (fmt.FLAG_INCONSISTENT if inconsistent else 0))
-        if header == self.header or self._closed:
-            return
-        with self._flush_lock:
-            self._mm[:fmt.FLAGS_SECTOR] = fmt.flags_sector(header)
-            self.header = header
-            self._mm.flush(0, mmap.PAGESIZE)
+        """Switch FLAG_INCONSISTENT durably (``_switch_flag``; raises OSError)."""
+        if not self._closed:
+            with self._flush_lock:
+                self.header = _switch_flag(self._mm, self.header, fmt.FLAG_INCONSISTENT, inconsistent)
 
     def _set_every_file_bit(self) -> None:
         """The header cannot say that recording stopped: make the bits say "copy everything", so

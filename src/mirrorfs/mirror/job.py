@@ -46,7 +46,7 @@ from .failures import FailureHandling
 from .inflight import InflightOps
 from .journaling import Journaling
 from .params import MirrorParams
-from .replica import Replica, initial_replica
+from .replica import Replica
 from .seams import Handle, ImageIO, JobBitmap, Node
 from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
@@ -121,10 +121,6 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
         self._durable_done = 0
         self._grow_lock = trio.Lock()
         self._end_lock = end_lock if end_lock is not None else trio.Lock()
-        if replica is None:
-            replica = initial_replica(params.sync, flagged=bitmap.inconsistent,
-                                      verify=params.verify_resync, dirty=bitmap.count() > 0,
-                                      background=params.copy_mode == "background")
         self._init_replica(replica, journal)
 
     # ------------------------------------------------------------------ lifecycle

@@ -30,7 +30,7 @@ import trio
 
 from ..errors import JournalFormatError, JournalFullError, MirrorfsError, TargetError
 from .replay import finish_journal, replay_journal
-from .replica import Replica, on_target_lost
+from .replica import Replica, initial_replica, on_target_lost
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -52,7 +52,12 @@ class WindowEntry:
 class Journaling:
     """The replica of a ``MirrorJob``: its state, the journal hooks and the replay task."""
 
-    def _init_replica(self, replica: Replica, journal: Any) -> None:
+    def _init_replica(self, replica: Replica | None, journal: Any) -> None:
+        if replica is None:  # what the sync mode and the bitmap say (the manager knows more)
+            replica = initial_replica(self.params.sync, flagged=self.bitmap.inconsistent,
+                                      verify=self.params.verify_resync,
+                                      dirty=self.bitmap.count() > 0,
+                                      background=self.params.copy_mode == "background")
         #: the replica's state (see ``replica.py``); changed only by ``_set_replica``
         self.replica = replica
         #: the job's ``WriteJournal`` (None: the job has none)
