@@ -38,7 +38,7 @@ from mirrorfs.journal.format import MIN_CAPACITY, Kind
 from mirrorfs.mirror.replay import finish_journal, replay_journal
 from mirrorfs.mirror.replica import JournalFound, Replica, initial_replica, on_target_lost
 
-from mounting import mirrorfs_cli, wait_for
+from mounting import mirrorfs_cli, process_alive, wait_for
 from nbdservers import Server
 from test_replication_support import assert_identical, make_blank, qmp, wait_job, wait_ready
 
@@ -292,6 +292,39 @@ def inspect_bitmap(bitmap: Path) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+def snapshots_until_ready(client: Any, nbd_file: NbdkitFile, slots: list[int], count: int,
+                          seed: int) -> list[int]:
+    """Freeze the server at random moments until the job is ready, copy its export each time
+    and check that the copy holds records 1..k; returns the k of the copies taken while
+    replaying. The job says it is consistent all the while."""
+    rng = random.Random(seed)
+    snapshots: list[tuple[str, int]] = []
+    while True:
+        job = wait_job(client, "vm.raw", lambda j: True, 5, "job")
+        assert job["__org.mirrorfs_replica-consistent"] is True, job
+        if job["ready"]:
+            break
+        time.sleep(rng.uniform(0.01, 0.1))
+        os.kill(nbd_file.pid, signal.SIGSTOP)
+        try:
+            data = nbd_file.image.read_bytes()
+            state = wait_job(client, "vm.raw", lambda j: True, 5, "job")["__org.mirrorfs_replica-state"]
+        finally:
+            os.kill(nbd_file.pid, signal.SIGCONT)
+        k = assert_prefix(records_in(data, slots, count), f"snapshot {len(snapshots)} ({state})")
+        snapshots.append((state, k))
+    replaying = [k for state, k in snapshots if state == "replaying"]
+    print(f"{len(snapshots)} snapshots, {len(replaying)} while replaying: {replaying}")
+    return replaying
+
+
+def sigkill_mount(mount: Any) -> None:
+    os.kill(mount.pid, signal.SIGKILL)
+    wait_for(lambda: not process_alive(mount.pid), 10, "the mount process to die")
+    subprocess.run(["fusermount3", "-u", "-z", str(mount.mountpoint)], check=True,
+                   capture_output=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("copy_mode", ["write-blocking", "background"])
@@ -329,30 +362,10 @@ def test_catch_up_from_the_journal_keeps_every_snapshot_a_prefix(
             assert at_loss >= before
 
             nbd_file.start(delay_ms=12)  # back, slow enough to be caught mid-replay
-            rng = random.Random(seed)
-            states: list[str] = []
-            snapshots: list[tuple[str, int]] = []
-            while True:
-                job = wait_job(client, "vm.raw", lambda j: True, 5, "job")
-                if job["ready"]:
-                    break
-                time.sleep(rng.uniform(0.01, 0.1))
-                os.kill(nbd_file.pid, signal.SIGSTOP)
-                try:
-                    data = nbd_file.image.read_bytes()
-                    state = wait_job(client, "vm.raw", lambda j: True, 5, "job")[
-                        "__org.mirrorfs_replica-state"]
-                finally:
-                    os.kill(nbd_file.pid, signal.SIGCONT)
-                k = assert_prefix(records_in(data, slots, before + during),
-                                  f"snapshot {len(snapshots)} ({state})")
-                snapshots.append((state, k))
-                states.append(state)
-                assert job["__org.mirrorfs_replica-consistent"] is True, job
-            replaying = [k for state, k in snapshots if state == "replaying"]
-            print(f"{len(snapshots)} snapshots, {len(replaying)} while replaying: {replaying}")
-            assert len(replaying) >= 20, snapshots
+            replaying = snapshots_until_ready(client, nbd_file, slots, before + during, seed)
+            assert len(replaying) >= 20, replaying
             assert len(set(replaying)) >= 10, "the replay was caught at too few moments"
+            job = wait_job(client, "vm.raw", lambda j: True, 5, "job")
             assert job["__org.mirrorfs_replica-consistent"] is True
             assert job["__org.mirrorfs_replayed-records"] >= during, job
             events = [e["event"] for e in client.poll_events(0.05)]
@@ -424,3 +437,62 @@ def test_an_overflowing_journal_makes_the_replica_inconsistent_until_ready(
                 writer.kill()
                 writer.wait()
     mount.cli("cancel", mount.mountpoint, "vm.raw", check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("overflow", [False, True])
+def test_a_job_resumed_after_a_crash_in_an_outage_replays_its_journal(
+        mount_factory: Any, tmp_path: Path, nbd_file: NbdkitFile, overflow: bool) -> None:
+    """mirrorfs dies (SIGKILL) while journaling; ``--sync dirty`` from the bitmap replays the
+    journal in order when the server is back. With an overflowed journal the resumed job is
+    inconsistent until ready, as the bitmap file says."""
+    before, during, seed = 30, 300, 5
+    mount = mount_factory()
+    mount.allow_log(r"WARNING")
+    source = mount.source / "vm.raw"
+    make_blank(source, 4 * MiB)
+    bitmap = tmp_path / "vm.bitmap"
+    size = ["--journal-size", str(MIN_CAPACITY)] if overflow else []
+    nbd_file.start()
+    mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--bitmap", bitmap, *size)
+    slots = _slots(seed)
+    with qmp(mount) as client:
+        wait_ready(client, "vm.raw", timeout=60)
+    writer, phase, go = run_writer(mount.mountpoint / "vm.raw", tmp_path, 1, before + during,
+                                   pause_at=before + 1, seed=seed)
+    try:
+        wait_for(phase.exists, 60, "the writer's first records")
+        nbd_file.kill()
+        go.touch()
+        assert writer.wait(120) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    sigkill_mount(mount)
+    assert inspect_bitmap(bitmap)["replica-consistent"] is not overflow
+    assert_prefix(records_in(nbd_file.image.read_bytes(), slots, before + during), "at the crash")
+
+    mount.start()
+    nbd_file.start(delay_ms=5)
+    mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--sync", "dirty",
+              "--bitmap", bitmap, *size)
+    with qmp(mount) as client:
+        if overflow:
+            job = wait_job(client, "vm.raw", lambda j: True, 5, "job")
+            assert job["ready"] or job["__org.mirrorfs_replica-state"] == "resyncing", job
+            assert job["ready"] or job["__org.mirrorfs_replica-consistent"] is False, job
+            job = wait_ready(client, "vm.raw", timeout=60)
+        else:
+            replaying = snapshots_until_ready(client, nbd_file, slots, before + during, seed)
+            assert replaying, "the replay was never caught"
+            job = wait_job(client, "vm.raw", lambda j: True, 5, "job")
+            assert job["__org.mirrorfs_replayed-records"] >= during, job
+        assert job["__org.mirrorfs_replica-consistent"] is True
+        assert inspect_bitmap(bitmap)["replica-consistent"] is True
+    assert_identical(source, nbd_file.image)
+    assert records_in(nbd_file.image.read_bytes(), slots, before + during) == \
+        set(range(1, before + during + 1))
+    mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
+    assert not Path(f"{bitmap}.journal").exists()  # a job that ends removes its journal
