@@ -232,14 +232,26 @@ def assert_prefix(present: set[int], what: str) -> int:
     return k
 
 
-def run_writer(path: Path, tmp_path: Path, first: int, last: int, *, pause_at: int,
-               seed: int) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def write_through_an_outage(mount: Any, tmp_path: Path, nbd_file: "NbdkitFile", *, before: int,
+                            during: int, seed: int) -> None:
+    """The ordered writer writes ``before`` records, the server is killed, the writer writes
+    ``during`` more (into the journal) and exits."""
     script = tmp_path / "ordered_writer.py"
     script.write_text(_WRITER)
     phase, go = tmp_path / "phase", tmp_path / "go"
-    proc = subprocess.Popen([sys.executable, str(script), str(path), str(first), str(last),
-                             str(seed), f"{pause_at}:{phase}", str(go)])
-    return proc, phase, go
+    writer = subprocess.Popen([sys.executable, str(script), str(mount.mountpoint / "vm.raw"), "1",
+                               str(before + during), str(seed), f"{before + 1}:{phase}", str(go)])
+    try:
+        wait_for(phase.exists, 60, "the writer's first records")
+        assert_prefix(records_in(nbd_file.image.read_bytes(), _slots(seed), before + during),
+                      "before the outage")
+        nbd_file.kill()
+        go.touch()  # the writer goes on while the server is away
+        assert writer.wait(120) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
 
 
 class NbdkitFile:
@@ -340,45 +352,33 @@ def test_catch_up_from_the_journal_keeps_every_snapshot_a_prefix(
     mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--bitmap", bitmap,
               "--copy-mode", copy_mode)
     slots = _slots(seed)
-    writer = None
     with qmp(mount) as client:
-        try:
-            wait_ready(client, "vm.raw", timeout=60)
-            writer, phase, go = run_writer(mount.mountpoint / "vm.raw", tmp_path, 1, before + during,
-                                           pause_at=before + 1, seed=seed)
-            wait_for(phase.exists, 60, "the writer's first records")
-            assert_prefix(records_in(nbd_file.image.read_bytes(), slots, before + during), "before")
-            nbd_file.kill()
-            go.touch()  # the writer goes on while the server is away
-            job = wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"],
-                           30, "the loss to be noticed")
-            assert writer.wait(120) == 0
-            job = wait_job(client, "vm.raw", lambda j: True, 5, "job")
-            assert job["__org.mirrorfs_replica-state"] == "journaling", job
-            assert job["__org.mirrorfs_replica-consistent"] is True
-            assert inspect_bitmap(bitmap)["replica-consistent"] is True
-            at_loss = assert_prefix(records_in(nbd_file.image.read_bytes(), slots,
-                                               before + during), "at the loss")
-            assert at_loss >= before
+        wait_ready(client, "vm.raw", timeout=60)
+        write_through_an_outage(mount, tmp_path, nbd_file, before=before, during=during,
+                                seed=seed)
+        job = wait_job(client, "vm.raw", lambda j: not j["__org.mirrorfs_target-connected"],
+                       30, "the loss to be noticed")
+        assert job["__org.mirrorfs_replica-state"] == "journaling", job
+        assert job["__org.mirrorfs_replica-consistent"] is True
+        assert inspect_bitmap(bitmap)["replica-consistent"] is True
+        at_loss = assert_prefix(records_in(nbd_file.image.read_bytes(), slots,
+                                           before + during), "at the loss")
+        assert at_loss >= before
 
-            nbd_file.start(delay_ms=12)  # back, slow enough to be caught mid-replay
-            replaying = snapshots_until_ready(client, nbd_file, slots, before + during, seed)
-            assert len(replaying) >= 20, replaying
-            assert len(set(replaying)) >= 10, "the replay was caught at too few moments"
-            job = wait_job(client, "vm.raw", lambda j: True, 5, "job")
-            assert job["__org.mirrorfs_replica-consistent"] is True
-            assert job["__org.mirrorfs_replayed-records"] >= during, job
-            events = [e["event"] for e in client.poll_events(0.05)]
-            assert INCONSISTENT not in events, events  # consistent all through the outage
-            assert_identical(source, nbd_file.image)
-            final = records_in(nbd_file.image.read_bytes(), slots, before + during)
-            assert final == set(range(1, before + during + 1))
-            journal = Path(f"{bitmap}.journal")
-            assert journal.stat().st_size == 4096  # emptied after the catch-up
-        finally:
-            if writer is not None and writer.poll() is None:
-                writer.kill()
-                writer.wait()
+        nbd_file.start(delay_ms=12)  # back, slow enough to be caught mid-replay
+        replaying = snapshots_until_ready(client, nbd_file, slots, before + during, seed)
+        assert len(replaying) >= 20, replaying
+        assert len(set(replaying)) >= 10, "the replay was caught at too few moments"
+        job = wait_job(client, "vm.raw", lambda j: True, 5, "job")
+        assert job["__org.mirrorfs_replica-consistent"] is True
+        assert job["__org.mirrorfs_replayed-records"] >= during, job
+        events = [e["event"] for e in client.poll_events(0.05)]
+        assert INCONSISTENT not in events, events  # consistent all through the outage
+        assert_identical(source, nbd_file.image)
+        final = records_in(nbd_file.image.read_bytes(), slots, before + during)
+        assert final == set(range(1, before + during + 1))
+        journal = Path(f"{bitmap}.journal")
+        assert journal.stat().st_size == 4096  # emptied after the catch-up
     mount.cli("cancel", mount.mountpoint, "vm.raw", check=False)
 
 
@@ -395,47 +395,37 @@ def test_an_overflowing_journal_makes_the_replica_inconsistent_until_ready(
     nbd_file.start()
     mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--bitmap", bitmap,
               "--journal-size", str(MIN_CAPACITY))  # about 250 records of 4K
-    writer = None
     with qmp(mount) as client:
-        try:
-            wait_ready(client, "vm.raw", timeout=60)
-            client.poll_events(0.05)
-            assert inspect_bitmap(bitmap)["replica-consistent"] is True
-            writer, phase, go = run_writer(mount.mountpoint / "vm.raw", tmp_path, 1, before + during,
-                                           pause_at=before + 1, seed=seed)
-            wait_for(phase.exists, 60, "the writer's first records")
-            nbd_file.kill()
-            go.touch()
-            assert writer.wait(120) == 0
-            job = wait_job(client, "vm.raw",
-                           lambda j: j["__org.mirrorfs_replica-state"] == "resyncing", 30,
-                           "the journal to overflow")
-            assert job["__org.mirrorfs_replica-consistent"] is False
-            events = client.poll_events(0.05)
-            inconsistent = [e for e in events if e["event"] == INCONSISTENT]
-            assert len(inconsistent) == 1, events
-            assert "is full" in inconsistent[0]["data"]["reason"], inconsistent
-            info = inspect_bitmap(bitmap)
-            assert info["replica-consistent"] is False
-            status = mount.cli("status", mount.mountpoint).stdout
-            assert "resyncing (inconsistent)" in status, status
-            listed = json.loads((mount.control / "status.json").read_text())
-            assert listed[0]["__org.mirrorfs_replica-consistent"] is False, listed
+        wait_ready(client, "vm.raw", timeout=60)
+        client.poll_events(0.05)
+        assert inspect_bitmap(bitmap)["replica-consistent"] is True
+        write_through_an_outage(mount, tmp_path, nbd_file, before=before, during=during,
+                                seed=seed)
+        job = wait_job(client, "vm.raw",
+                       lambda j: j["__org.mirrorfs_replica-state"] == "resyncing", 30,
+                       "the journal to overflow")
+        assert job["__org.mirrorfs_replica-consistent"] is False
+        events = client.poll_events(0.05)
+        inconsistent = [e for e in events if e["event"] == INCONSISTENT]
+        assert len(inconsistent) == 1, events
+        assert "is full" in inconsistent[0]["data"]["reason"], inconsistent
+        info = inspect_bitmap(bitmap)
+        assert info["replica-consistent"] is False
+        status = mount.cli("status", mount.mountpoint).stdout
+        assert "resyncing (inconsistent)" in status, status
+        listed = json.loads((mount.control / "status.json").read_text())
+        assert listed[0]["__org.mirrorfs_replica-consistent"] is False, listed
 
-            nbd_file.start()
-            job = wait_ready(client, "vm.raw", timeout=60)
-            assert job["__org.mirrorfs_replica-consistent"] is True
-            assert job["__org.mirrorfs_replica-state"] == "in-sync"
-            assert inspect_bitmap(bitmap)["replica-consistent"] is True
-            names = [e["event"] for e in client.poll_events(0.05)]
-            assert "BLOCK_JOB_READY" in names and INCONSISTENT not in names, names
-            assert_identical(source, nbd_file.image)
-            wait_for(lambda: Path(f"{bitmap}.journal").stat().st_size == 4096, 10,
-                     "the journal to be emptied after the resync")
-        finally:
-            if writer is not None and writer.poll() is None:
-                writer.kill()
-                writer.wait()
+        nbd_file.start()
+        job = wait_ready(client, "vm.raw", timeout=60)
+        assert job["__org.mirrorfs_replica-consistent"] is True
+        assert job["__org.mirrorfs_replica-state"] == "in-sync"
+        assert inspect_bitmap(bitmap)["replica-consistent"] is True
+        names = [e["event"] for e in client.poll_events(0.05)]
+        assert "BLOCK_JOB_READY" in names and INCONSISTENT not in names, names
+        assert_identical(source, nbd_file.image)
+        wait_for(lambda: Path(f"{bitmap}.journal").stat().st_size == 4096, 10,
+                 "the journal to be emptied after the resync")
     mount.cli("cancel", mount.mountpoint, "vm.raw", check=False)
 
 
@@ -459,17 +449,7 @@ def test_a_job_resumed_after_a_crash_in_an_outage_replays_its_journal(
     slots = _slots(seed)
     with qmp(mount) as client:
         wait_ready(client, "vm.raw", timeout=60)
-    writer, phase, go = run_writer(mount.mountpoint / "vm.raw", tmp_path, 1, before + during,
-                                   pause_at=before + 1, seed=seed)
-    try:
-        wait_for(phase.exists, 60, "the writer's first records")
-        nbd_file.kill()
-        go.touch()
-        assert writer.wait(120) == 0
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+    write_through_an_outage(mount, tmp_path, nbd_file, before=before, during=during, seed=seed)
     sigkill_mount(mount)
     assert inspect_bitmap(bitmap)["replica-consistent"] is not overflow
     assert_prefix(records_in(nbd_file.image.read_bytes(), slots, before + during), "at the crash")

@@ -68,8 +68,10 @@ class Journaling:
         self._journal_syncs = 0
         self._journal_idle = trio.Event()
         self._journal_idle.set()
-        #: the journal is being emptied in a worker thread: it must not be appended to
+        #: the journal is being emptied in a worker thread: it must not be appended to (nor
+        #: closed: the job's end leaves that to the reset, ``_close_after_reset``)
         self._journal_resetting = False
+        self._close_after_reset: bool | None = None
         #: journal records the current outage's replay wrote to the target
         self.stats["replayed-records"] = 0
 
@@ -148,17 +150,24 @@ class Journaling:
             if not entry.landed:
                 covered.append((entry.offset >> shift,
                                 (entry.offset + max(len(entry.data), 1) - 1) >> shift))
+        merged: list[list[int]] = []  # disjoint, not touching: a run is covered inside one
+        for lo, hi in sorted(covered):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
         for offset, length in self.bitmap.runs():
             first, last = offset >> shift, (offset + length - 1) >> shift
-            for cluster in range(first, last + 1):
-                if not any(lo <= cluster <= hi for lo, hi in covered):
-                    return False
+            if not any(lo <= first and last <= hi for lo, hi in merged):
+                return False
         return True
 
     # ------------------------------------------------------------------ journaling
 
     def _start_journal(self) -> None:
         """The target was lost (no await since): journal from here, or resync."""
+        if self.replica is not Replica.IN_SYNC:
+            return  # journaling on already, or inconsistent anyway
         journal = self.journal
         usable = journal is not None and not journal.overflowed and not self._journal_resetting
         new = on_target_lost(self.replica, journal_usable=usable,
@@ -261,17 +270,10 @@ class Journaling:
             self._set_replica(Replica.JOURNALING, "target lost during the replay")
         if self.error is not None or self.finished:
             return
-        if not self.replica.journaled:  # an overflow meanwhile: lost as any target is
-            self.target_ok = True
-            self._target_lost(exc)
-            return
-        log.warning("job %s: target %s lost during the journal replay: %s", self.id,
-                    self.target.description, exc)
-        self._emit("MIRROR_TARGET_LOST", {"device": self.id, "target": self.target.description,
-                                          "reason": str(exc)})
-        if not self._reconnecting and self._nursery is not None:
-            self._reconnecting = True
-            self._nursery.start_soon(self._reconnect)
+        # The target was the replay's: lost now as any target is (events, reconnect); a
+        # journaling replica stays so, and an overflow meanwhile resyncs once it is back.
+        self.target_ok = True
+        self._target_lost(exc)
 
     async def _reset_journal(self) -> None:
         """Empty the journal once the target holds every record (after a catch-up or a resync),
@@ -287,11 +289,16 @@ class Journaling:
             log.warning("job %s: cannot empty journal: %s; the next outage resyncs", self.id, exc)
         finally:
             self._journal_resetting = False
+            if self._close_after_reset is not None:
+                self._close_journal(remove=self._close_after_reset)
 
     def _close_journal(self, *, remove: bool) -> None:
         """The job ends (``remove``: its journal file goes) or stops for an unmount (kept, synced)."""
         journal = self.journal
         if journal is None or journal.closed:
+            return
+        if self._journal_resetting:  # its worker thread still uses the file: it closes it after
+            self._close_after_reset = remove
             return
         try:
             journal.close()
