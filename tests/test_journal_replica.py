@@ -476,3 +476,35 @@ def test_a_job_resumed_after_a_crash_in_an_outage_replays_its_journal(
         set(range(1, before + during + 1))
     mount.cli("complete", mount.mountpoint, "vm.raw", "--no-pivot")
     assert not Path(f"{bitmap}.journal").exists()  # a job that ends removes its journal
+
+
+@pytest.mark.parametrize("value,expect", [
+    ("5K", "invalid journal size 5120: at least 1052720 bytes"),
+    (-1, "invalid journal-size -1: must not be negative"),
+    ("lots", "invalid journal-size 'lots'"),
+    (1.5, "invalid journal-size 1.5"),
+])
+def test_a_bad_journal_size_is_refused_in_one_line(value: Any, expect: str) -> None:
+    from mirrorfs.errors import UsageError
+    from mirrorfs.mirror.params import MirrorParams
+
+    with pytest.raises(UsageError) as info:
+        MirrorParams.from_arguments({"device": "vm.raw", "target": "/t", "journal-size": value})
+    assert expect in str(info.value) and "\n" not in str(info.value)
+    params = MirrorParams.from_arguments({"device": "vm.raw", "target": "/t", "bitmap": "/b",
+                                          "journal-size": "0"})
+    assert params.journal is None  # 0 turns it off
+    params = MirrorParams.from_arguments({"device": "vm.raw", "target": "/t", "bitmap": "/b"})
+    assert params.journal_size == 1 << 30 and params.journal == "/b.journal"
+    assert MirrorParams.from_arguments({"device": "vm.raw", "target": "/t"}).journal is None
+
+
+def test_a_bad_journal_size_on_the_command_line_changes_nothing(mounted: Any, tmp_path: Path) -> None:
+    make_blank(mounted.source / "vm.raw", MiB)
+    bitmap = tmp_path / "vm.bitmap"
+    proc = mounted.cli("mirror", mounted.mountpoint, "vm.raw", str(tmp_path / "t.raw"), "--create",
+                       "--bitmap", bitmap, "--journal-size", "64K", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "journal size" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("vm.", "t."))) == []
+    assert json.loads((mounted.control / "status.json").read_text()) == []

@@ -360,6 +360,8 @@ class MirrorParams:
     verify_resync: bool = False
     #: bound of the write journal in bytes (0: none); only a job with a bitmap file has one
     journal_size: int = DEFAULT_JOURNAL_SIZE
+    #: where the journal goes when not ``BITMAP.journal`` (a state directory's own name)
+    journal_path: str | None = None
 
     @classmethod
     def from_arguments(cls, args: Mapping[str, Any]) -> "MirrorParams":
@@ -398,10 +400,11 @@ class MirrorParams:
 
     @property
     def journal(self) -> str | None:
-        """The journal file: beside the bitmap file; None without one or with size 0."""
+        """The journal file: ``journal_path``, else beside the bitmap file (``BITMAP.journal``);
+        None without a bitmap file or with size 0."""
         if self.bitmap is None or not self.journal_size:
             return None
-        return self.bitmap + ".journal"
+        return self.journal_path or self.bitmap + ".journal"
 
     @property
     def is_nbd(self) -> bool:
