@@ -508,3 +508,156 @@ def test_a_bad_journal_size_on_the_command_line_changes_nothing(mounted: Any, tm
     assert "journal size" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("vm.", "t."))) == []
     assert json.loads((mounted.control / "status.json").read_text()) == []
+
+
+# ---------------------------------------------------------------------------- the engine, no mount
+
+class FlakyTarget:
+    """A real local target that can be taken away: while ``down``, every request and every
+    reconnect fails as a lost NBD connection does. Records the writes that reach it."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.down = False
+        self.writes: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _check(self) -> None:
+        if self.down:
+            from mirrorfs.errors import TargetRetryableError
+
+            raise TargetRetryableError("injected: connection lost")
+
+    @property
+    def connected(self) -> bool:
+        return not self.down
+
+    async def connect(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._check()
+
+    async def pwrite(self, offset: int, data: Any, *, direct: bool = False) -> None:
+        await trio.lowlevel.checkpoint()
+        self._check()
+        self.writes.append(offset)
+        await self._inner.pwrite(offset, data)
+
+    def can_write_now(self, length: int) -> bool:
+        return False  # every write takes the path that awaits its duplicate or schedules it
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self._check()
+        await self._inner.write_zeroes(offset, length)
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._check()
+        await self._inner.flush()
+
+
+async def _flaky_job(env: Any, tmp_path: Path, **kwargs: Any) -> tuple[Any, FlakyTarget]:
+    job = await env.mirror(tmp_path / "target.img", bitmap=str(tmp_path / "b.bitmap"),
+                           granularity=4096, **kwargs)
+    await env.wait_event("BLOCK_JOB_READY")
+    env.events.clear()
+    target = FlakyTarget(job.target)
+    job.target = target
+    return job, target
+
+
+async def _wait(predicate: Any, what: str, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+async def test_engine_journals_a_loss_and_replays_in_acknowledgement_order(
+        tmp_path: Path, copy_mode: str) -> None:
+    from test_mirror_engine import engine
+
+    async with engine(tmp_path) as env:
+        job, target = await _flaky_job(env, tmp_path, copy_mode=copy_mode)
+        await env.write(0, b"A" * 4096)
+        await _wait(lambda: not job.bitmap.count(), "A on the target")
+        target.down = True
+        order = [8, 3, 5, 1]  # blocks, in the order the guest writes them
+        for i, block in enumerate(order):
+            await env.write(block * 4096, bytes([66 + i]) * 4096)
+            if i == 1:
+                await job.fsync(env.handle)  # a FLUSH record between the two pairs
+        assert job.replica is Replica.JOURNALING and job.info()["__org.mirrorfs_replica-consistent"]
+        kinds = [(r.kind, r.offset) for r in job.journal.replay()]
+        assert kinds == [(Kind.WRITE, 8 * 4096), (Kind.WRITE, 3 * 4096), (Kind.FLUSH, 0),
+                         (Kind.WRITE, 5 * 4096), (Kind.WRITE, 1 * 4096)]
+        assert not job.bitmap.inconsistent
+        target.writes.clear()
+        target.down = False  # the reconnect (0.25 s) finds it and replays
+        await env.wait_event("BLOCK_JOB_READY")
+        assert target.writes[:4] == [b * 4096 for b in order]  # the journal's order, first
+        assert job.replica is Replica.IN_SYNC and job.stats["replayed-records"] >= 4
+        await _wait(lambda: job.journal.next_seq == job.journal.header.first_seq, "emptied")
+        assert (tmp_path / "target.img").read_bytes() == env.source.read_bytes()
+        assert INCONSISTENT not in env.event_names()
+
+
+async def test_engine_resyncs_when_the_target_already_missed_a_write(tmp_path: Path) -> None:
+    from test_mirror_engine import engine
+
+    async with engine(tmp_path) as env:
+        job, target = await _flaky_job(env, tmp_path)
+        job.copy.hold()  # so that the copy does not clean it first
+        job.bitmap.mark(0, 4096)  # as a skipped duplicate leaves it: no write in flight there
+        target.down = True
+        await env.write(8192, b"x" * 4096)
+        await _wait(lambda: not job.target_ok, "the loss")
+        job.copy.release()
+        assert job.replica is Replica.RESYNCING and job.bitmap.inconsistent
+        (event,) = [d for e, d in env.events if e == INCONSISTENT]
+        assert "missed acknowledged writes" in event["reason"] and event["state"] == "resyncing"
+        assert job.journal.next_seq == job.journal.header.first_seq  # nothing journaled
+        target.down = False
+        await env.wait_event("BLOCK_JOB_READY")
+        assert job.replica is Replica.IN_SYNC and not job.bitmap.inconsistent
+        assert (tmp_path / "target.img").read_bytes() == env.source.read_bytes()
+
+
+async def test_engine_overflow_resyncs_and_a_lost_replay_goes_on_from_its_mark(
+        tmp_path: Path) -> None:
+    from test_mirror_engine import engine
+
+    async with engine(tmp_path) as env:
+        job, target = await _flaky_job(env, tmp_path, journal_size=MIN_CAPACITY)
+        target.down = True
+        for block in range(40):
+            await env.write(block * 4096, bytes([block + 1]) * 4096)
+            await job.fsync(env.handle)
+        assert job.replica is Replica.JOURNALING
+        # back, but lost again after three replayed records
+        original = target.pwrite
+        calls = 0
+
+        async def failing_pwrite(offset: int, data: Any, *, direct: bool = False) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 4:
+                target.down = True
+            await original(offset, data)
+
+        target.pwrite = failing_pwrite  # type: ignore[method-assign]
+        target.down = False
+        await _wait(lambda: calls >= 4 and job.replica is Replica.JOURNALING, "the replay lost")
+        assert job.journal.applied_through == 6  # three writes and their flushes
+        assert [n for n, _ in env.events].count("MIRROR_TARGET_LOST") == 2
+        for block in range(40, 400):  # the journal overflows while the target is away again
+            await env.write(block * 4096, b"\x07" * 4096)
+        assert job.replica is Replica.RESYNCING and job.journal.overflowed
+        assert job.bitmap.inconsistent and not job.info()["__org.mirrorfs_replica-consistent"]
+        target.down = False
+        await env.wait_event("BLOCK_JOB_READY")
+        assert not job.bitmap.inconsistent and job.replica is Replica.IN_SYNC
+        await _wait(lambda: not job.journal.overflowed, "the journal to be emptied")
+        assert (tmp_path / "target.img").read_bytes() == env.source.read_bytes()
