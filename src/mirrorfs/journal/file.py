@@ -1,8 +1,9 @@
 """The write journal file in use: append while the target is away, replay in order when it is back.
 
 Format: ``docs/journal-format.md`` (codec in ``format.py``). Blocking and synchronous: the engine
-calls it from one thread and moves :meth:`WriteJournal.append_flush` and :meth:`sync` (fsync)
-off its event loop.
+appends from its one thread (a pwritev into the page cache) and runs :meth:`WriteJournal.sync`
+(fsync) in a worker thread, which is safe beside further appends: a sync covers what was
+appended before it was called.
 
 Durability (the crash-consistency argument, in full in ``docs/journal-format.md``):
 
