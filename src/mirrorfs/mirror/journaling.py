@@ -244,7 +244,8 @@ class Journaling:
             log.warning("job %s: %s", self.id, exc)
             self._enter_resync(f"journal: {exc}")
         except Exception as exc:
-            self.contain(exc, "the journal replay")
+            if not self.finished:  # an end closes the journal under a replay about to stop
+                self.contain(exc, "the journal replay")
             return
         else:
             if last is not None:
