@@ -330,6 +330,20 @@ def snapshots_until_ready(client: Any, nbd_file: NbdkitFile, slots: list[int], c
     return replaying
 
 
+def mirrored(mount_factory: Any, tmp_path: Path, nbd_file: NbdkitFile, *options: str
+             ) -> tuple[Any, Path, Path]:
+    """A mount with a blank 4 MiB vm.raw mirrored to the nbdkit server with a bitmap file;
+    returns the mount, the source image and the bitmap."""
+    mount = mount_factory()
+    mount.allow_log(r"WARNING")  # the lost target is logged as a warning, by design
+    source = mount.source / "vm.raw"
+    make_blank(source, 4 * MiB)
+    bitmap = tmp_path / "vm.bitmap"
+    nbd_file.start()
+    mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--bitmap", bitmap, *options)
+    return mount, source, bitmap
+
+
 def sigkill_mount(mount: Any) -> None:
     os.kill(mount.pid, signal.SIGKILL)
     wait_for(lambda: not process_alive(mount.pid), 10, "the mount process to die")
@@ -343,14 +357,7 @@ def sigkill_mount(mount: Any) -> None:
 def test_catch_up_from_the_journal_keeps_every_snapshot_a_prefix(
         mount_factory: Any, tmp_path: Path, nbd_file: NbdkitFile, copy_mode: str) -> None:
     before, during, seed = 60, 600, 11
-    mount = mount_factory()
-    mount.allow_log(r"WARNING")  # the lost target is logged as a warning, by design
-    source = mount.source / "vm.raw"
-    make_blank(source, 4 * MiB)
-    bitmap = tmp_path / "vm.bitmap"
-    nbd_file.start()
-    mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--bitmap", bitmap,
-              "--copy-mode", copy_mode)
+    mount, source, bitmap = mirrored(mount_factory, tmp_path, nbd_file, "--copy-mode", copy_mode)
     slots = _slots(seed)
     with qmp(mount) as client:
         wait_ready(client, "vm.raw", timeout=60)
@@ -387,14 +394,8 @@ def test_catch_up_from_the_journal_keeps_every_snapshot_a_prefix(
 def test_an_overflowing_journal_makes_the_replica_inconsistent_until_ready(
         mount_factory: Any, tmp_path: Path, nbd_file: NbdkitFile) -> None:
     before, during, seed = 20, 400, 3
-    mount = mount_factory()
-    mount.allow_log(r"WARNING")
-    source = mount.source / "vm.raw"
-    make_blank(source, 4 * MiB)
-    bitmap = tmp_path / "vm.bitmap"
-    nbd_file.start()
-    mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--bitmap", bitmap,
-              "--journal-size", str(MIN_CAPACITY))  # about 250 records of 4K
+    mount, source, bitmap = mirrored(mount_factory, tmp_path, nbd_file,
+                                     "--journal-size", str(MIN_CAPACITY))  # ~250 4K records
     with qmp(mount) as client:
         wait_ready(client, "vm.raw", timeout=60)
         client.poll_events(0.05)
@@ -438,14 +439,8 @@ def test_a_job_resumed_after_a_crash_in_an_outage_replays_its_journal(
     journal in order when the server is back. With an overflowed journal the resumed job is
     inconsistent until ready, as the bitmap file says."""
     before, during, seed = 30, 300, 5
-    mount = mount_factory()
-    mount.allow_log(r"WARNING")
-    source = mount.source / "vm.raw"
-    make_blank(source, 4 * MiB)
-    bitmap = tmp_path / "vm.bitmap"
     size = ["--journal-size", str(MIN_CAPACITY)] if overflow else []
-    nbd_file.start()
-    mount.cli("mirror", mount.mountpoint, "vm.raw", nbd_file.uri, "--bitmap", bitmap, *size)
+    mount, source, bitmap = mirrored(mount_factory, tmp_path, nbd_file, *size)
     slots = _slots(seed)
     with qmp(mount) as client:
         wait_ready(client, "vm.raw", timeout=60)
