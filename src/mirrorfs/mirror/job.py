@@ -32,6 +32,7 @@ the FUSE layer, which turns every exception into an errno (``fs/operations.py``)
 from __future__ import annotations
 
 import logging
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -44,7 +45,7 @@ from .gate import ActivityCounter, IOGate
 from .copy import CopyTask
 from .failures import FailureHandling
 from .inflight import InflightOps
-from .journaling import Journaling
+from .journaling import Journaling, WindowEntry
 from .params import MirrorParams
 from .replica import Replica
 from .seams import Handle, ImageIO, JobBitmap, Node
@@ -69,8 +70,6 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
         emit: callback for QMP events.
         end_lock: the manager's lock. The job's own end (a failure) takes it, so it never runs
             in the middle of a transaction or a shutdown acting on the job.
-        journal: the job's open ``WriteJournal`` (None: no journal; see ``journaling.py``).
-        replica: the replica's state at the start (default: from the sync mode and bitmap).
     """
 
     def __init__(self, params: MirrorParams, node: Node, target: Target, bitmap: JobBitmap, *,
@@ -121,7 +120,10 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
         self._durable_done = 0
         self._grow_lock = trio.Lock()
         self._end_lock = end_lock if end_lock is not None else trio.Lock()
-        self._init_replica(replica, journal)
+        self.replica = replica or self._initial_replica()  # these three: see journaling.py
+        self.journal = journal
+        self._window: deque[WindowEntry] | None = None if journal is None else deque()
+        self._init_journaling()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,7 +170,6 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
             # However the task ended, writes are no longer recorded from here on; a no-op when
             # an ending (or an unmount's stop) already closed the bitmap.
             self._close_bitmap(clean=True, ended=True)
-            self._close_journal(remove=False)
             self._detach()
             self._ended.set()
 
@@ -219,9 +220,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
             "target": self.target.description, "dirty-bytes": self.bitmap.dirty_bytes(),
             "copy-mode": self.params.copy_mode, "rate": int(self.meter.rate),
             "__org.mirrorfs_image": self.params.image,
-            "__org.mirrorfs_target-connected": self.target_ok or self.replica is Replica.REPLAYING,
-            "__org.mirrorfs_replica-state": self.replica.value,
-            "__org.mirrorfs_replica-consistent": self.replica.consistent,
+            **self._replica_info(),
         }
         entry.update({f"__org.mirrorfs_{k}": v for k, v in self.stats.items()})
         if self.error is not None:
@@ -259,8 +258,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
                 return await self.successor.fsync(handle, datasync)
             await fileio.fsync(handle.fd, datasync)
             if not self.finished:
-                if self.replica.journaled:
-                    await self._journal_flush()
+                await self._journal_flush()  # only while journaling or replaying
                 await self.durable_point()
 
     def check_modify(self, op: str) -> None:
@@ -347,8 +345,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
         # Writes made while paused are not on the target: ready (len == offset) must be
         # earned again, and BLOCK_JOB_READY says when, as after a lost target.
         again_ready = self.ready and not self.bitmap.count()
-        if self.bitmap.count() and self.replica is Replica.IN_SYNC:
-            self._enter_resync("writes made while paused")
+        self._resumed_replica()
         self._set_state(JobState.READY if again_ready else JobState.RUNNING)
         self.copy.poke()
 
@@ -438,7 +435,6 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
             if self.error is None:
                 self.error = "job failed"
         self._close_bitmap(clean=clean, pivoted=pivoted, ended=outcome != "stopped")
-        self._close_journal(remove=outcome != "stopped")
         if outcome == "stopped":
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
@@ -458,8 +454,9 @@ class MirrorJob(WritePath, FailureHandling, Journaling):
             self._nursery.cancel_scope.cancel()
 
     def _close_bitmap(self, *, clean: bool, pivoted: bool = False, ended: bool = False) -> None:
-        """Close the bitmap; ``ended``: the job ended (not an unmount), so a persistent file
-        must say that it stopped recording. Idempotent."""
+        """Close the bitmap and the journal; ``ended``: the job ended (not an unmount), so a
+        persistent file must say that it stopped recording, and the journal goes. Idempotent."""
+        self._close_journal(remove=ended)
         try:
             self.bitmap.close(clean=clean, pivoted=pivoted, ended=ended)
         except Exception as exc:  # a bitmap that cannot be closed stays marked unclean

@@ -1,7 +1,9 @@
 """The job's replica: journal while the target is away, replay it in order when it is back.
 
-A mixin of ``MirrorJob`` (``docs/replication-design.md``). The replica's state (``replica.py``)
-changes only here, in ``_set_replica``. The hooks:
+A mixin of ``MirrorJob`` (``docs/replication-design.md``). The job's attributes it owns, set in
+``MirrorJob.__init__``: ``replica``, the replica's state (``replica.py``), changed only here, in
+``_set_replica``; ``journal``, the job's ``WriteJournal`` (None: the job has none); ``_window``,
+the background duplicates in flight in acknowledgement order (only with a journal). The hooks:
 
 - ``_target_lost`` (failures.py) calls ``_start_journal``: a consistent replica with a usable
   journal enters JOURNALING (in background mode, the duplicates still in flight go first, in
@@ -52,19 +54,14 @@ class WindowEntry:
 class Journaling:
     """The replica of a ``MirrorJob``: its state, the journal hooks and the replay task."""
 
-    def _init_replica(self, replica: Replica | None, journal: Any) -> None:
-        if replica is None:  # what the sync mode and the bitmap say (the manager knows more)
-            replica = initial_replica(self.params.sync, flagged=self.bitmap.inconsistent,
-                                      verify=self.params.verify_resync,
-                                      dirty=self.bitmap.count() > 0,
-                                      background=self.params.copy_mode == "background")
-        #: the replica's state (see ``replica.py``); changed only by ``_set_replica``
-        self.replica = replica
-        #: the job's ``WriteJournal`` (None: the job has none)
-        self.journal = journal
-        #: background duplicates in flight, in acknowledgement order (only with a journal)
-        self._window: collections.deque[WindowEntry] | None = (
-            collections.deque() if journal is not None else None)
+    def _initial_replica(self) -> Replica:
+        """What the sync mode and the bitmap say (the manager, which sees the journal, passes
+        its own)."""
+        return initial_replica(self.params.sync, flagged=self.bitmap.inconsistent,
+                               verify=self.params.verify_resync, dirty=self.bitmap.count() > 0,
+                               background=self.params.copy_mode == "background")
+
+    def _init_journaling(self) -> None:
         self._journal_syncs = 0
         self._journal_idle = trio.Event()
         self._journal_idle.set()
@@ -86,6 +83,17 @@ class Journaling:
             self.target_ok = False
             if self.target.connected:
                 self._begin_replay()
+
+    def _replica_info(self) -> dict[str, Any]:
+        """The job's fields about its replica (``info()``)."""
+        return {"__org.mirrorfs_target-connected": self.target_ok or self.replica is Replica.REPLAYING,
+                "__org.mirrorfs_replica-state": self.replica.value,
+                "__org.mirrorfs_replica-consistent": self.replica.consistent}
+
+    def _resumed_replica(self) -> None:
+        """A user's resume: writes made while paused are not on the target."""
+        if self.bitmap.count() and self.replica is Replica.IN_SYNC:
+            self._enter_resync("writes made while paused")
 
     def _set_replica(self, new: Replica, reason: str = "") -> None:
         old = self.replica
@@ -194,7 +202,10 @@ class Journaling:
             self._journal_failed(exc)
 
     async def _journal_flush(self) -> None:
-        """The guest flushed: a FLUSH record, and the journal durable before the acknowledgement."""
+        """The guest flushed: while the writes go to the journal, a FLUSH record, and the
+        journal durable before the acknowledgement."""
+        if not self.replica.journaled:
+            return
         journal = self.journal
         self._journal_syncs += 1
         if self._journal_idle.is_set():
