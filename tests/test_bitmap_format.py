@@ -33,7 +33,7 @@ def doc_read(path: str) -> dict:
     zeroed = bytearray(data[:header_size])
     zeroed[64:68] = b"\0\0\0\0"
     assert zlib.crc32(zeroed) == checksum
-    assert flags & ~7 == 0 and reserved == 0
+    assert flags & ~15 == 0 and reserved == 0
     assert bool(flags & 4) == (ended_at != 0)
     assert source_ctime == 0 or flags & 5 == 1  # only in a file shut down (clean, not ended)
     assert 12 <= gbits <= 26
@@ -57,7 +57,8 @@ def doc_read(path: str) -> dict:
 
     return {"image_size": image_size, "granularity": g, "clusters": cluster_count,
             "generation": generation, "clean": bool(flags & 1), "pivoted": bool(flags & 2),
-            "ended": bool(flags & 4), "ended_at": ended_at, "source_ctime": source_ctime,
+            "ended": bool(flags & 4), "inconsistent": bool(flags & 8), "ended_at": ended_at,
+            "source_ctime": source_ctime,
             "source": ident(src), "target": ident(tgt), "dirty": dirty, "recent": recent}
 # ------------------------------------------------------------------------------------------------
 
@@ -90,7 +91,8 @@ def test_independent_reader_agrees_on_every_field_and_bit(tmp_path, size, g):
 
     got = doc_read(path)
     assert got == {"image_size": size, "granularity": g, "clusters": -(-size // g), "generation": 1,
-                   "clean": True, "pivoted": False, "ended": False, "ended_at": 0, "source_ctime": 0,
+                   "clean": True, "pivoted": False, "ended": False, "inconsistent": False, "ended_at": 0,
+                   "source_ctime": 0,
                    "source": src, "target": tgt, "dirty": model, "recent": []}
 
     again = PersistentBitmap.open(path, size=size, granularity=g, source_id=src, target_id=tgt)
@@ -431,3 +433,35 @@ def test_source_ctime_only_in_a_shut_down_file(tmp_path):
     _patch_header(path, 2128, "<Q", 12345, fix_checksum=True)
     with pytest.raises(BitmapFormatError, match="invalid header field source_ctime"):
         PersistentBitmap.open(path, size=1 << 24, verify=True)
+
+
+def test_inconsistent_flag_is_switched_in_place_and_kept_across_opens(tmp_path):
+    path = str(tmp_path / "b.bitmap")
+    bm = PersistentBitmap.create(path, 1 << 24, source_id="/s", target_id="/t", fill=True,
+                                 inconsistent=True)
+    assert doc_read(path)["inconsistent"] and bm.inconsistent
+    bm.set_inconsistent(False)
+    assert not doc_read(path)["inconsistent"]  # on the file at once, checksum right
+    bm.set_inconsistent(True)
+    bm.close()
+    got = doc_read(path)
+    assert got["inconsistent"] and got["clean"]
+    bm = PersistentBitmap.open(path, size=1 << 24)
+    assert bm.inconsistent and doc_read(path)["inconsistent"]  # a resume starts inconsistent
+    bm.set_inconsistent(False)
+    bm.close(ended=True)
+    got = doc_read(path)
+    assert not got["inconsistent"] and got["ended"]
+
+
+def test_version2_files_are_read_and_upgraded(tmp_path):
+    path = _make(tmp_path)
+    _patch_header(path, 8, "<I", 2, fix_checksum=True)
+    header = decode_header(open(path, "rb").read())
+    assert header.version == 2 and not header.inconsistent
+    PersistentBitmap.open(path, size=1 << 24).close()
+    assert not doc_read(path)["inconsistent"]  # doc_read asserts version 3
+    _patch_header(path, 8, "<I", 2, fix_checksum=False)
+    _patch_header(path, 16, "<I", 8 | 1, fix_checksum=True)  # INCONSISTENT is unknown to version 2
+    with pytest.raises(BitmapFormatError, match="invalid header field flags"):
+        PersistentBitmap.open(path, size=1 << 24)

@@ -18,8 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mirrorfs"
 
 #: Top-level part of the package -> its layer; higher layers may import lower ones.
 LAYERS = {
-    # the base: sizes, the error hierarchy, blocking I/O off the trio thread
-    "units": 0, "errors": 0, "fileio": 0,
+    # the base: sizes, the error hierarchy, blocking I/O off the trio thread (Linux AIO for it)
+    "units": 0, "errors": 0, "fileio": 0, "aio": 0,
     # self-contained building blocks; metrics knows neither jobs nor FUSE (counters, exporter)
     "bitmap": 1, "nbd": 1, "targets": 1, "metrics": 1, "journal": 1, "state": 1,
     # the job engine

@@ -18,6 +18,7 @@ MIRROR = Path(__file__).resolve().parents[1] / "src" / "mirrorfs" / "mirror"
 
 #: mixin class -> the file that defines it
 MIXINS = {"WritePath": MIRROR / "writes.py", "FailureHandling": MIRROR / "failures.py",
+          "Journaling": MIRROR / "journaling.py",
           "ResumeCheck": MIRROR / "resume_check.py", "RecoveryPoint": MIRROR / "lag.py"}
 
 
@@ -52,14 +53,26 @@ def used_on_self(cls: ast.ClassDef) -> set[str]:
             and node.value.id == "self"}
 
 
-def set_in_init(cls: ast.ClassDef) -> set[str]:
-    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+def _assigned(function: ast.FunctionDef) -> set[str]:
     names = set()
-    for node in ast.walk(init):
+    for node in ast.walk(function):
         targets = node.targets if isinstance(node, ast.Assign) else (
             [node.target] if isinstance(node, ast.AnnAssign) else [])
         names |= {t.attr for t in targets if isinstance(t, ast.Attribute)
                   and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    return names
+
+
+def set_in_init(cls: ast.ClassDef) -> set[str]:
+    """What ``__init__`` sets, itself or through a mixin's ``_init_*`` method it calls."""
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    names = _assigned(init)
+    called = {node.func.attr for node in ast.walk(init) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("_init_")}
+    for name, path in MIXINS.items():
+        for node in _class(path, name).body:
+            if isinstance(node, ast.FunctionDef) and node.name in called:
+                names |= _assigned(node)
     return names
 
 

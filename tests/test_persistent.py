@@ -126,7 +126,8 @@ def test_a_clean_remount_reattaches_and_cancel_removes_the_record(mount_factory:
     target = tmp_path / "copy.raw"
     mount.cli("mirror", mount.mountpoint, "disk.raw", target, "--create", "--persistent",
               "--job-id", "disk", "--speed", "8M")
-    assert sorted(os.listdir(state)) == ["job-disk.bitmap", "job-disk.json", "lock"]
+    assert sorted(os.listdir(state)) == ["job-disk.bitmap", "job-disk.journal", "job-disk.json",
+                                         "lock"]
     assert (state.stat().st_mode & 0o777) == 0o700
     mount.unmount()
     mount.start()

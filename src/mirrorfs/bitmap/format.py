@@ -26,8 +26,9 @@ from ..units import format_size
 
 MAGIC = b"MFSBITMP"
 #: the version written. Version 1 lacked ENDED: a reader of version 1 refuses version 2 files,
-#: so an older mirrorfs can never read an ended bitmap as clean. Version 3 adds the ring of
-#: recently cleared clusters (``RECENT_*``).
+#: so an older mirrorfs can never read an ended bitmap as clean. Version 3 added INCONSISTENT,
+#: which a version 2 reader would not know to honour, and the ring of recently cleared
+#: clusters (``RECENT_*``).
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 #: where the bits start: one page, so they can be mapped (and msync'ed) on their own pages.
@@ -38,8 +39,11 @@ IDENTITY_SIZE = 1024
 FLAG_CLEAN = 1 << 0  # the file was closed cleanly
 FLAG_PIVOTED = 1 << 1  # the job ended by pivot: the target is the live image
 FLAG_ENDED = 1 << 2  # the job ended (any way): writes after ended_at are not recorded
+#: the target is a mix of older and newer clusters (a copy driven by the bitmap is under way):
+#: not a state the image ever had
+FLAG_INCONSISTENT = 1 << 3
 KNOWN_FLAGS = {1: FLAG_CLEAN | FLAG_PIVOTED, 2: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED,
-               3: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED}
+               3: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED | FLAG_INCONSISTENT}
 
 # magic, version, header_size, flags, granularity_bits, image_size, cluster_count, generation,
 # bits_offset, bits_length, checksum, reserved, source_id, target_id, then (version 2) ended_at,
@@ -49,6 +53,10 @@ HEADER_SIZE = HEADER_STRUCT.size  # 2136
 V1_HEADER_SIZE = HEADER_SIZE - 16  # 2120: no ended_at, no source_ctime
 HEADER_SIZES = {1: V1_HEADER_SIZE, 2: HEADER_SIZE, 3: HEADER_SIZE}
 CHECKSUM_OFFSET = 64
+#: the flags and the checksum share the first 512-byte sector, which a disk writes whole: the
+#: INCONSISTENT flag is switched by rewriting that sector in place (``flags_sector``).
+FLAGS_SECTOR = 512
+assert HEADER_SIZE <= BITS_OFFSET and CHECKSUM_OFFSET + 4 <= FLAGS_SECTOR
 
 # Version 3: the clusters whose bits the last clear commits cleared, for a resume to sample.
 # Outside the checksum on purpose: each clear commit updates it in place through the mapping,
@@ -83,9 +91,9 @@ class BitmapHeader:
         granularity: bytes per cluster (power of two, 4 KiB..64 MiB).
         source_id: identity of the source (the engine writes the source image's absolute path).
         target_id: identity of the target (absolute path of a local target, or its NBD URI).
-        flags: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED.
+        flags: FLAG_CLEAN | FLAG_PIVOTED | FLAG_ENDED | FLAG_INCONSISTENT.
         generation: bumped every time the file is opened for use.
-        version: format version (2; 1 for a file written by an older mirrorfs).
+        version: format version (3; 1 or 2 for a file written by an older mirrorfs).
         bits_offset: where the bits start.
         ended_at: when the job ended (ns since the Unix epoch), 0 unless FLAG_ENDED.
         source_ctime: the source image's ctime (ns) when an unmount closed the file, so that a
@@ -134,6 +142,11 @@ class BitmapHeader:
     @property
     def ended(self) -> bool:
         return bool(self.flags & FLAG_ENDED)
+
+    @property
+    def inconsistent(self) -> bool:
+        """The target is not a state the image ever had (an initial copy or a resync ran)."""
+        return bool(self.flags & FLAG_INCONSISTENT)
 
     @property
     def legacy_clean(self) -> bool:
@@ -202,6 +215,12 @@ def decode_recent(data: bytes | memoryview, clusters: int) -> tuple[int, ...]:
     else:
         slots = slots[:recent_next]
     return tuple(s - 1 for s in slots if 0 < s <= clusters)
+
+
+def flags_sector(header: BitmapHeader) -> bytes:
+    """The first ``FLAGS_SECTOR`` bytes of ``header``'s block: what changes when only its flags
+    do (the flags and the checksum), to be written in place as one sector."""
+    return encode_header(header)[:FLAGS_SECTOR]
 
 
 def _decode_identity(raw: bytes, what: str, name: str) -> str:

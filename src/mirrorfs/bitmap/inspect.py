@@ -32,6 +32,8 @@ VERDICT_PIVOTED = "pivoted: the target is the live image and holds every write; 
 UNCLEAN_NOTE = "not shut down cleanly: set bits are still trustworthy (they over-approximate)"
 IN_USE_NOTE = "a running job holds this bitmap: the verdict is a snapshot and will change"
 ENDED_NOTE = "writes after this time are not recorded"
+INCONSISTENT_NOTE = ("a copy driven by the bitmap was under way: the target mixes older and newer "
+                     "clusters and is not a usable disk until the job is ready again")
 
 
 def _verdict(header: Any, bm: DirtyBitmap, path: str) -> tuple[str, int]:
@@ -87,6 +89,7 @@ def inspect_file(path: str) -> dict[str, Any]:
         "ended": header.ended,
         "ended-at": format_time(header.ended_at) if header.ended else None,
         "ended-at-ns": header.ended_at if header.ended else None,
+        "replica-consistent": not header.inconsistent,
         "source": header.source_id,
         "target": header.target_id,
         "generation": header.generation,
@@ -117,6 +120,8 @@ def format_report(info: dict[str, Any]) -> str:
     lines.append("pivoted:        " + ("yes" if info["pivoted"] else "no"))
     lines.append("ended:          " + (f"yes, at {info['ended-at']} ({ENDED_NOTE})" if info["ended"]
                                        else "no"))
+    lines.append("replica consistent: " + ("yes" if info["replica-consistent"]
+                                           else f"no ({INCONSISTENT_NOTE})"))
     lines.append("in use:         " + (f"yes ({IN_USE_NOTE})" if info["in-use"] else "no"))
     lines.append(f"source:         {info['source']}")
     lines.append(f"target:         {info['target']}")

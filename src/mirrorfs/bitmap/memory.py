@@ -552,3 +552,9 @@ class DirtyBitmap(_BitmapCore):
 
     def close(self, *, clean: bool = True, pivoted: bool = False, ended: bool = False) -> None:
         pass
+
+    #: nothing outlives the process: a resume never reads this flag
+    inconsistent = False
+
+    def set_inconsistent(self, inconsistent: bool) -> None:
+        pass

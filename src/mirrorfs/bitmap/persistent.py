@@ -286,6 +286,19 @@ def _check_replaceable(path: str, fd: int, *, source_id: str, target_id: str) ->
                                 f"it; give --bitmap a new path")
 
 
+def _switch_flag(mm: mmap.mmap, header: fmt.BitmapHeader, flag: int, on: bool) -> fmt.BitmapHeader:
+    """Set or clear one header flag of a mapped file in place, msync'ed before returning.
+
+    The flags and the header checksum share the file's first sector, rewritten in one store: a
+    disk writes a sector whole, so the header is never torn. Returns the header now on file.
+    """
+    new = header.replace(flags=(header.flags & ~flag) | (flag if on else 0))
+    if new != header:
+        mm[:fmt.FLAGS_SECTOR] = fmt.flags_sector(new)
+        mm.flush(0, mmap.PAGESIZE)
+    return new
+
+
 class ClearToken:
     """What :meth:`PersistentBitmap.begin_clear_commit` hands out: the clusters cleared before it."""
 
@@ -323,7 +336,8 @@ class PersistentBitmap(DirtyBitmap):
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, granularity: int = DEFAULT_GRANULARITY, *,
-               source_id: str, target_id: str, fill: bool) -> "PersistentBitmap":
+               source_id: str, target_id: str, fill: bool,
+               inconsistent: bool = False) -> "PersistentBitmap":
         """Write a new bitmap file (mode 0600) and open it.
 
         The file is created exclusively. An existing file is replaced (atomically) only if it is a
@@ -337,6 +351,7 @@ class PersistentBitmap(DirtyBitmap):
             source_id: identity of the source (the engine: the source image's canonical path).
             target_id: identity of the target (its canonical path or NBD URI).
             fill: set every bit (a full job's whole remaining work); else all clear.
+            inconsistent: written with FLAG_INCONSISTENT (an initial copy is about to begin).
 
         Raises:
             UsageError: bad granularity, size or identity, or the file cannot be written.
@@ -350,7 +365,8 @@ class PersistentBitmap(DirtyBitmap):
         # Written straight in the "in use" state (not clean, generation 1) that open() would
         # leave it in: a crash right after create() then reads as an interrupted job.
         header = fmt.BitmapHeader(image_size=size, granularity=granularity, source_id=source_id,
-                                  target_id=target_id, flags=0, generation=1)
+                                  target_id=target_id, generation=1,
+                                  flags=fmt.FLAG_INCONSISTENT if inconsistent else 0)
         head = fmt.encode_header(header)
         bits = np.zeros(header.words, dtype=_WORD_DTYPE)
         if fill:
@@ -406,7 +422,8 @@ class PersistentBitmap(DirtyBitmap):
             if not header.clean:
                 log.info("bitmap %s was not shut down cleanly (generation %d): its set bits are still "
                          "trustworthy (they over-approximate)", path, header.generation)
-            new = header.replace(flags=0, generation=header.generation + 1, version=fmt.VERSION,
+            kept = header.flags & fmt.FLAG_INCONSISTENT  # about the target: an open keeps it
+            new = header.replace(flags=kept, generation=header.generation + 1, version=fmt.VERSION,
                                  ended_at=0, source_ctime=0)
             bits: memoryview = memoryview(data)[header.bits_offset:]
             if verify:
@@ -700,6 +717,7 @@ class PersistentBitmap(DirtyBitmap):
                 flags = ((fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
                          | (fmt.FLAG_ENDED if ended else 0))
                 if flags:
+                    flags |= self.header.flags & fmt.FLAG_INCONSISTENT
                     # shut down (a resume point): note the image's ctime, so that a resume sees
                     # writes made while nothing recorded them
                     ctime = _ctime(self.header.source_id) if clean and not ended else None
@@ -731,6 +749,14 @@ class PersistentBitmap(DirtyBitmap):
                 self._file.flags.writeable = False
                 self._recent = self._recent.copy()
                 self._mm.close()  # also drops the lock (the mapping holds a dup of the descriptor)
+
+    inconsistent = property(lambda self: self.header.inconsistent)
+
+    def set_inconsistent(self, inconsistent: bool) -> None:
+        """Switch FLAG_INCONSISTENT durably (``_switch_flag``; raises OSError)."""
+        if not self._closed:
+            with self._flush_lock:
+                self.header = _switch_flag(self._mm, self.header, fmt.FLAG_INCONSISTENT, inconsistent)
 
     def _set_every_file_bit(self) -> None:
         """The header cannot say that recording stopped: make the bits say "copy everything", so

@@ -19,7 +19,7 @@ __all__ = ["STATUS_COLUMNS", "printable", "job_state", "job_percent", "job_eta",
 
 #: Column headers of the status table, in order.
 STATUS_COLUMNS = ("IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "LAG", "TARGET", "IO-STATUS",
-                  "PAUSED")
+                  "PAUSED", "REPLICA")
 
 
 def printable(text: str) -> str:
@@ -130,7 +130,16 @@ def status_row(job: dict[str, Any]) -> list[str]:
         printable(str(job.get("target", "-"))),
         printable(str(job.get("io-status", "ok"))),
         "yes" if job.get("paused") else "no",
+        replica_cell(job),
     ]
+
+
+def replica_cell(job: dict[str, Any]) -> str:
+    """The replica's state; ``(inconsistent)`` when the target is not a state the image had."""
+    state = printable(str(job.get("__org.mirrorfs_replica-state", "-")))
+    if job.get("__org.mirrorfs_replica-consistent") is False:
+        return f"{state} (inconsistent)"
+    return state
 
 
 def render_status_table(jobs: Sequence[dict[str, Any]]) -> str:

@@ -1,8 +1,9 @@
 """The write journal file in use: append while the target is away, replay in order when it is back.
 
 Format: ``docs/journal-format.md`` (codec in ``format.py``). Blocking and synchronous: the engine
-calls it from one thread and moves :meth:`WriteJournal.append_flush` and :meth:`sync` (fsync)
-off its event loop.
+appends from its one thread (a pwritev into the page cache) and runs :meth:`WriteJournal.sync`
+(fsync) in a worker thread, which is safe beside further appends: a sync covers what was
+appended before it was called.
 
 Durability (the crash-consistency argument, in full in ``docs/journal-format.md``):
 
@@ -31,6 +32,7 @@ import fcntl
 import logging
 import os
 import stat
+import threading
 import time
 from array import array
 from collections.abc import Iterator
@@ -173,7 +175,10 @@ class WriteJournal:
         self._times = array("Q")
         self._kinds = array("B")
         self._applied = header.first_seq - 1  # records up to here are on the target
-        self._synced = True
+        # File offset up to which an fsync covers the records: appends run on the engine's
+        # thread while an fsync of earlier ones may run in a worker thread.
+        self._synced_end = self._end
+        self._sync_lock = threading.Lock()
         self._closed = False
         self.discarded_bytes = 0
 
@@ -198,6 +203,7 @@ class WriteJournal:
             self._kinds.append(rec.kind)
             pos += rec.size
         self._end = pos
+        self._synced_end = pos
         self.discarded_bytes = size - pos
         if size != pos:
             log.info("journal %s: cut off %d bytes after its last whole record (seq %d)",
@@ -242,6 +248,11 @@ class WriteJournal:
         """Records replay still has to yield."""
         return sum(1 for _ in self._unapplied())
 
+    def has_records_after(self, seq: int) -> bool:
+        """Whether a WRITE, ZERO or FLUSH record newer than ``seq`` exists (replay is behind)."""
+        start = max(seq + 1, self._applied + 1) - self.header.first_seq
+        return any(self._kinds[i] != Kind.APPLIED for i in range(max(0, start), len(self._kinds)))
+
     def oldest_pending_ns(self) -> int | None:
         """When the oldest record not yet on the target was appended (ns since the epoch): the
         recovery point. None when every record is applied."""
@@ -272,7 +283,6 @@ class WriteJournal:
         self._times.append(now)
         self._kinds.append(kind)
         self._end += size
-        self._synced = False
         return seq
 
     def _overflow(self, why: str) -> None:
@@ -312,8 +322,11 @@ class WriteJournal:
         self._stats["zeroes"] += 1
         return seq
 
-    def append_flush(self) -> int:
+    def append_flush(self, *, sync: bool = True) -> int:
         """Append a FLUSH record and fsync the journal; acknowledge the guest's flush only after.
+
+        ``sync=False``: append only; the caller runs :meth:`sync` (in a worker thread) before it
+        acknowledges, while further appends may go on from its own thread.
 
         Raises:
             JournalFullError: the journal overflowed, or the fsync failed (then it is marked
@@ -321,19 +334,28 @@ class WriteJournal:
         """
         seq = self._append(Kind.FLUSH, 0, 0)
         self._stats["flushes"] += 1
-        self.sync()
+        if sync:
+            self.sync()
         return seq
 
     def sync(self) -> None:
-        """fsync what was appended (free when nothing was)."""
-        if self._synced or self._closed:
+        """fsync what was appended before the call (free when nothing was).
+
+        May run in a worker thread while the owning thread appends: it covers the records
+        appended before it was called, and concurrent callers share an fsync where they can.
+        """
+        end = self._end
+        if self._synced_end >= end or self._closed:
             return
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            self._overflow(f"fsync failed: {exc.strerror}")
-        self._synced = True
-        self._stats["fsyncs"] += 1
+        with self._sync_lock:
+            if self._synced_end >= end or self._closed:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._overflow(f"fsync failed: {exc.strerror}")
+            self._synced_end = max(self._synced_end, end)
+            self._stats["fsyncs"] += 1
 
     # -- replaying --------------------------------------------------------------------------------
     def replay(self) -> Iterator[Record]:
@@ -361,11 +383,12 @@ class WriteJournal:
             if rec.kind is not Kind.APPLIED:
                 yield Record(rec.kind, rec.seq, rec.offset, rec.length, rec.time_ns, payload)
 
-    def truncate_to(self, seq: int) -> None:
+    def truncate_to(self, seq: int, *, sync: bool = True) -> None:
         """Record, durably, that every record up to ``seq`` is on the target and flushed there.
 
         A later replay (also after a crash) starts after ``seq``, so it never writes an older
-        record over a newer one. Call it only after the target's flush returned.
+        record over a newer one. Call it only after the target's flush returned. ``sync=False``:
+        the caller runs :meth:`sync` before it writes any later record to the target.
 
         Raises:
             UsageError: ``seq`` is beyond the last record or before the last applied one.
@@ -378,7 +401,8 @@ class WriteJournal:
             return
         self._append(Kind.APPLIED, seq, 0)
         self._applied = seq
-        self.sync()
+        if sync:
+            self.sync()
 
     def reset(self, *, capacity: int | None = None) -> None:
         """Start empty (and not overflowed), numbering on from the last record.

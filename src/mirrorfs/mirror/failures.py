@@ -21,6 +21,7 @@ from .state import JobState
 if TYPE_CHECKING:
     from .copy import CopyTask
     from .params import MirrorParams
+    from .replica import Replica
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -53,9 +54,15 @@ class FailureHandling:
     _cancel_scope: trio.CancelScope | None
     _nursery: trio.Nursery | None
 
-    if TYPE_CHECKING:  # the job's: a real stub here would shadow it in the job's MRO
+    replica: Replica
+
+    if TYPE_CHECKING:  # the job's and other mixins': a real stub here would shadow them
         def _set_state(self, new: JobState) -> None: ...
         async def _resume_check_at_connect(self) -> None: ...
+        def _start_journal(self) -> None: ...
+        def _begin_replay(self) -> None: ...
+        def _target_back(self) -> None: ...
+        def _enter_resync(self, reason: str) -> None: ...
 
     def on_target_error(self, exc: TargetError) -> str | None:
         """Apply ``on-target-error``; returns the action taken (None: none, or a lost target)."""
@@ -87,6 +94,9 @@ class FailureHandling:
         side = "source" if operation == "read" else "target"
         log.warning("job %s: %s error (%s): %s", self.id, side, action, exc)
         self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action})
+        if operation == "write" and action in ("ignore", "stop"):
+            # the cluster is copied again later, out of the order it was written in
+            self._enter_resync(f"target write error: {exc}")
         if action == "ignore":
             return
         self.io_status = "nospace" if nospace else "failed"
@@ -121,6 +131,7 @@ class FailureHandling:
         log.warning("job %s: target %s lost: %s", self.id, self.target.description, exc)
         if self.ready:  # standby: still paused, no longer ready
             self._set_state(JobState.PAUSED if self.paused else JobState.RUNNING)
+        self._start_journal()  # before any other write is acknowledged
         self._emit("MIRROR_TARGET_LOST", {"device": self.id, "target": self.target.description,
                                           "reason": str(exc)})
         if not self._reconnecting and self._nursery is not None:
@@ -146,11 +157,13 @@ class FailureHandling:
                     continue
                 if self.error is not None:  # the resume check refused the target
                     return
-                self.target_ok = True
                 self.stats["reconnects"] += 1
                 self._emit("MIRROR_TARGET_RESTORED", {"device": self.id,
                                                       "target": self.target.description})
-                self.copy.poke()
+                if self.replica.journaled:
+                    self._begin_replay()  # the target is the replay's until it caught up
+                else:
+                    self._target_back()
                 return
         except Exception as exc:
             self.contain(exc, "the reconnect task")

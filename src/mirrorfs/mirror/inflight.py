@@ -114,6 +114,10 @@ class InflightOps:
         overlapped: each will clear its clusters when its duplicate lands."""
         return [(o.first, o.last) for o in self._ops if not o.is_copy and not o.conflicted]
 
+    def guest_writes(self) -> list[tuple[int, int]]:
+        """Cluster ranges [first, last] of every guest write in flight."""
+        return [(o.first, o.last) for o in self._ops if not o.is_copy]
+
     def __len__(self) -> int:
         """Operations in flight, and watchers: nonzero makes every write register."""
         return len(self._ops) + len(self._watchers)

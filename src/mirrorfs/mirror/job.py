@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -48,7 +49,9 @@ from .failures import FailureHandling
 from .lag import RecoveryPoint
 from .resume_check import ResumeCheck
 from .inflight import InflightOps
+from .journaling import Journaling, WindowEntry
 from .params import MirrorParams
+from .replica import Replica
 from .seams import Handle, ImageIO, JobBitmap, Node
 from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
@@ -60,7 +63,7 @@ log = logging.getLogger(__name__)
 EmitFn = Callable[[str, dict], None]
 
 
-class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
+class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoint):
     """A running mirror of one image to one target.
 
     Args:
@@ -75,7 +78,8 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
     """
 
     def __init__(self, params: MirrorParams, node: Node, target: Target, bitmap: JobBitmap, *,
-                 size: int, emit: EmitFn, end_lock: trio.Lock | None = None) -> None:
+                 size: int, emit: EmitFn, end_lock: trio.Lock | None = None,
+                 journal: Any = None, replica: Replica | None = None) -> None:
         self.params = params
         self.id = params.job_id
         self.node = node
@@ -132,6 +136,10 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
         self._durable_done = 0
         self._grow_lock = trio.Lock()
         self._end_lock = end_lock if end_lock is not None else trio.Lock()
+        self.replica = replica or self._initial_replica()  # these three: see journaling.py
+        self.journal = journal
+        self._window: deque[WindowEntry] | None = None if journal is None else deque()
+        self._init_journaling()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -157,7 +165,8 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
                 self._nursery = nursery
                 self._attach_node()
                 self._set_state(JobState.RUNNING)  # the manager's sign that the job started
-                if not self.target_ok:
+                self._start_replica()
+                if not self.target_ok and self.replica is not Replica.REPLAYING:
                     # Started while its server is away: connect with the usual backoff.
                     self._reconnecting = True
                     nursery.start_soon(self._reconnect)
@@ -243,7 +252,7 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
             "target": self.target.description, "dirty-bytes": self.bitmap.dirty_bytes(),
             "copy-mode": self.params.copy_mode, "rate": int(self.meter.rate),
             "__org.mirrorfs_image": self.params.image,
-            "__org.mirrorfs_target-connected": self.target_ok,
+            **self._replica_info(),
             "__org.mirrorfs_recovery-point-age": round(self.recovery_point_age(time.time_ns()), 3),
             "__org.mirrorfs_bytes-behind": self.bytes_behind(),
         }
@@ -285,6 +294,7 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
                 return await self.successor.fsync(handle, datasync)
             await fileio.fsync(handle.fd, datasync)
             if not self.finished:
+                await self._journal_flush()  # only while journaling or replaying
                 await self.durable_point()
 
     def check_modify(self, op: str) -> None:
@@ -344,6 +354,7 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
 
     def become_ready(self) -> None:
         self.behind_since = None
+        self._replica_ready()
         self._set_state(JobState.READY)
         self._emit("BLOCK_JOB_READY", self._event_data())
 
@@ -371,6 +382,7 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
         # Writes made while paused are not on the target: ready (len == offset) must be
         # earned again, and BLOCK_JOB_READY says when, as after a lost target.
         again_ready = self.ready and not self.bitmap.count()
+        self._resumed_replica()
         self._set_state(JobState.READY if again_ready else JobState.RUNNING)
         self.copy.poke()
 
@@ -483,8 +495,9 @@ class MirrorJob(WritePath, FailureHandling, ResumeCheck, RecoveryPoint):
             self._nursery.cancel_scope.cancel()
 
     def _close_bitmap(self, *, clean: bool, pivoted: bool = False, ended: bool = False) -> None:
-        """Close the bitmap; ``ended``: the job ended (not an unmount), so a persistent file
-        must say that it stopped recording. Idempotent."""
+        """Close the bitmap and the journal; ``ended``: the job ended (not an unmount), so a
+        persistent file must say that it stopped recording, and the journal goes. Idempotent."""
+        self._close_journal(remove=ended)
         try:
             self.bitmap.close(clean=clean, pivoted=pivoted, ended=ended)
         except Exception as exc:  # a bitmap that cannot be closed stays marked unclean

@@ -28,8 +28,9 @@ from typing import Any, Callable, Iterable
 
 import trio
 
-from ..errors import (JobNotFoundError, MirrorfsError, SourceError, StateError, TargetError,
-                      TargetFatalError, UsageError)
+from ..errors import (JobNotFoundError, JournalFormatError, MirrorfsError, SourceError,
+                      StateError, TargetError, TargetFatalError, UsageError)
+from ..journal.file import WriteJournal
 from ..nbd.uri import parse_nbd_uri
 from ..state.directory import StateDir
 from ..state.record import JobRecord
@@ -41,6 +42,7 @@ from .params import MirrorParams
 from .persistence import Persistence
 from .seams import JobBitmap
 from .pivot import EndPlan, Plan, prepare_pivot
+from .replica import JournalFound, Replica, initial_replica
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +173,18 @@ class JobManager:
                     self._make_bitmap, params, node, target, size)
                 undo.callback(_undo_bitmap, bitmap, params.bitmap if bitmap_is_new else None,
                               resumed=params.sync == "dirty")
+                journal, found, journal_is_new = await trio.to_thread.run_sync(
+                    _make_journal, params, node, target, size)
+                if journal is not None:
+                    undo.callback(_undo_journal, journal, journal_is_new)
+                replica = initial_replica(params.sync, flagged=bitmap.inconsistent,
+                                          verify=params.verify_resync, dirty=bitmap.count() > 0,
+                                          background=params.copy_mode == "background",
+                                          journal=found)
                 if params.persistent and record is None:
                     await self._persistence.save(params, size, undo)
                 job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit,
-                                end_lock=self._lock)
+                                end_lock=self._lock, journal=journal, replica=replica)
                 undo.callback(self._forget, job, old)
                 self.jobs[params.job_id] = job
                 self._claims[job] = dict(claims)
@@ -305,6 +315,8 @@ class JobManager:
             written.append(("target", params.target))
         if params.bitmap is not None:
             written.append(("bitmap", params.bitmap))
+        if params.journal is not None:
+            written.append(("journal", params.journal))
         everything = written + looked_at
         mountpoint, source_dir = self._mountpoint, self._source_dir
 
@@ -502,6 +514,56 @@ def bitmap_identities(source_path: str, target: Target) -> tuple[str, str]:
     URI as parsed (default port filled in, a UNIX socket's real path). Blocking: resolves paths.
     """
     return os.path.realpath(source_path), target.identity()
+
+
+def _make_journal(params: MirrorParams, node: Any, target: Target, size: int
+                  ) -> tuple[WriteJournal | None, JournalFound, bool]:
+    """The job's journal beside its bitmap: the interrupted job's for ``--sync dirty`` (what it
+    holds decides the replica's state), else a new one in place of a stale one of the same
+    image and target. Blocking (fsync, paths): runs in a worker thread.
+
+    Returns:
+        the open journal (None: the job has none), what was found, whether it is new.
+
+    Raises:
+        UsageError: a file that is not this job's journal is in the way (of a new job).
+    """
+    path = params.journal
+    if path is None:
+        return None, JournalFound.NONE, False
+    source_id, target_id = bitmap_identities(node.backing_path, target)
+    if os.path.lexists(path):
+        try:
+            old = WriteJournal.open(path, image_size=size, source_id=source_id, target_id=target_id)
+        except JournalFormatError as exc:
+            if params.sync != "dirty":
+                raise UsageError(f"{exc}; it is in the way of the job's journal") from None
+            # Its records cannot be trusted: the bitmap, which holds every write, resyncs.
+            log.warning("%s: the job resyncs from its bitmap", exc)
+            return None, JournalFound.UNUSABLE, False
+        if params.sync == "dirty":
+            if old.overflowed:
+                return old, JournalFound.UNUSABLE, False
+            return old, (JournalFound.PENDING if old.pending else JournalFound.EMPTY), False
+        old.close()  # a stale journal of this image and target: a new job starts a new one
+        os.unlink(path)
+    try:
+        journal = WriteJournal.create(path, capacity=params.journal_size, image_size=size,
+                                      source_id=source_id, target_id=target_id)
+    except JournalFormatError as exc:
+        raise UsageError(str(exc)) from None
+    return journal, JournalFound.NONE, True
+
+
+def _undo_journal(journal: WriteJournal, created: bool) -> None:
+    """Release a journal a failed start opened; remove it if the start created it."""
+    journal.close()
+    if created:
+        try:
+            os.unlink(journal.path)
+        except OSError as exc:
+            log.warning("cannot remove journal %s created by a failed start: %s", journal.path,
+                        exc.strerror)
 
 
 async def _close_target(target: Target) -> None:

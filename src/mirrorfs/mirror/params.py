@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from ..bitmap.memory import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY, check_granularity
 from ..errors import UsageError
+from ..journal.file import DEFAULT_SIZE as DEFAULT_JOURNAL_SIZE, parse_journal_size
 from ..nbd.uri import is_nbd_uri, parse_nbd_uri
 from ..state.record import JOB_ID_RE
 from ..units import parse_size
@@ -135,6 +136,10 @@ MIRROR_PARAMS: tuple[Param, ...] = (
           "(the oldest write not yet on the target) is older than SECONDS, and "
           "__org.mirrorfs_MAX_LAG_RECOVERED when it is back under (default 0: off)",
           default=0.0, metavar="SECONDS"),
+    Param("journal-size", "size", "bound of the write journal kept beside the bitmap "
+          "(BITMAP.journal) while the target is away, so that the replica stays a consistent "
+          "earlier state of the image; 0 turns it off; a job without --bitmap has no journal "
+          f"(default {DEFAULT_JOURNAL_SIZE >> 30}G)", default=DEFAULT_JOURNAL_SIZE, metavar="SIZE"),
     Param("job-id", "str", "name of the job in QMP and events (default IMAGE)", metavar="ID"),
     Param("persistent", "bool", "record the job in the mount's state directory (mount "
           "--state-dir) so every later mount re-attaches it before it answers a request; its "
@@ -409,6 +414,10 @@ class MirrorParams:
     on_mismatch: str = "refuse"
     #: seconds; a recovery point older than this is reported by an event (0: off)
     max_lag: float = 0.0
+    #: bound of the write journal in bytes (0: none); only a job with a bitmap file has one
+    journal_size: int = DEFAULT_JOURNAL_SIZE
+    #: where the journal goes when not ``BITMAP.journal`` (a state directory's own name)
+    journal_path: str | None = None
 
     @classmethod
     def from_arguments(cls, args: Mapping[str, Any]) -> "MirrorParams":
@@ -444,11 +453,21 @@ class MirrorParams:
         if v["on-mismatch"] == "full" and sync != "dirty":
             raise UsageError(f"on-mismatch decides what a resume does when its bitmap proves wrong: "
                              f"it goes with sync 'dirty', not {sync!r}")
+        journal_size = parse_journal_size(v["journal-size"])
         return cls(image=image, target=target, job_id=job_id, sync=sync,
                    granularity=granularity, bitmap=bitmap, speed=v["speed"], buf_size=buf_size,
                    create=create, copy_mode=v["copy-mode"], on_target_error=v["on-target-error"],
                    on_source_error=v["on-source-error"], verify_resync=verify,
-                   persistent=v["persistent"], on_mismatch=v["on-mismatch"], max_lag=v["max-lag"])
+                   persistent=v["persistent"], on_mismatch=v["on-mismatch"], max_lag=v["max-lag"],
+                   journal_size=journal_size)
+
+    @property
+    def journal(self) -> str | None:
+        """The journal file: ``journal_path``, else beside the bitmap file (``BITMAP.journal``);
+        None without a bitmap file or with size 0."""
+        if self.bitmap is None or not self.journal_size:
+            return None
+        return self.journal_path or self.bitmap + ".journal"
 
     @property
     def is_nbd(self) -> bool:

@@ -48,29 +48,20 @@ class Persistence:
             raise UsageError("a persistent job is recorded in the mount's state directory, and "
                              "this mount has none: mount with --state-dir DIR (-o state_dir=DIR)")
         if params.bitmap is None:
-            params = dataclasses.replace(params, bitmap=self._state.bitmap_path(params.job_id))
+            state_dir = self._state
+            params = dataclasses.replace(params, bitmap=state_dir.bitmap_path(params.job_id),
+                                         journal_path=state_dir.journal_path(params.job_id))
         return params
 
     @staticmethod
     def reattach_params(record: JobRecord) -> MirrorParams:
-        """The parameters that resume a recorded job from its bitmap."""
-        extra: dict[str, int] = {}
-        if "journal_size" in MirrorParams.__dataclass_fields__:  # where the journal is built in
-            extra["journal_size"] = record.journal_size
+        """The parameters that resume a recorded job from its bitmap (and its journal)."""
         return MirrorParams(image=record.image, target=record.target, job_id=record.job_id,
                             sync="dirty", granularity=record.granularity, bitmap=record.bitmap,
                             speed=record.speed, copy_mode=record.copy_mode,
-                            on_target_error=record.on_target_error, persistent=True, **extra)
-
-    def _journal_path(self, params: MirrorParams) -> str | None:
-        """Beside the bitmap: in the state directory, or ``BITMAP.journal`` elsewhere."""
-        assert self._state is not None
-        # The journal's size is a job parameter only where the write journal is built in.
-        if not getattr(params, "journal_size", 0):
-            return None
-        if params.bitmap == self._state.bitmap_path(params.job_id):
-            return self._state.journal_path(params.job_id)
-        return f"{params.bitmap}.journal"
+                            on_target_error=record.on_target_error, persistent=True,
+                            journal_size=record.journal_size if record.journal else 0,
+                            journal_path=record.journal)
 
     async def save(self, params: MirrorParams, size: int,
                    undo: contextlib.AsyncExitStack) -> None:
@@ -81,12 +72,12 @@ class Persistence:
         """
         state = self._state
         assert state is not None and params.bitmap is not None
-        journal = self._journal_path(params)
+        journal = params.journal
         record = JobRecord(job_id=params.job_id, image=params.image, image_size=size,
                            target=params.target, bitmap=params.bitmap, journal=journal,
                            granularity=params.granularity, copy_mode=params.copy_mode,
                            on_target_error=params.on_target_error, speed=params.speed,
-                           journal_size=int(getattr(params, "journal_size", 0)) if journal else 0,
+                           journal_size=params.journal_size if journal else 0,
                            created_at=time.time_ns())
         await trio.to_thread.run_sync(state.save, record)
         undo.callback(_remove_quietly, state, record.job_id)
@@ -100,7 +91,7 @@ class Persistence:
         for job in jobs:
             if not job.params.persistent or job.outcome not in ("completed", "cancelled"):
                 continue
-            journal = self._journal_path(job.params)
+            journal = job.params.journal
             try:
                 await trio.to_thread.run_sync(state.remove, job.id)
                 if journal is not None:

@@ -51,6 +51,13 @@ class JobBitmap(Protocol):
     def close(self, *, clean: bool = True, pivoted: bool = False, ended: bool = False) -> None:
         """Stop recording; the flags say how the job stopped."""
 
+    @property
+    def inconsistent(self) -> bool:
+        """The file says the target is a mix of older and newer clusters (False in memory)."""
+
+    def set_inconsistent(self, inconsistent: bool) -> None:
+        """Record durably whether the target is such a mix (blocking; a no-op in memory)."""
+
 
 class Handle(Protocol):
     """One open of an image (``fs.node.OpenHandle``)."""

@@ -18,11 +18,15 @@ from ..errors import TargetError
 from ..targets.base import Target
 from .gate import ActivityCounter
 from .inflight import InflightOps, Operation
+from .journaling import WindowEntry
 from .seams import Handle, JobBitmap
 
 if TYPE_CHECKING:
+    from collections import deque
+
     from .copy import CopyTask
     from .params import MirrorParams
+    from .replica import Replica
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -61,10 +65,17 @@ class WritePath:
     _grow_lock: trio.Lock
     _nursery: trio.Nursery | None
 
-    if TYPE_CHECKING:  # from FailureHandling: real stubs here would shadow it in the job's MRO
+    replica: Replica
+    _window: deque[WindowEntry] | None
+
+    if TYPE_CHECKING:  # from FailureHandling and Journaling: real stubs here would shadow them
         def on_target_error(self, exc: TargetError) -> str | None: ...
         def contain(self, exc: Exception, where: str) -> None: ...
         def _fail(self, message: str) -> None: ...
+        def _enter_resync(self, reason: str) -> None: ...
+        def _journal_write(self, offset: int, data: bytes) -> None: ...
+        def _window_add(self, offset: int, data: bytes) -> WindowEntry | None: ...
+        def _window_landed(self, entry: WindowEntry) -> None: ...
 
     def _duplicating(self) -> bool:
         return self.target_ok and not self.paused and self.error is None
@@ -160,13 +171,17 @@ class WritePath:
             raise
         if not duplicate:
             self._abandon(op, offset, length)
+            if self.replica.journaled:
+                self._journal_write(offset, data if written == length else data[:written])
             return written
         payload = data if written == length else data[:written]
         try:
             self.target.pwrite_now(offset, payload)
         except TargetError as exc:
+            self.on_target_error(exc)  # while still registered: not acknowledged yet
             self._abandon(op, offset, length)
-            self.on_target_error(exc)
+            if self.replica.journaled:
+                self._journal_write(offset, payload)
             return written
         try:
             self._duplicated(op, offset, written, edges)
@@ -188,52 +203,63 @@ class WritePath:
         except BaseException:
             self._abandon(op)
             raise
+        payload = data if written == length else data[:written]
         if not self._duplicating():
             self._abandon(op)
+            if self.replica.journaled:  # the target is away: into the journal, in order
+                self._journal_write(offset, payload)
             return written
-        payload = data if written == length else data[:written]
         if self.params.copy_mode == "write-blocking":
-            await self._duplicate(op, offset, payload, edges, handle.direct)
+            if not await self._duplicate(op, offset, payload, edges, handle.direct) \
+                    and self.replica.journaled:
+                self._journal_write(offset, payload)  # lost meanwhile: acknowledged after it
         elif (self._dup_bytes + written <= self.params.buf_size
               and self._duplicates.count < MAX_BACKGROUND_DUPLICATES and self._nursery is not None):
             self._dup_bytes += written
+            # acknowledged once this returns, maybe before it lands: a loss journals it first
+            entry = None if self._window is None else self._window_add(offset, payload)
             self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges,
-                                     handle.direct)
+                                     handle.direct, entry)
         else:
             self.stats["skipped-duplicates"] += 1
             self._abandon(op)
         return written
 
     async def _background_duplicate(self, op: Operation, offset: int, data: bytes,
-                                    edges: set[int], direct: bool) -> None:
+                                    edges: set[int], direct: bool,
+                                    entry: WindowEntry | None = None) -> None:
         try:
             await self._duplicate(op, offset, data, edges, direct)
         finally:
             self._dup_bytes -= len(data)
+            if entry is not None:  # landed, or journaled by the loss that failed it
+                self._window_landed(entry)
 
     async def _duplicate(self, op: Operation, offset: int, data: bytes, edges: set[int],
-                         direct: bool = False) -> None:
+                         direct: bool = False) -> bool:
         """Write the guest's bytes to the target, then clear what is now known identical.
 
-        Raises nothing: the guest's write reached the source, which is all its caller reports.
+        Returns whether the bytes reached the target. Raises nothing: the guest's write reached
+        the source, which is all its caller reports.
         """
         self._duplicates.enter()
         try:
             await self.target.pwrite(offset, data, direct=direct)  # as the guest's handle
         except TargetError as exc:
+            self.on_target_error(exc)  # while still registered (a loss looks at the writes)
             self._abandon(op)
-            self.on_target_error(exc)
-            return
+            return False
         except Exception as exc:
             self._abandon(op)
             self.contain(exc, "a duplicated write")
-            return
+            return False
         finally:
             self._duplicates.leave()
         try:
             self._duplicated(op, offset, len(data), edges)
         except Exception as exc:
             self._duplicated_raised(op, exc)
+        return True
 
     def _duplicated_raised(self, op: Operation | None, exc: Exception) -> None:
         if op is not None:
@@ -250,6 +276,8 @@ class WritePath:
             if new_size <= self.size or self.finished:
                 return
             old_size = self.size
+            if self.replica.journaled:  # a resize is no record: the journal cannot hold it
+                self._enter_resync("the image grew while the target was away")
             # The target first: the copy task takes its ranges from the bitmap, so the bitmap
             # must not show the new range before the target has it (a copy past the target's
             # end fails the job).
