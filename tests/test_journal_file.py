@@ -277,6 +277,28 @@ def test_the_recovery_point_is_the_oldest_unapplied_record(tmp_path: Path) -> No
         assert journal.oldest_pending_ns() == list(journal.replay())[0].time_ns > first
 
 
+def test_pending_bytes_count_the_unapplied_writes_and_zeroes_also_after_a_reopen(
+        tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    with _create(path) as journal:
+        assert journal.pending_bytes() == 0
+        journal.append_write(0, b"a" * 100)
+        journal.append_write(0, b"b" * 100)  # the same range again: the replay writes it twice
+        seq = journal.append_flush()
+        journal.append_zero(4096, 4096)
+        assert journal.pending_bytes() == 200 + 4096
+        journal.truncate_to(seq)
+        assert journal.pending_bytes() == 4096 == journal.statistics()["pending_bytes"]
+    with _open(path) as journal:
+        assert journal.pending_bytes() == 4096
+        journal.truncate_to(journal.next_seq - 1)
+        assert journal.pending_bytes() == 0
+        journal.reset()
+        assert journal.pending_bytes() == 0
+        journal.append_write(0, b"c" * 7)
+        assert journal.pending_bytes() == 7
+
+
 def test_journal_size_parsing() -> None:
     assert parse_journal_size(None) == DEFAULT_SIZE == 1 << 30
     assert parse_journal_size("0") == 0

@@ -656,3 +656,51 @@ async def test_engine_overflow_resyncs_and_a_lost_replay_goes_on_from_its_mark(
         assert not job.bitmap.inconsistent and job.replica is Replica.IN_SYNC
         await _wait(lambda: not job.journal.overflowed, "the journal to be emptied")
         assert (tmp_path / "target.img").read_bytes() == env.source.read_bytes()
+
+
+async def test_engine_recovery_point_is_the_oldest_unapplied_record_until_ready(tmp_path: Path) -> None:
+    from test_mirror_engine import engine
+
+    async with engine(tmp_path) as env:
+        job, target = await _flaky_job(env, tmp_path, copy_mode="write-blocking")
+        assert (job.recovery_point_age(time.time_ns()), job.bytes_behind()) == (0, 0)
+        target.down = True
+        for _ in range(4):  # one cluster written four times: four writes for the replay to send
+            await env.write(8 * 4096, b"A" * 4096)
+        await job.fsync(env.handle)
+        assert job.replica is Replica.JOURNALING
+        now = time.time_ns()
+        assert job.recovery_point_age(now) == (now - job.journal.oldest_pending_ns()) / 1e9 > 0
+        assert job.bitmap.dirty_bytes() == 4096 and job.bytes_behind() == 4 * 4096
+        await trio.sleep(0.4)
+        before_b = time.time_ns()
+        await env.write(3 * 4096, b"B" * 4096)  # after the FLUSH: the replay stops before it
+        after_b = time.time_ns()
+
+        stalled, go_on = trio.Event(), trio.Event()
+        original = target.pwrite
+
+        async def stall_at_b(offset: int, data: Any, *, direct: bool = False) -> None:
+            if offset == 3 * 4096:
+                stalled.set()
+                await go_on.wait()
+            await original(offset, data)
+
+        target.pwrite = stall_at_b  # type: ignore[method-assign]
+        target.down = False  # the reconnect replays A, flushes, marks it applied, then stalls at B
+        with trio.fail_after(20):
+            await stalled.wait()
+        assert job.replica is Replica.REPLAYING and job.journal.pending_bytes() == 4096
+        now = time.time_ns()
+        age = job.recovery_point_age(now)
+        # the age of B's record, not of the first write of the outage (0.4 s older)
+        assert (now - after_b) / 1e9 <= age <= (now - before_b) / 1e9, age
+        shown = job.info()["__org.mirrorfs_recovery-point-age"]
+        assert shown <= round((time.time_ns() - before_b) / 1e9, 3) + 0.001, shown
+        assert job.bytes_behind() == job.bitmap.dirty_bytes() == 2 * 4096
+        go_on.set()
+        await env.wait_event("BLOCK_JOB_READY")
+        info = job.info()
+        assert (info["__org.mirrorfs_recovery-point-age"], info["__org.mirrorfs_bytes-behind"]) == (0, 0)
+        assert job.replica is Replica.IN_SYNC and job.recovery_point_age(time.time_ns()) == 0
+        assert (tmp_path / "target.img").read_bytes() == env.source.read_bytes()

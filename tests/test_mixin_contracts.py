@@ -19,7 +19,8 @@ MIRROR = Path(__file__).resolve().parents[1] / "src" / "mirrorfs" / "mirror"
 #: mixin class -> the file that defines it
 MIXINS = {"WritePath": MIRROR / "writes.py", "FailureHandling": MIRROR / "failures.py",
           "Journaling": MIRROR / "journaling.py",
-          "ResumeCheck": MIRROR / "resume_check.py", "RecoveryPoint": MIRROR / "lag.py"}
+          "ResumeCheck": MIRROR / "resume_check.py", "RecoveryPoint": MIRROR / "lag.py",
+          "Ending": MIRROR / "ending.py"}
 
 
 def _class(path: Path, name: str) -> ast.ClassDef:

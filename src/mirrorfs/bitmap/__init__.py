@@ -4,6 +4,7 @@
 * ``format.py``: the codec of ``docs/bitmap-format.md`` (pure).
 * :class:`PersistentBitmap` (``persistent.py``): the same API with set bits in an mmap'ed file
   before ``mark`` returns, lazy clears committed after target flushes.
+* ``clears.py``: the clear commit's bookkeeping and the ring of recently cleared clusters.
 * ``inspect.py``: ``mirrorfs bitmap inspect``.
 """
 

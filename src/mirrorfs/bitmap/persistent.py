@@ -21,6 +21,8 @@ protocol, and only for clusters whose data the target has flushed:
 A cluster cleared again after ``begin_clear_commit`` (its newest copy is not covered by that
 target flush) is skipped and left for the next commit; a cluster re-marked since keeps its bit
 because the memory bit is set again.
+The bookkeeping of the clears (the pending mask, the commit's arithmetic, the file's ring of the
+clusters the last commits cleared) is in ``clears.py``.
 
 Threading: every method except :meth:`flush` and :meth:`statistics` belongs to one thread (the
 engine's trio thread). ``flush`` may be called from worker threads concurrently: callers whose
@@ -55,6 +57,7 @@ import numpy as np
 
 from ..errors import BitmapFormatError, UsageError, reason_of
 from . import format as fmt
+from .clears import ClearToken, PendingClears, RecentRing
 from .memory import (DEFAULT_GRANULARITY, _WORD_DTYPE, DirtyBitmap, _clear_range, _grown, _popcount,
                      _set_range, check_granularity)
 
@@ -299,18 +302,32 @@ def _switch_flag(mm: mmap.mmap, header: fmt.BitmapHeader, flag: int, on: bool) -
     return new
 
 
-class ClearToken:
-    """What :meth:`PersistentBitmap.begin_clear_commit` hands out: the clusters cleared before it."""
+def _closing_header(header: fmt.BitmapHeader, *, clean: bool, pivoted: bool, ended: bool,
+                    recent: tuple[int, ...]) -> fmt.BitmapHeader | None:
+    """The header a close writes (``PersistentBitmap.close``); None: none, the file keeps
+    saying "not clean". The INCONSISTENT flag is about the target and outlives the close."""
+    flags = ((fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
+             | (fmt.FLAG_ENDED if ended else 0))
+    if not flags:
+        return None
+    flags |= header.flags & fmt.FLAG_INCONSISTENT
+    # shut down (a resume point): note the image's ctime, so that a resume sees writes made
+    # while nothing recorded them
+    ctime = _ctime(header.source_id) if clean and not ended else None
+    return header.replace(flags=flags, ended_at=time.time_ns() if ended else 0,
+                          source_ctime=ctime or 0, recent_cleared=recent)
 
-    __slots__ = ("_owner", "_mask")
 
-    def __init__(self, owner: "PersistentBitmap", mask: np.ndarray | None) -> None:
-        self._owner = owner
-        self._mask = mask
-
-    def __len__(self) -> int:
-        """Number of clusters the token covers."""
-        return 0 if self._mask is None else _popcount(self._mask)
+def _map(fd: int, header: fmt.BitmapHeader) -> tuple[mmap.mmap, np.ndarray, RecentRing]:
+    """Map the bitmap file open at ``fd`` read-write: the mapping, its bits and its ring of
+    recently cleared clusters. On failure ``fd`` is closed."""
+    try:
+        mm = mmap.mmap(fd, header.file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    bits = np.frombuffer(mm, dtype=_WORD_DTYPE, count=header.words, offset=header.bits_offset)
+    return mm, bits, RecentRing.mapped(mm)
 
 
 class PersistentBitmap(DirtyBitmap):
@@ -454,22 +471,11 @@ class PersistentBitmap(DirtyBitmap):
         self.granularity = header.granularity
         self._shift = header.granularity.bit_length() - 1
         self.clusters = header.clusters
-        try:
-            self._mm = mmap.mmap(fd, header.file_size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
+        self._mm, self._file, self._recent = _map(fd, header)  # the ring: ``clears.py``
         self._lock_fd = fd  # holds the flock for as long as the job uses the file
-        self._file = np.frombuffer(self._mm, dtype=_WORD_DTYPE, count=header.words,
-                                   offset=header.bits_offset)
-        #: the version 3 ring of recently cleared clusters, updated in place (``format.py``)
-        self._recent = np.frombuffer(self._mm, dtype=_WORD_DTYPE, count=1 + fmt.RECENT_SLOTS,
-                                     offset=fmt.RECENT_OFFSET)
         self._words = self._file.copy()
         self._count = _popcount(self._words)
-        self._pending = np.zeros(header.words, dtype=_WORD_DTYPE)
-        self._pending_any = False
+        self._pending = PendingClears(header.words)
         self._flush_lock = threading.Lock()
         self._mod_seq = 0  # bumped whenever the mapped bits change
         self._synced_seq = 0  # the _mod_seq the last msync covered
@@ -553,14 +559,12 @@ class PersistentBitmap(DirtyBitmap):
         first, end = self._inside(offset, length)
         if end > first:
             self._count -= _clear_range(self._words, first, end)
-            _set_range(self._pending, first, end)
-            self._pending_any = True
+            self._pending.add(first, end)
 
     def clear_all(self) -> None:
         """Clear every cluster in memory; the file follows at the next clear commit."""
         super().clear_all()
-        _set_range(self._pending, 0, self.clusters)
-        self._pending_any = True
+        self._pending.add(0, self.clusters)
 
     def begin_clear_commit(self) -> ClearToken:
         """Snapshot and reset the clusters cleared since the last commit.
@@ -569,12 +573,7 @@ class PersistentBitmap(DirtyBitmap):
         returned. Tokens must be finished in the order they were begun (a dropped token is
         harmless: its clusters simply stay set in the file).
         """
-        if not self._pending_any:
-            return ClearToken(self, None)
-        token = ClearToken(self, self._pending)
-        self._pending = np.zeros(len(self._words), dtype=_WORD_DTYPE)
-        self._pending_any = False
-        return token
+        return self._pending.take(self)
 
     def finish_clear_commit(self, token: ClearToken) -> None:
         """Clear in the file the token's clusters that were not cleared again since.
@@ -588,47 +587,19 @@ class PersistentBitmap(DirtyBitmap):
         """
         if token._owner is not self:
             raise UsageError("clear token from another bitmap")
-        mask = token._mask
-        token._mask = None  # finishing twice is a no-op
-        if mask is None:
-            return
+        if token._mask is None:
+            return  # finished already, or nothing was cleared
         self._stats["commits"] += 1
-        idx = np.flatnonzero(mask)  # a token from before a resize is shorter: same indices
-        if not len(idx):
-            return
-        m = mask[idx] & ~self._pending[idx]
-        old = self._file[idx]
-        new = (old & ~m) | (self._words[idx] & m)
-        changed = np.flatnonzero(new != old)
+        changed, cleared = self._pending.settle(token, self._words, self._file)
         if len(changed):
-            self._file[idx[changed]] = new[changed]
             self._mod_seq += 1
-            cleared = old[changed] & ~new[changed]
             self._stats["file_bits_cleared"] += _popcount(cleared)
-            self._record_cleared(idx[changed], cleared)
-
-    def _record_cleared(self, word_index: np.ndarray, cleared: np.ndarray) -> None:
-        """Put up to RECENT_SLOTS of the clusters one commit cleared into the file's ring, spread
-        over the whole commit, so that a resume compares them whatever its random samples."""
-        slots = fmt.RECENT_SLOTS
-        spread = np.linspace(0, len(word_index) - 1, min(slots, len(word_index))).astype(np.intp)
-        word_index, cleared = word_index[spread], np.ascontiguousarray(cleared[spread])
-        bits = np.unpackbits(cleared.view(np.uint8), bitorder="little").reshape(-1, 64)
-        rows, cols = np.nonzero(bits)
-        clusters = word_index[rows] * 64 + cols
-        if len(clusters) > slots:
-            clusters = clusters[np.linspace(0, len(clusters) - 1, slots).astype(np.intp)]
-        ring = self._recent
-        position = int(ring[0])
-        for cluster in clusters.tolist():
-            ring[1 + position % slots] = cluster + 1
-            position += 1
-        ring[0] = position
+            self._recent.record(changed, cleared)
 
     def recent_cleared(self) -> tuple[int, ...]:
         """The clusters the last clear commits cleared in the file, oldest first (at most
         ``format.RECENT_SLOTS``; those of earlier jobs on this file too)."""
-        return fmt.decode_recent(self._recent.tobytes(), self.clusters)
+        return self._recent.clusters(self.clusters)
 
     # -- growth -----------------------------------------------------------------------------------
     def resize(self, new_size: int) -> None:
@@ -656,23 +627,15 @@ class PersistentBitmap(DirtyBitmap):
             except OSError as exc:
                 raise BitmapFormatError(f"cannot grow bitmap {self.path}: {exc.strerror}") from None
             assert fd is not None
-            try:
-                mm = mmap.mmap(fd, header.file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            except BaseException:
-                os.close(fd)
-                raise
             old_mm, old_fd = self._mm, self._lock_fd
             # The old array view pins the old mapping: replace it before closing that mapping.
-            self._file = np.frombuffer(mm, dtype=_WORD_DTYPE, count=header.words,
-                                       offset=header.bits_offset)
-            self._recent = np.frombuffer(mm, dtype=_WORD_DTYPE, count=1 + fmt.RECENT_SLOTS,
-                                         offset=fmt.RECENT_OFFSET)
-            self._mm, self._lock_fd, self.header = mm, fd, header
+            self._mm, self._file, self._recent = _map(fd, header)
+            self._lock_fd, self.header = fd, header
             self._synced_seq = self._mod_seq  # the rewrite was fsync'ed
             old_mm.close()
             os.close(old_fd)
         super().resize(new_size)
-        self._pending = _grown(self._pending, header.words)
+        self._pending.grow(header.words)
 
     # -- durability -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -714,16 +677,9 @@ class PersistentBitmap(DirtyBitmap):
                 self._mm.flush()
                 self._synced_seq = self._mod_seq
                 ended = ended or pivoted
-                flags = ((fmt.FLAG_CLEAN if clean else 0) | (fmt.FLAG_PIVOTED if pivoted else 0)
-                         | (fmt.FLAG_ENDED if ended else 0))
-                if flags:
-                    flags |= self.header.flags & fmt.FLAG_INCONSISTENT
-                    # shut down (a resume point): note the image's ctime, so that a resume sees
-                    # writes made while nothing recorded them
-                    ctime = _ctime(self.header.source_id) if clean and not ended else None
-                    header = self.header.replace(flags=flags, ended_at=time.time_ns() if ended else 0,
-                                                 source_ctime=ctime or 0,
-                                                 recent_cleared=self.recent_cleared())
+                header = _closing_header(self.header, clean=clean, pivoted=pivoted, ended=ended,
+                                         recent=self.recent_cleared())
+                if header is not None:
                     bits = self._mm[self.header.bits_offset:self.header.file_size]
                     try:
                         fd = atomic_write(self.path, [fmt.encode_header(header), bits], keep_locked=True,
@@ -747,7 +703,7 @@ class PersistentBitmap(DirtyBitmap):
                 # queries keep working on the in-memory words; the file view goes away
                 self._file = self._file.copy()
                 self._file.flags.writeable = False
-                self._recent = self._recent.copy()
+                self._recent = self._recent.detached()
                 self._mm.close()  # also drops the lock (the mapping holds a dup of the descriptor)
 
     inconsistent = property(lambda self: self.header.inconsistent)
@@ -787,7 +743,7 @@ class PersistentBitmap(DirtyBitmap):
             "dirty_clusters": self._count,
             "dirty_bytes": self.dirty_bytes(),
             "file_dirty_clusters": _popcount(self._file),
-            "pending_clear_clusters": _popcount(self._pending) if self._pending_any else 0,
+            "pending_clear_clusters": self._pending.count(),
             "generation": self.header.generation,
             "was_clean": self.was_clean,
             "closed": self._closed,

@@ -174,6 +174,8 @@ class WriteJournal:
         self._offsets = array("Q")  # file offset of record first_seq + i
         self._times = array("Q")
         self._kinds = array("B")
+        #: bytes of the WRITE and ZERO records up to and including record first_seq + i
+        self._data_through = array("Q")
         self._applied = header.first_seq - 1  # records up to here are on the target
         # File offset up to which an fsync covers the records: appends run on the engine's
         # thread while an fsync of earlier ones may run in a worker thread.
@@ -198,9 +200,7 @@ class WriteJournal:
                 if rec.offset < self._applied:
                     break  # applied marks never go back: this is not a record mirrorfs wrote
                 self._applied = rec.offset
-            self._offsets.append(pos)
-            self._times.append(rec.time_ns)
-            self._kinds.append(rec.kind)
+            self._index(pos, rec.time_ns, rec.kind, rec.length)
             pos += rec.size
         self._end = pos
         self._synced_end = pos
@@ -260,6 +260,14 @@ class WriteJournal:
             return self._times[i]
         return None
 
+    def pending_bytes(self) -> int:
+        """Bytes the WRITE and ZERO records not yet applied write to the target (a range written
+        twice counts twice: the replay writes it twice)."""
+        applied = self._applied + 1 - self.header.first_seq  # records before this index
+        if not self._data_through:
+            return 0
+        return self._data_through[-1] - (self._data_through[applied - 1] if applied > 0 else 0)
+
     # -- appending --------------------------------------------------------------------------------
     def _append(self, kind: Kind, offset: int, length: int, payload: bytes | memoryview = b"") -> int:
         if self._closed:
@@ -279,11 +287,17 @@ class WriteJournal:
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
             self._overflow(exc.strerror or str(exc))
-        self._offsets.append(self._end)
-        self._times.append(now)
-        self._kinds.append(kind)
+        self._index(self._end, now, kind, length)
         self._end += size
         return seq
+
+    def _index(self, pos: int, time_ns: int, kind: Kind, length: int) -> None:
+        """Remember the next record (at file offset ``pos``) in memory."""
+        self._offsets.append(pos)
+        self._times.append(time_ns)
+        self._kinds.append(kind)
+        data = length if kind in (Kind.WRITE, Kind.ZERO) else 0
+        self._data_through.append((self._data_through[-1] if self._data_through else 0) + data)
 
     def _overflow(self, why: str) -> None:
         """Mark the journal overflowed, durably, and raise JournalFullError."""
@@ -455,4 +469,5 @@ class WriteJournal:
         return {"path": self.path, "used": self.used, "capacity": self.capacity,
                 "overflowed": self._overflowed, "next_seq": self.next_seq,
                 "applied_through": self._applied, "pending": self.pending,
+                "pending_bytes": self.pending_bytes(),
                 "discarded_bytes": self.discarded_bytes, **self._stats}

@@ -1,4 +1,4 @@
-"""One mirror job: the FUSE seam, the commands, the commit step and the one end path.
+"""One mirror job: the FUSE seam, the commands and the commit step.
 
 Role: everything that happens to one image between ``drive-mirror`` and the end of the job. The
 FUSE layer calls ``read``/``write``/``fsync``/``check_modify`` for every request on the image while
@@ -6,7 +6,7 @@ the job is attached to its node; the manager drives ``pause``/``resume``/``set_s
 ending actions (complete, cancel, shutdown), which it runs under the job's I/O gate. The write
 interception is in ``writes.py``, the background copy in ``copy.py``, the error policies in
 ``failures.py``, the states in ``state.py``, the check of a ``dirty`` resume in
-``resume_check.py``, the recovery point in ``lag.py``.
+``resume_check.py``, the recovery point in ``lag.py``, the one end path in ``ending.py``.
 
 Invariants (each stated with its code in ``docs/architecture.md``):
 - The bitmap over-approximates the clusters where target and source differ: bits are set
@@ -35,8 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import trio
 
@@ -45,6 +44,7 @@ from ..errors import SourceError, StateError, TargetError
 from ..targets.base import Target
 from .gate import ActivityCounter, IOGate
 from .copy import CopyTask
+from .ending import Ending
 from .failures import FailureHandling
 from .lag import RecoveryPoint
 from .resume_check import ResumeCheck
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 EmitFn = Callable[[str, dict], None]
 
 
-class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoint):
+class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoint, Ending):
     """A running mirror of one image to one target.
 
     Args:
@@ -445,103 +445,3 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
                 await self.copy.copy_range(start, n)
                 self.bitmap.clear(start, n)
         await self._flush_and_commit(strict=True)
-
-    def conclude(self, kind: str, *, pivoted: bool = False,
-                 successor: ImageIO | None = None) -> None:
-        """End the job under the closed gate (a transaction's commit).
-
-        ``kind`` is "completed" or "cancelled". ``successor``: what serves the image from now on
-        (a pivot to NBD); it keeps the target open.
-        """
-        self._end(kind, pivoted=pivoted or successor is not None, successor=successor)
-
-    def _end(self, outcome: str, *, clean: bool = True, pivoted: bool = False,
-             successor: ImageIO | None = None) -> None:
-        """The one way a job ends; every caller has quiesced the job (or its task is gone).
-
-        ``outcome``: completed, cancelled, failed, or stopped (an unmount: no events, and the
-        bitmap file does not say ended, so a later ``--sync dirty`` may resume from it).
-        ``clean``: every write so far is recorded (False after an unexpected death).
-        """
-        self.finished = True
-        self.outcome = outcome
-        if outcome != "stopped":
-            self._detach_node()
-        if successor is not None:
-            self.successor = successor
-            self.node.job = successor
-        if outcome == "failed":
-            if self.io_status == "ok":
-                self.io_status = "failed"
-            if self.error is None:
-                self.error = "job failed"
-        self._close_bitmap(clean=clean, pivoted=pivoted, ended=outcome != "stopped")
-        if outcome == "stopped":
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
-            return
-        self._set_state(JobState.CONCLUDED)
-        event = "BLOCK_JOB_CANCELLED" if outcome == "cancelled" else "BLOCK_JOB_COMPLETED"
-        data = self._event_data()
-        if self.error is not None:
-            data["error"] = self.error
-        self._emit(event, data)
-        if outcome == "failed":  # stays listed with its error (no auto-dismiss)
-            return
-        self._set_state(JobState.NULL)
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-
-    def _close_bitmap(self, *, clean: bool, pivoted: bool = False, ended: bool = False) -> None:
-        """Close the bitmap and the journal; ``ended``: the job ended (not an unmount), so a
-        persistent file must say that it stopped recording, and the journal goes. Idempotent."""
-        self._close_journal(remove=ended)
-        try:
-            self.bitmap.close(clean=clean, pivoted=pivoted, ended=ended)
-        except Exception as exc:  # a bitmap that cannot be closed stays marked unclean
-            log.warning("job %s: closing bitmap: %s", self.id, exc)
-
-    @asynccontextmanager
-    async def _quiesced(self) -> AsyncIterator[None]:
-        """The job's own point in time: no request inside the gate, no copy, durable point or
-        operation in flight, until the block ends."""
-        self.gate.close()
-        try:
-            await self.gate.wait_drained()
-            await self.hold_copy()
-            try:
-                await self.inflight.wait_idle()
-                yield
-            finally:
-                self.release_copy()
-        finally:
-            self.gate.open()
-
-    async def _finish_failed(self) -> None:
-        """End a failed job in order (its own task, under the manager's lock): every request
-        and operation in flight done, then the bitmap closed with what it recorded."""
-        async with self._quiesced():
-            self._end("failed")
-            with trio.CancelScope(shield=True):
-                await self.target.close()
-
-    def abandon(self, message: str) -> None:
-        """End the job at once as failed, after its task died of an unexpected error (the
-        manager's last line of failure containment). Requests may still be in flight, so the
-        bitmap is left marked not clean, as after a crash."""
-        if not self.finished:
-            if self.error is None:
-                self.error = message
-            self._end("failed", clean=False)
-        self.gate.open()
-
-    async def stop(self) -> None:
-        """End the job for an unmount: no events, bitmap closed cleanly with its dirty bits."""
-        if self.finished:
-            return
-        async with self._quiesced():
-            if self.target_ok:
-                await self._flush_and_commit()  # a target error is the policy's business
-            self._end("stopped")

@@ -1,9 +1,13 @@
 """The recovery point of a job: a mixin of ``MirrorJob``.
 
-How old the oldest write not yet on the target is (``behind_since``, kept by the job: set at the
-start when there is work and by the first write that is not duplicated, cleared when the job is
-ready and settled), the bytes behind, and the ``max-lag`` tick with its two events. Computed when
-asked: nothing here runs on the write path.
+How old the oldest write not yet on the target is, the bytes behind, and the ``max-lag`` tick
+with its two events. Computed when asked: nothing here runs on the write path. Two sources:
+
+- while the replica is journaling or replaying, the journal: the oldest write not on the target
+  is its oldest record not yet applied (``WriteJournal.oldest_pending_ns``), which moves forward
+  as the replay marks records applied;
+- otherwise ``behind_since``, kept by the job: set at the start when there is work and by the
+  first write that is not duplicated, cleared when the job is ready and settled.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import trio
 from .seams import JobBitmap
 
 if TYPE_CHECKING:
+    from ..journal.file import WriteJournal
     from .params import MirrorParams
+    from .replica import Replica
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -34,6 +40,8 @@ class RecoveryPoint:
     params: MirrorParams
     bitmap: JobBitmap
     behind_since: int | None
+    replica: Replica
+    journal: WriteJournal | None
     _lag_exceeded: bool
     _emit: Callable[[str, dict], None]
 
@@ -41,15 +49,28 @@ class RecoveryPoint:
         def contain(self, exc: Exception, where: str) -> None: ...
 
     def recovery_point_age(self, now: int) -> float:
-        """Seconds from the oldest write not yet on the target to ``now`` (ns since the epoch);
-        0 in sync. The one source of the recovery point: status, events and a journal's oldest
-        pending record (while one holds the writes) meet here."""
-        since = self.behind_since
+        """Seconds from the oldest write not yet on the target to ``now`` (ns since the epoch,
+        the journal's clock); 0 in sync. The one source of the recovery point for status and
+        events."""
+        journal = self.journal
+        if journal is not None and self.replica.journaled:
+            since = journal.oldest_pending_ns()  # None: every acknowledged write is on the target
+        else:
+            since = self.behind_since
         return 0.0 if since is None else max(0, now - since) / 1e9
 
     def bytes_behind(self) -> int:
-        """Bytes the target lacks: the dirty clusters (which include writes in flight)."""
-        return self.bitmap.dirty_bytes()
+        """Bytes the target lacks: the dirty clusters (which include writes in flight).
+
+        While the replica is journaling or replaying, the journal's records not yet applied lie
+        in dirty clusters (their bits stay set through the replay), so they add only what the
+        clusters do not count: a range written N times is N writes for the replay to send.
+        """
+        dirty = self.bitmap.dirty_bytes()
+        journal = self.journal
+        if journal is not None and self.replica.journaled:
+            return max(dirty, journal.pending_bytes())
+        return dirty
 
     async def _watch_lag(self) -> None:
         """The job's tick for ``max-lag``: one event when the recovery point gets older than it,
