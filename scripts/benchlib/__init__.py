@@ -11,7 +11,9 @@
 - :mod:`benchlib.services`: a ``mirrorfs mount`` and a ``qemu-storage-daemon`` started and
   stopped by a script;
 - :mod:`benchlib.fio`: the fio workloads and one fio run;
-- :mod:`benchlib.machine`: what a result was measured on, and a directory's file system.
+- :mod:`benchlib.machine`: what a result was measured on, and a directory's file system;
+- :mod:`benchlib.odirect`: random O_DIRECT writes through a mount, optionally each timed;
+- :mod:`benchlib.stats`: medians with their range, latency percentiles.
 
 A script imports its modules after :func:`benchlib.venv.ensure_venv`, with the ``scripts``
 directory first on ``sys.path`` (set from the script's own location).
