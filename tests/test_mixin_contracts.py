@@ -35,8 +35,11 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def declared(cls: ast.ClassDef) -> tuple[set[str], set[str], set[str]]:
-    """(annotated attributes, methods defined, methods stubbed under ``TYPE_CHECKING``)."""
+    """(annotated attributes, methods defined, methods stubbed under ``TYPE_CHECKING``); a class
+    based on ``JobCore`` declares JobCore's attributes too."""
     attrs, methods, stubs = set(), set(), set()
+    if any(isinstance(base, ast.Name) and base.id == "JobCore" for base in cls.bases):
+        attrs |= declared(_class(MIRROR / "core.py", "JobCore"))[0]
     for node in cls.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             attrs.add(node.target.id)

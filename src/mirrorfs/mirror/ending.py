@@ -11,43 +11,28 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator
 
 import trio
 
-from ..targets.base import Target
-from .gate import IOGate
-from .inflight import InflightOps
-from .seams import ImageIO, JobBitmap, Node
+from .core import JobCore
+from .seams import ImageIO
 from .state import JobState
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
 
-class Ending:
+class Ending(JobCore):
     """How a ``MirrorJob`` ends: the outcomes, the events, closing the bitmap and the journal.
 
     The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
     attributes; the job and ``Journaling`` provide the methods).
     """
 
-    # -- the job's state this reads (and, for ``finished``, ``outcome``, ``successor``,
+    # -- its own part of the job's state, besides JobCore's; it reads both (and, for ``finished``, ``outcome``, ``successor``,
     # ``io_status`` and ``error``, changes)
-    id: str
-    node: Node
-    target: Target
-    bitmap: JobBitmap
-    gate: IOGate
-    inflight: InflightOps
-    target_ok: bool
-    finished: bool
     outcome: str | None
     successor: ImageIO | None
-    io_status: str
-    error: str | None
-    _emit: Callable[[str, dict], None]
-    _cancel_scope: trio.CancelScope | None
-    _nursery: trio.Nursery | None
 
     if TYPE_CHECKING:  # the job's and other mixins': a real stub here would shadow them
         def _set_state(self, new: JobState) -> None: ...

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import (MirrorfsError, SourceError, TargetError, TargetFatalError,
                       TargetNoSpaceError, TargetRetryableError)
-from ..targets.base import Target
+from .core import JobCore
 from .state import JobState
 
-if TYPE_CHECKING:
-    from .copy import CopyTask
-    from .params import MirrorParams
-    from .replica import Replica
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -29,32 +25,17 @@ log = logging.getLogger("mirrorfs.mirror.job")
 RECONNECT_BACKOFF = (0.25, 8.0)
 
 
-class FailureHandling:
+class FailureHandling(JobCore):
     """Errors of a ``MirrorJob``'s tasks: the policies, failing, a lost and restored target.
 
     The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
     attributes; the job provides ``_set_state``).
     """
 
-    # -- the job's state this reads (and, for ``error``, ``io_status``, ``target_ok`` and
+    # -- its own part of the job's state, besides JobCore's; it reads both (and, for ``error``, ``io_status``, ``target_ok`` and
     # ``_reconnecting``, changes)
-    id: str
-    params: MirrorParams
-    target: Target
-    copy: CopyTask
-    ready: bool
-    paused: bool
-    finished: bool
-    error: str | None
-    io_status: str
-    target_ok: bool
-    stats: dict[str, int]
-    _emit: Callable[[str, dict], None]
     _reconnecting: bool
-    _cancel_scope: trio.CancelScope | None
-    _nursery: trio.Nursery | None
 
-    replica: Replica
 
     if TYPE_CHECKING:  # the job's and other mixins': a real stub here would shadow them
         def _set_state(self, new: JobState) -> None: ...

@@ -26,21 +26,15 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..errors import JournalFormatError, JournalFullError, MirrorfsError, TargetError
+from .core import JobCore
 from .replay import finish_journal, replay_journal
 from .replica import Replica, initial_replica, on_target_lost
 
-if TYPE_CHECKING:
-    from ..journal.file import WriteJournal
-    from ..targets.base import Target
-    from .copy import CopyTask
-    from .inflight import InflightOps
-    from .params import MirrorParams
-    from .seams import JobBitmap
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -59,31 +53,15 @@ class WindowEntry:
         self.landed = False
 
 
-class Journaling:
+class Journaling(JobCore):
     """The replica of a ``MirrorJob``: its state, the journal hooks and the replay task.
 
     The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
     attributes and calls ``_init_journaling``; the job and the other mixins provide the methods).
     """
 
-    # -- the job's state this reads (and, for ``replica``, ``target_ok``, ``journal`` and the
+    # -- its own part of the job's state, besides JobCore's; it reads both (and, for ``replica``, ``target_ok``, ``journal`` and the
     # ``_journal_*`` fields, changes)
-    id: str
-    params: MirrorParams
-    target: Target
-    bitmap: JobBitmap
-    inflight: InflightOps
-    copy: CopyTask
-    paused: bool
-    finished: bool
-    error: str | None
-    target_ok: bool
-    stats: dict[str, int]
-    replica: Replica
-    journal: WriteJournal | None
-    _window: collections.deque[WindowEntry] | None
-    _emit: Callable[[str, dict], None]
-    _nursery: trio.Nursery | None
     _journal_syncs: int
     _journal_idle: trio.Event
     _journal_resetting: bool

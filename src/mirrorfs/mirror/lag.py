@@ -14,36 +14,25 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
-from .seams import JobBitmap
+from .core import JobCore
 
-if TYPE_CHECKING:
-    from ..journal.file import WriteJournal
-    from .params import MirrorParams
-    from .replica import Replica
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
 
-class RecoveryPoint:
+class RecoveryPoint(JobCore):
     """The recovery point of a ``MirrorJob`` and its ``max-lag`` events.
 
     The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
     attributes; ``FailureHandling`` provides ``contain``).
     """
 
-    # -- the job's state this reads (and, for ``_lag_exceeded``, changes)
-    id: str
-    params: MirrorParams
-    bitmap: JobBitmap
-    behind_since: int | None
-    replica: Replica
-    journal: WriteJournal | None
+    # -- its own part of the job's state, besides JobCore's; it reads both (and, for ``_lag_exceeded``, changes)
     _lag_exceeded: bool
-    _emit: Callable[[str, dict], None]
 
     if TYPE_CHECKING:  # the job's: a real stub here would shadow it in the job's MRO
         def contain(self, exc: Exception, where: str) -> None: ...

@@ -42,7 +42,7 @@ from .params import MirrorParams
 from .persistence import Persistence
 from .seams import JobBitmap
 from .pivot import EndPlan, Plan, prepare_pivot
-from .replica import JournalFound, Replica, initial_replica
+from .replica import JournalFound, initial_replica
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,10 @@ import time
 from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 from ..errors import StateError, TargetError, UsageError
-from ..targets.base import Target
 from . import resume
-from .gate import IOGate
+from .core import JobCore
 from .resume import Mismatch
-from .seams import JobBitmap, Node
 
-if TYPE_CHECKING:
-    from .copy import CopyTask
-    from .params import MirrorParams
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -51,27 +46,16 @@ async def first_mismatch(samples: Sequence[int], *, granularity: int, size: int,
     return None
 
 
-class ResumeCheck:
+class ResumeCheck(JobCore):
     """The resume check of a ``MirrorJob``, and what ``on-mismatch`` makes of it.
 
     The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
     attributes; the job and ``FailureHandling`` provide the methods).
     """
 
-    # -- the job's state this reads (and, for ``finished``, ``resume_check_pending``,
+    # -- its own part of the job's state, besides JobCore's; it reads both (and, for ``finished``, ``resume_check_pending``,
     # ``behind_since`` and ``stats``, changes)
-    id: str
-    params: MirrorParams
-    node: Node
-    target: Target
-    bitmap: JobBitmap
-    copy: CopyTask
-    gate: IOGate
-    size: int
-    finished: bool
-    stats: dict[str, int]
     resume_check_pending: bool
-    behind_since: int | None
 
     if TYPE_CHECKING:  # the job's: a real stub here would shadow it in the job's MRO
         def _attach_node(self) -> None: ...

@@ -15,18 +15,13 @@ import trio
 
 from .. import fileio
 from ..errors import TargetError
-from ..targets.base import Target
+from .core import JobCore
 from .gate import ActivityCounter
-from .inflight import InflightOps, Operation
+from .inflight import Operation
 from .journaling import WindowEntry
-from .seams import Handle, JobBitmap
+from .seams import Handle
 
-if TYPE_CHECKING:
-    from collections import deque
 
-    from .copy import CopyTask
-    from .params import MirrorParams
-    from .replica import Replica
 
 log = logging.getLogger("mirrorfs.mirror.job")
 
@@ -38,35 +33,18 @@ MAX_BACKGROUND_DUPLICATES = 16
 _NO_EDGES: frozenset[int] = frozenset()
 
 
-class WritePath:
+class WritePath(JobCore):
     """Guest writes of a ``MirrorJob``: register, mark, write the source, duplicate, clear.
 
     The class it is mixed into provides what is declared here (``MirrorJob.__init__`` sets the
     attributes; ``FailureHandling`` and the job provide the methods).
     """
 
-    # -- the job's state this reads (and, for ``size`` and ``_dup_bytes``, changes)
-    id: str
-    params: MirrorParams
-    target: Target
-    bitmap: JobBitmap
-    inflight: InflightOps
-    copy: CopyTask
-    size: int
-    ready: bool
-    paused: bool
-    finished: bool
-    error: str | None
-    target_ok: bool
-    stats: dict[str, int]
-    behind_since: int | None
+    # -- its own part of the job's state, besides JobCore's; it reads both (and, for ``size`` and ``_dup_bytes``, changes)
     _dup_bytes: int
     _duplicates: ActivityCounter
     _grow_lock: trio.Lock
-    _nursery: trio.Nursery | None
 
-    replica: Replica
-    _window: deque[WindowEntry] | None
 
     if TYPE_CHECKING:  # from FailureHandling and Journaling: real stubs here would shadow them
         def on_target_error(self, exc: TargetError) -> str | None: ...
