@@ -82,6 +82,11 @@ def bits_length_for(clusters: int) -> int:
     return ((clusters + 63) // 64) * 8
 
 
+def _flag(bit: int, doc: str) -> property:
+    """A read-only boolean view of one bit of ``flags``."""
+    return property(lambda header: bool(header.flags & bit), doc=doc)
+
+
 @dataclass(frozen=True)
 class BitmapHeader:
     """The decoded header of a bitmap file.
@@ -131,22 +136,11 @@ class BitmapHeader:
     def file_size(self) -> int:
         return self.bits_offset + self.bits_length
 
-    @property
-    def clean(self) -> bool:
-        return bool(self.flags & FLAG_CLEAN)
-
-    @property
-    def pivoted(self) -> bool:
-        return bool(self.flags & FLAG_PIVOTED)
-
-    @property
-    def ended(self) -> bool:
-        return bool(self.flags & FLAG_ENDED)
-
-    @property
-    def inconsistent(self) -> bool:
-        """The target is not a state the image ever had (an initial copy or a resync ran)."""
-        return bool(self.flags & FLAG_INCONSISTENT)
+    clean = _flag(FLAG_CLEAN, "The file was closed in order.")
+    pivoted = _flag(FLAG_PIVOTED, "The job ended by a pivot.")
+    ended = _flag(FLAG_ENDED, "The job ended: writes after ``ended_at`` are not recorded.")
+    inconsistent = _flag(FLAG_INCONSISTENT, "The target is not a state the image ever had (an "
+                         "initial copy or a resync ran).")
 
     @property
     def legacy_clean(self) -> bool:
