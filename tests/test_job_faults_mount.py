@@ -167,13 +167,15 @@ def test_a_refused_source_write_whose_duplicate_landed_stays_dirty_until_copied(
         mount.cli("mirror", mount.mountpoint, "bad.raw", target, "--create",
                   "--copy-mode", "write-blocking")
         wait_ready(client, "bad.raw")
-        # Hold the copy back for a while: a write made while paused stays dirty, and copying it
-        # after the resume spends the limiter's budget for the next ~16 s.
+        # Hold the copy back: writes made while paused stay dirty; copying them after the
+        # resume spends the limiter's budget, and the copy pays for its second cluster
+        # (after issuing it) by waiting ~16 s before it issues anything else.
         mount.cli("set-speed", mount.mountpoint, "bad.raw", "4K")
         mount.cli("pause", mount.mountpoint, "bad.raw")
-        assert _direct_io(image, 3 * MiB, b"paused".ljust(4096, b"p")) == 4096
+        for offset in (2 * MiB, 3 * MiB):
+            assert _direct_io(image, offset, b"paused".ljust(4096, b"p")) == 4096
         mount.cli("resume", mount.mountpoint, "bad.raw")
-        wait_job(client, "bad.raw", lambda j: j["dirty-bytes"] == 0, 10, "the paused write's copy")
+        wait_job(client, "bad.raw", lambda j: j["dirty-bytes"] == 0, 10, "the paused writes' copy")
         refused = b"refused".ljust(4096, b"-")
         with pytest.raises(OSError) as exc:
             _direct_io(image, BAD_OFFSET, refused)
