@@ -248,14 +248,15 @@ class WritePath:
             self._duplicates.leave()
             self._abandon(op)
             raise
+        written = 0
         try:
             written = await source_pwrite(handle, data, offset)
-        except BaseException:
+            await landing.done.wait()
+        except BaseException:  # a failed source write, or cancelled: the target write still ends
             with trio.CancelScope(shield=True):
                 await landing.done.wait()  # registered until the target write ended (rule 2)
-            self._both_ended(op, offset, data, 0, edges, landing.error)
+            self._both_ended(op, offset, data, written, edges, landing.error)
             raise
-        await landing.done.wait()
         self._both_ended(op, offset, data, written, edges, landing.error)
         return written
 
