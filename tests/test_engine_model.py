@@ -31,6 +31,7 @@ from mirrorfs.mirror import failures
 from mirrorfs.mirror.copy import CopyTask
 from mirrorfs.mirror.manager import JobManager
 from mirrorfs.mirror.params import MirrorParams
+from mirrorfs.mirror.writes import WritePath
 
 SIZE = 64 * 1024
 GRANULARITY = 4096
@@ -308,7 +309,18 @@ def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
 async def test_engine_model_keeps_the_bitmap_invariant(tmp_path: Path, monkeypatch, io_mode: str,
                                                        copy_mode: str) -> None:
+    both = 0
+    write_both = WritePath._write_both
+
+    async def counted(self, *args: Any) -> int:
+        nonlocal both
+        both += 1
+        return await write_both(self, *args)
+
+    monkeypatch.setattr(WritePath, "_write_both", counted)
     await run_model(tmp_path, monkeypatch, copy_mode=copy_mode, examples=25)
+    # the threaded write-blocking writes issue the source write and the duplicate at once
+    assert (both > 0) == (copy_mode == "write-blocking" and io_mode == "thread")
 
 
 async def test_engine_model_fails_without_the_write_copy_serialisation(

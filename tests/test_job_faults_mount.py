@@ -152,6 +152,45 @@ def test_source_write_errors_reach_the_writer_during_the_copy_and_the_duplicates
         _assert_other_image_and_its_job_carry_on(mount, client, ok_target)
 
 
+@pytest.mark.parametrize("faulty_source", ["write"], indirect=True)
+def test_a_refused_source_write_whose_duplicate_landed_stays_dirty_until_copied(
+        faulty_source: tuple[Path, Path], mount_factory: Any, tmp_path: Path) -> None:
+    """A ready write-blocking job writes the source and the target at once: where the source
+    refuses the write and the target takes it, the guest gets EIO, the target holds bytes the
+    source does not, and the cluster stays dirty, so the copy puts the source's bytes back."""
+    source, backing = faulty_source
+    mount = mount_factory(source=source)
+    mount.allow_log(r"WARNING")
+    image = mount.mountpoint / "bad.raw"
+    target = tmp_path / "bad-target.raw"
+    with qmp(mount) as client:
+        mount.cli("mirror", mount.mountpoint, "bad.raw", target, "--create",
+                  "--copy-mode", "write-blocking")
+        wait_ready(client, "bad.raw")
+        # Hold the copy back: writes made while paused stay dirty; copying them after the
+        # resume spends the limiter's budget, and the copy pays for its second cluster
+        # (after issuing it) by waiting ~16 s before it issues anything else.
+        mount.cli("set-speed", mount.mountpoint, "bad.raw", "4K")
+        mount.cli("pause", mount.mountpoint, "bad.raw")
+        for offset in (2 * MiB, 3 * MiB):
+            assert _direct_io(image, offset, b"paused".ljust(4096, b"p")) == 4096
+        mount.cli("resume", mount.mountpoint, "bad.raw")
+        wait_job(client, "bad.raw", lambda j: j["dirty-bytes"] == 0, 10, "the paused writes' copy")
+        refused = b"refused".ljust(4096, b"-")
+        with pytest.raises(OSError) as exc:
+            _direct_io(image, BAD_OFFSET, refused)
+        assert exc.value.errno == errno.EIO
+        with open(target, "rb") as f:  # the duplicate was issued with the source write
+            assert os.pread(f.fileno(), 4096, BAD_OFFSET) == refused
+        job = wait_job(client, "bad.raw", lambda j: True, 5, "bad.raw's job")
+        assert job["dirty-bytes"] > 0 and job["io-status"] == "ok" and "error" not in job, job
+        assert backing.read_bytes()[BAD_OFFSET:BAD_OFFSET + 4096] != refused
+        mount.cli("set-speed", mount.mountpoint, "bad.raw", "0")
+        wait_job(client, "bad.raw", lambda j: j["dirty-bytes"] == 0, 10, "the copy of the cluster")
+        mount.cli("complete", mount.mountpoint, "bad.raw", "--no-pivot")
+        assert_identical(source / "bad.raw", target)
+
+
 _INJECT = '''
 from mirrorfs.mirror import copy as _copy
 

@@ -176,6 +176,9 @@ class WritePath(JobCore):
             if offset + length > self.size:  # could not grow: the job is failing; the source
                 return await source_pwrite(handle, data, offset)  # write must still happen
         op, edges = self._begin_write(offset, length)
+        if (self.params.copy_mode == "write-blocking" and self._duplicating()
+                and self._nursery is not None and not handle.runs_inline(length)):
+            return await self._write_both(handle, op, offset, data, edges)
         try:
             written = await source_pwrite(handle, data, offset)
         except BaseException:
@@ -202,6 +205,71 @@ class WritePath(JobCore):
             self.stats["skipped-duplicates"] += 1
             self._abandon(op)
         return written
+
+    async def _write_both(self, handle: Handle, op: Operation, offset: int, data: bytes,
+                          edges: set[int]) -> int:
+        """A write-blocking write whose source write waits for a device: the source write and
+        its duplicate at once, acknowledged once both ended.
+
+        Two device round trips overlap instead of following each other. Either write may land
+        first; the bits marked before both were issued are cleared only where both landed in
+        full (rule 4: the operation stays registered until the target write ended). A failed
+        or short source write may leave the target holding bytes the source does not have:
+        its bits stay set, so the copy copies those clusters again.
+        """
+        landing = _Landing()
+        self._duplicates.enter()  # now: a pause that begins meanwhile must wait for this one
+        assert self._nursery is not None
+        try:
+            self._nursery.start_soon(self._target_write, landing, offset, data, handle.direct)
+        except BaseException:
+            self._duplicates.leave()
+            self._abandon(op)
+            raise
+        written = 0
+        try:
+            written = await source_pwrite(handle, data, offset)
+            await landing.done.wait()
+        except BaseException:  # a failed source write, or cancelled: the target write still ends
+            with trio.CancelScope(shield=True):
+                await landing.done.wait()  # registered until the target write ended (rule 2)
+            self._both_ended(op, offset, data, written, edges, landing.error)
+            raise
+        self._both_ended(op, offset, data, written, edges, landing.error)
+        return written
+
+    def _both_ended(self, op: Operation, offset: int, data: bytes, written: int,
+                    edges: set[int], error: BaseException | None) -> None:
+        """Settle a write of ``_write_both`` once its source (``written`` bytes landed there)
+        and target writes (``error`` None: landed) ended."""
+        if error is None and written == len(data):
+            try:
+                self._duplicated(op, offset, written, edges)
+            except Exception as exc:
+                self._duplicated_raised(op, exc)
+            return
+        if isinstance(error, TargetError):
+            self.on_target_error(error)  # while still registered (a loss looks at the writes)
+        self._abandon(op)  # also where the source failed: the target may have more than it
+        if isinstance(error, Exception) and not isinstance(error, TargetError):
+            self.contain(error, "a duplicated write")
+        if error is not None and written and self.replica.journaled:
+            self._journal_write(offset, data if written == len(data) else data[:written])
+
+    async def _target_write(self, landing: _Landing, offset: int, data: bytes,
+                            direct: bool) -> None:
+        """The target half of ``_write_both``, as its own task; the caller entered
+        ``_duplicates`` for it."""
+        try:
+            await self.target.pwrite(offset, data, direct=direct)  # as the guest's handle
+        except Exception as exc:
+            landing.error = exc
+        except BaseException as exc:  # cancelled with the job: the bits stay set
+            landing.error = exc
+            raise
+        finally:
+            self._duplicates.leave()
+            landing.done.set()
 
     async def _background_duplicate(self, op: Operation, offset: int, data: bytes,
                                     edges: set[int], direct: bool,
@@ -274,6 +342,16 @@ class WritePath(JobCore):
             self.bitmap.mark(old_size, new_size - old_size)
             self.copy.dirtied()
             log.debug("job %s: image grew from %d to %d bytes", self.id, old_size, new_size)
+
+
+class _Landing:
+    """How the target half of a write of ``_write_both`` ended (``error`` None: landed)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
 
 
 async def source_pread(handle: Handle, size: int, offset: int) -> bytes:
