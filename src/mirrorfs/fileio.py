@@ -439,3 +439,80 @@ async def pread_aligned(fd: int, twin: int, size: int, offset: int) -> bytes:
             if data is not None:
                 return data
     return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
+
+
+# ------------------------------------------------ O_DIRECT only (a local target in direct mode)
+
+def aligned_span(offset: int, length: int) -> tuple[int, int]:
+    """The smallest ``ALIGN``-aligned (start, length) that covers ``length`` bytes at ``offset``."""
+    start = offset - offset % ALIGN
+    end = -(-(offset + length) // ALIGN) * ALIGN
+    return start, end - start
+
+
+def pread_only_direct(twin: int, size: int, offset: int) -> bytes:
+    """Read ``size`` bytes at ``offset`` through the O_DIRECT ``twin`` alone, whatever their
+    alignment: the covering aligned span is read into this thread's bounce buffer. Blocking.
+
+    Raises:
+        OSError: the read failed (EINVAL: the filesystem wants a larger alignment).
+    """
+    start, span = aligned_span(offset, size)
+    buf = _bounce(span)
+    n = _preadinto_all(twin, buf[:span], start)
+    head = offset - start
+    return buf[head:min(n, head + size)].tobytes() if n > head else b""
+
+
+def pwrite_only_direct(twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """Write ``data`` at ``offset`` through the O_DIRECT ``twin`` alone, whatever its alignment:
+    an unaligned request is a read-modify-write of its covering aligned span in this thread's
+    bounce buffer. Blocking. The span must lie inside the file (no write may grow it), and no
+    other writer may change the span's other bytes meanwhile (the mirror engine leaves any
+    cluster two operations touched at once dirty, and a span never leaves its cluster).
+
+    Returns:
+        ``len(data)``, or fewer where an error stopped the write (as ``_pwrite_all``).
+
+    Raises:
+        OSError: nothing was written; ``errno`` says why.
+    """
+    length = len(data)
+    if length == 0:
+        return 0
+    start, span = aligned_span(offset, length)
+    if span == length and not isinstance(data, bytes):
+        address = _address(data)
+        if address is not None and address % ALIGN == 0:  # the copy task's mmap buffers: no copy
+            return _pwrite_all(twin, data, offset)
+    buf = _bounce(span)[:span]
+    head = offset - start
+    if span != length:
+        n = _preadinto_all(twin, buf, start)
+        if n < span:
+            raise OSError(errno.EINVAL, "read-modify-write past the end of the file")
+    buf[head:head + length] = data
+    written = _pwrite_all(twin, buf, start)
+    return max(0, min(length, written - head))
+
+
+async def pread_direct(twin: int, size: int, offset: int) -> bytes:
+    """``pread_only_direct`` off the trio thread: by Linux AIO where the request is aligned and
+    AIO takes it, else in a worker thread."""
+    if size and _is_aligned(offset, size):
+        ctx = aio.context()
+        if ctx is not None:
+            data = await ctx.pread(twin, size, offset)
+            if data is not None:
+                return data
+    return await trio.to_thread.run_sync(pread_only_direct, twin, size, offset, limiter=LIMITER)
+
+
+async def pwrite_direct(twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """``pwrite_only_direct`` off the trio thread (see ``pread_direct``)."""
+    length = len(data)
+    if length and _is_aligned(offset, length):
+        ctx = aio.context()
+        if ctx is not None and await ctx.pwrite(twin, data, offset) is not None:
+            return length
+    return await trio.to_thread.run_sync(pwrite_only_direct, twin, data, offset, limiter=LIMITER)
