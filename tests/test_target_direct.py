@@ -31,7 +31,6 @@ from test_mirror_mount import job, make_image, wait_ready  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = fileio.ALIGN
-COLLISION = "Page cache invalidation failure"
 
 
 def on_disk(path: Path) -> None:
@@ -55,10 +54,12 @@ def read_direct(path: Path) -> bytes:
     return bytes(buf[:n])
 
 
-def collisions() -> int | None:
-    """How many page-cache collision lines the kernel log holds; None if it cannot be read."""
+def collisions(path: Path) -> int | None:
+    """How many page-cache collisions ("Page cache invalidation failure on direct I/O", then a
+    "File:" line) the kernel log reports for ``path``; None if the log cannot be read. Other tests' files
+    do not count."""
     proc = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30, check=False)
-    return proc.stdout.count(COLLISION) if proc.returncode == 0 else None
+    return proc.stdout.count(f"File: {path} ") if proc.returncode == 0 else None
 
 
 #: the writers' pages: few enough that they keep meeting each other and the copy task there
@@ -101,7 +102,7 @@ def test_buffered_and_direct_writers_on_one_target_never_collide(mounted: Mount,
     target = tmp_path / "target.raw"
     make_image(source, 16 * MiB, run, holes=False)
     on_disk(source)
-    before = collisions()
+    before = collisions(target)
     mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--speed", "8M")
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -128,7 +129,7 @@ def test_buffered_and_direct_writers_on_one_target_never_collide(mounted: Mount,
     wait_ready(mounted, name)
     done = mounted.cli("complete", mounted.mountpoint, name, "--no-pivot", check=False)
     assert done.returncode == 0, done.stderr
-    after = collisions()
+    after = collisions(target)
     if before is not None and after is not None:
         assert after == before, "the kernel reports buffered and direct I/O colliding on the target"
     expected = source.read_bytes()
