@@ -24,6 +24,7 @@ from benchscripts import SCRIPTS
 from mirrorfs import fileio
 from mirrorfs.targets.local import LocalFileTarget
 from mounting import Mount
+from test_odirect import disk_backed
 
 sys.path.insert(0, str(SCRIPTS))
 from benchlib.images import drop_cache, resident  # noqa: E402  (fsync + fadvise; fincore)
@@ -31,15 +32,6 @@ from test_mirror_mount import job, make_image, wait_ready  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = fileio.ALIGN
-
-
-def on_disk(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if fileio.memory_backed(fd):
-            pytest.skip(f"{path} is on tmpfs: no page cache to tell apart")
-    finally:
-        os.close(fd)
 
 
 def read_direct(path: Path) -> bytes:
@@ -101,7 +93,7 @@ def test_buffered_and_direct_writers_on_one_target_never_collide(mounted: Mount,
     source = mounted.source / name
     target = tmp_path / "target.raw"
     make_image(source, 16 * MiB, run, holes=False)
-    on_disk(source)
+    disk_backed(source)
     before = collisions(target)
     mounted.cli("mirror", mounted.mountpoint, name, target, "--create", "--speed", "8M")
     stop = threading.Event()
@@ -151,7 +143,7 @@ def test_read_modify_write_helpers_against_a_model(tmp_path: Path) -> None:
     path = tmp_path / "f"
     model = bytearray(os.urandom(64 * PAGE))
     path.write_bytes(model)
-    on_disk(path)
+    disk_backed(path)
     drop_cache(path)
     twin = os.open(path, os.O_RDWR | os.O_DIRECT)
     try:
@@ -200,7 +192,7 @@ async def _exercise(target: LocalFileTarget, model: bytearray, seed: int) -> Non
 async def test_a_page_aligned_target_does_all_its_io_directly(tmp_path: Path) -> None:
     path = tmp_path / "t.raw"
     target = LocalFileTarget.create(path, 32 * PAGE)
-    on_disk(path)
+    disk_backed(path)
     await target.connect()
     try:
         model = bytearray(32 * PAGE)
@@ -222,7 +214,7 @@ async def test_a_page_aligned_target_does_all_its_io_directly(tmp_path: Path) ->
 async def test_a_target_of_an_unaligned_size_stays_buffered(tmp_path: Path) -> None:
     path = tmp_path / "t.raw"
     target = LocalFileTarget.create(path, 16 * PAGE + 512)
-    on_disk(path)
+    disk_backed(path)
     await target.connect()
     try:
         model = bytearray(16 * PAGE + 512)

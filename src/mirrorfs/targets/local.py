@@ -4,7 +4,7 @@ The file is opened ``O_RDWR``, and a second time with ``O_DIRECT`` where that is
 target is then in *direct mode*, as QEMU's ``cache.direct=on``: ALL its data I/O (reads, writes,
 duplicates of buffered and O_DIRECT clients alike, the copy task, verify and resume reads) goes
 through the O_DIRECT descriptor, unaligned requests as aligned reads-modify-writes in a bounce
-buffer (``fileio.pwrite_direct``). Mixing the two on one file is a data-integrity bug: a direct
+buffer (``fileio.pwrite_aligned``). Mixing the two on one file is a data-integrity bug: a direct
 write whose range shares a (large) page-cache folio with a dirty buffered write cannot invalidate
 it, so the kernel records EIO for the next ``fdatasync`` and the cache may keep stale bytes that a
 later buffered read returns. ``flush`` (``fdatasync``) and hole punching stay on the buffered
@@ -316,7 +316,7 @@ class LocalFileTarget(Target):
             size = max(0, min(length, self.size - offset))
             dfd = self._dfd
             if dfd is not None:
-                return await fileio.pread_direct(dfd, size, offset)
+                return await fileio.pread_aligned(None, dfd, size, offset)
             return await fileio.pread(fd, size, offset)
         except OSError as exc:
             raise self._error(exc, "read") from None
@@ -330,7 +330,7 @@ class LocalFileTarget(Target):
         while done < len(view):
             # returns short only when an error stopped it; the retry reports it
             if dfd is not None:
-                n = await fileio.pwrite_direct(dfd, view[done:], offset + done)
+                n = await fileio.pwrite_aligned(None, dfd, view[done:], offset + done)
             else:
                 n = await fileio.pwrite(fd, view[done:], offset + done)
             if n <= 0:
@@ -343,7 +343,7 @@ class LocalFileTarget(Target):
         fd = await self._enter()
         try:
             dfd = self._dfd
-            if dfd is not None and await fileio.pwrite_direct(dfd, data, offset) == len(data):
+            if dfd is not None and await fileio.pwrite_aligned(None, dfd, data, offset) == len(data):
                 return
             await self._write_all(fd, offset, data)
         except OSError as exc:
