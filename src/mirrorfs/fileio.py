@@ -31,7 +31,10 @@ on the trio thread (O_DIRECT I/O waits for the device): requests of up to a MiB 
 (``aio.py``: no thread hop, which costs more CPU than the I/O), the rest and whatever AIO does not
 take in a worker thread, via a reused page-aligned (mmap) buffer of that thread; unaligned
 requests take the buffered descriptor, a whole request at a time: a read-modify-write of partial
-blocks through the twin would race with concurrent writers of the same blocks.
+blocks through the twin would race with concurrent writers of the same blocks. A local target in
+direct mode (``targets/local.py``) is the exception: it never uses its buffered descriptor for
+data, so its unaligned requests are reads-modify-writes (``pwrite_only_direct``), which the
+mirror engine makes safe (an operation sharing a cluster with another leaves it dirty).
 
 ``MIRRORFS_IO_MODE`` in the environment: ``auto`` (default), ``thread`` (always a worker thread)
 or ``direct`` (never; benchmarks only).
@@ -417,25 +420,87 @@ def _preadinto_twin(fd: int, twin: int, view: memoryview, offset: int) -> int:
     return n
 
 
-async def pwrite_aligned(fd: int, twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+async def pwrite_aligned(fd: int | None, twin: int, data: bytes | bytearray | memoryview,
+                         offset: int) -> int:
     """``pwrite`` through the O_DIRECT descriptor ``twin`` of ``fd``'s file where the request is
-    aligned, else through ``fd``; off the trio thread (O_DIRECT I/O waits for the device): by
-    Linux AIO where it takes the request, else in a worker thread."""
+    aligned, else through ``fd`` (``fd`` None: through ``twin`` too, ``pwrite_only_direct``); off
+    the trio thread (O_DIRECT I/O waits for the device): by Linux AIO where it takes the request,
+    else in a worker thread."""
     length = len(data)
     if length and _is_aligned(offset, length):
         ctx = aio.context()
         if ctx is not None and await ctx.pwrite(twin, data, offset) is not None:
             return length
+    if fd is None:
+        return await trio.to_thread.run_sync(pwrite_only_direct, twin, data, offset, limiter=LIMITER)
     return await trio.to_thread.run_sync(_pwrite_twin, fd, twin, data, offset, limiter=LIMITER)
 
 
-async def pread_aligned(fd: int, twin: int, size: int, offset: int) -> bytes:
-    """``pread`` through ``twin`` where the request is aligned, else through ``fd`` (see
-    ``pwrite_aligned``)."""
+async def pread_aligned(fd: int | None, twin: int, size: int, offset: int) -> bytes:
+    """``pread`` through ``twin`` where the request is aligned, else through ``fd`` (``fd`` None:
+    through ``twin`` too, ``pread_only_direct``; see ``pwrite_aligned``)."""
     if size and _is_aligned(offset, size):
         ctx = aio.context()
         if ctx is not None:
             data = await ctx.pread(twin, size, offset)
             if data is not None:
                 return data
+    if fd is None:
+        return await trio.to_thread.run_sync(pread_only_direct, twin, size, offset, limiter=LIMITER)
     return await trio.to_thread.run_sync(_pread_twin, fd, twin, size, offset, limiter=LIMITER)
+
+
+# ------------------------------------------------ O_DIRECT only (a local target in direct mode)
+
+def aligned_span(offset: int, length: int) -> tuple[int, int]:
+    """The smallest ``ALIGN``-aligned (start, length) that covers ``length`` bytes at ``offset``."""
+    start = offset - offset % ALIGN
+    end = -(-(offset + length) // ALIGN) * ALIGN
+    return start, end - start
+
+
+def pread_only_direct(twin: int, size: int, offset: int) -> bytes:
+    """Read ``size`` bytes at ``offset`` through the O_DIRECT ``twin`` alone, whatever their
+    alignment: the covering aligned span is read into this thread's bounce buffer. Blocking.
+
+    Raises:
+        OSError: the read failed (EINVAL: the filesystem wants a larger alignment).
+    """
+    start, span = aligned_span(offset, size)
+    buf = _bounce(span)
+    n = _preadinto_all(twin, buf[:span], start)
+    head = offset - start
+    return buf[head:min(n, head + size)].tobytes() if n > head else b""
+
+
+def pwrite_only_direct(twin: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """Write ``data`` at ``offset`` through the O_DIRECT ``twin`` alone, whatever its alignment:
+    an unaligned request is a read-modify-write of its covering aligned span in this thread's
+    bounce buffer. Blocking. The span must lie inside the file (no write may grow it), and no
+    other writer may change the span's other bytes meanwhile (the mirror engine leaves any
+    cluster two operations touched at once dirty, and a span never leaves its cluster).
+
+    Returns:
+        ``len(data)``, or fewer where an error stopped the write (as ``_pwrite_all``).
+
+    Raises:
+        OSError: nothing was written; ``errno`` says why.
+    """
+    length = len(data)
+    if length == 0:
+        return 0
+    start, span = aligned_span(offset, length)
+    if span == length and not isinstance(data, bytes):
+        address = _address(data)
+        if address is not None and address % ALIGN == 0:  # the copy task's mmap buffers: no copy
+            return _pwrite_all(twin, data, offset)
+    buf = _bounce(span)[:span]
+    head = offset - start
+    if span != length:
+        n = _preadinto_all(twin, buf, start)
+        if n < span:
+            raise OSError(errno.EINVAL, "read-modify-write past the end of the file")
+    buf[head:head + length] = data
+    written = _pwrite_all(twin, buf, start)
+    return max(0, min(length, written - head))
+

@@ -1,13 +1,25 @@
 """A local file (or block device) as a mirror target.
 
-The file is opened ``O_RDWR`` twice: buffered, and with ``O_DIRECT`` where the file system takes
-it (else one log line, and everything stays buffered). Writes whose caller asks for ``direct``
-(the duplicates of an O_DIRECT client's writes, the copy task's chunks) and that are aligned go
-through the O_DIRECT descriptor via a page-aligned buffer (``fileio.pwrite_aligned``), so they
-stay out of the host's page cache; everything else goes through the buffered one. I/O goes
-through :mod:`mirrorfs.fileio`, so it runs where the rest of mirrorfs runs its file I/O.
-``write_zeroes`` punches a hole (``fallocate(PUNCH_HOLE|KEEP_SIZE)``) and falls back to writing
-zeroes where the file system cannot; ``flush`` is ``fdatasync``.
+The file is opened ``O_RDWR``, and a second time with ``O_DIRECT`` where that is safe; the
+target is then in *direct mode*, as QEMU's ``cache.direct=on``: ALL its data I/O (reads, writes,
+duplicates of buffered and O_DIRECT clients alike, the copy task, verify and resume reads) goes
+through the O_DIRECT descriptor, unaligned requests as aligned reads-modify-writes in a bounce
+buffer (``fileio.pwrite_aligned``). Mixing the two on one file is a data-integrity bug: a direct
+write whose range shares a (large) page-cache folio with a dirty buffered write cannot invalidate
+it, so the kernel records EIO for the next ``fdatasync`` and the cache may keep stale bytes that a
+later buffered read returns. ``flush`` (``fdatasync``) and hole punching stay on the buffered
+descriptor: they act on the file, not on cached pages.
+
+Direct mode needs: a filesystem that takes O_DIRECT at page alignment (not tmpfs, whose pages
+are the file, so the inline fast path stays), a size that is a multiple of the page size (an
+O_DIRECT write of the last partial page would grow the file, and a buffered one would be the mix
+again: such a target is all-buffered, one log line), and clusters that are whole pages (a
+read-modify-write is then alone on its page unless another operation touches the same cluster,
+which the engine leaves dirty for a later copy). A target that grows to a size that is not a
+multiple of the page size leaves direct mode once its requests in flight are done.
+``write_zeroes`` punches a hole (``fallocate(PUNCH_HOLE|KEEP_SIZE)``; in direct mode only over
+whole pages, since the file system zeroes partial blocks through the page cache) and falls back
+to writing zeroes where the file system cannot.
 
 Locking: while connected, the file carries QEMU's "writer, sharing no writes" locks
 (open-file-description read locks on bytes 101 and 201, as QEMU's file-posix driver takes them),
@@ -29,14 +41,18 @@ import ctypes
 import ctypes.util
 import errno as _errno
 import fcntl
+import logging
 import os
 import stat
 
 import trio
 
 from mirrorfs import fileio
+from mirrorfs.bitmap.memory import MIN_GRANULARITY
 from mirrorfs.errors import TargetError, TargetFatalError, TargetNoSpaceError, TargetRetryableError
 from mirrorfs.targets.base import Target
+
+log = logging.getLogger(__name__)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -117,7 +133,8 @@ class LocalFileTarget(Target):
         self.description = self.path
         self._size = expected_size
         self._fd: int | None = None
-        self._dfd: int | None = None  # the O_DIRECT descriptor, where the file system has one
+        self._dfd: int | None = None  # the O_DIRECT descriptor: set in direct mode only
+        self._switching: trio.Event | None = None  # set while direct mode ends (see resize)
         self._inflight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -203,8 +220,7 @@ class LocalFileTarget(Target):
             raise TargetFatalError(f"target {self.path} is in use by another program (another "
                                    f"mirrorfs job or a QEMU holds a lock on it); stop that first")
         try:
-            # tmpfs: O_DIRECT keeps nothing out of memory there (the file is its page cache)
-            dfd = None if fileio.memory_backed(fd) else fileio.open_direct(self.path, os.O_RDWR, "target")
+            dfd = await trio.to_thread.run_sync(self._open_direct, fd, size)
         except OSError as exc:
             os.close(fd)
             raise self._error(exc, "open") from None
@@ -214,13 +230,58 @@ class LocalFileTarget(Target):
         self._inline = fileio.inline_capable(fd)
         self._punch = True
 
+    def _open_direct(self, fd: int, size: int) -> int | None:
+        """The O_DIRECT descriptor for direct mode, or None where the target stays buffered."""
+        # tmpfs: O_DIRECT keeps nothing out of memory there (the file is its page cache)
+        if fileio.memory_backed(fd):
+            return None
+        if size % fileio.ALIGN or MIN_GRANULARITY % fileio.ALIGN:
+            log.info("target %s stays buffered: its size (%d) or the smallest cluster (%d) is not "
+                     "a multiple of the page size (%d)", self.path, size, MIN_GRANULARITY, fileio.ALIGN)
+            return None
+        dfd = fileio.open_direct(self.path, os.O_RDWR, "target")
+        if dfd is not None and size:
+            try:  # a filesystem may want more than page alignment: better all-buffered then
+                fileio.pread_only_direct(dfd, fileio.ALIGN, 0)
+            except OSError as exc:
+                os.close(dfd)
+                if exc.errno != _errno.EINVAL:
+                    raise
+                log.info("target %s stays buffered: O_DIRECT at page alignment is refused", self.path)
+                return None
+        return dfd
+
+    async def _leave_direct(self) -> None:
+        """Go from direct mode to buffered once no request uses the O_DIRECT descriptor; new
+        requests wait meanwhile, so no buffered request ever runs beside a direct one."""
+        switching = self._switching = trio.Event()
+        try:
+            with trio.CancelScope(shield=True):
+                await self._idle.wait()
+            dfd, self._dfd = self._dfd, None
+            if dfd is not None:
+                os.close(dfd)
+                log.info("target %s leaves direct mode: its new size is not a multiple of the "
+                         "page size", self.path)
+        finally:
+            self._switching = None
+            switching.set()
+
+    async def _enter(self) -> int:
+        """``_begin`` for the async requests: waits while direct mode ends."""
+        if self._switching is not None:
+            await self._switching.wait()
+        return self._begin()
+
     async def resize(self, size: int) -> None:
         """Grow the file to ``size`` bytes (sparse: the new range reads as zeroes).
 
         Raises:
             TargetError: the file cannot be extended (with the errno).
         """
-        fd = self._begin()
+        if self._dfd is not None and size % fileio.ALIGN:
+            await self._leave_direct()
+        fd = await self._enter()
         try:
             await trio.to_thread.run_sync(os.ftruncate, fd, size)
         except OSError as exc:
@@ -250,9 +311,13 @@ class LocalFileTarget(Target):
     async def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             self._check_range("read", offset, length)
-        fd = self._begin()
+        fd = await self._enter()
         try:
-            return await fileio.pread(fd, max(0, min(length, self.size - offset)), offset)
+            size = max(0, min(length, self.size - offset))
+            dfd = self._dfd
+            if dfd is not None:
+                return await fileio.pread_aligned(None, dfd, size, offset)
+            return await fileio.pread(fd, size, offset)
         except OSError as exc:
             raise self._error(exc, "read") from None
         finally:
@@ -260,10 +325,14 @@ class LocalFileTarget(Target):
 
     async def _write_all(self, fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
+        dfd = self._dfd
         done = 0
         while done < len(view):
-            # fileio.pwrite returns short only when an error stopped it; the retry reports it
-            n = await fileio.pwrite(fd, view[done:], offset + done)
+            # returns short only when an error stopped it; the retry reports it
+            if dfd is not None:
+                n = await fileio.pwrite_aligned(None, dfd, view[done:], offset + done)
+            else:
+                n = await fileio.pwrite(fd, view[done:], offset + done)
             if n <= 0:
                 raise OSError(_errno.EIO, "short write")
             done += n
@@ -271,12 +340,11 @@ class LocalFileTarget(Target):
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *,
                      direct: bool = False) -> None:
         self._check_range("write", offset, len(data))
-        fd = self._begin()
+        fd = await self._enter()
         try:
             dfd = self._dfd
-            if direct and dfd is not None:
-                if await fileio.pwrite_aligned(fd, dfd, data, offset) == len(data):
-                    return
+            if dfd is not None and await fileio.pwrite_aligned(None, dfd, data, offset) == len(data):
+                return
             await self._write_all(fd, offset, data)
         except OSError as exc:
             raise self._error(exc, "write") from None
@@ -284,7 +352,8 @@ class LocalFileTarget(Target):
             self._end()
 
     def can_write_now(self, length: int) -> bool:
-        return self._inline and self._fd is not None and length <= fileio.DIRECT_MAX
+        return (self._inline and self._fd is not None and self._dfd is None
+                and length <= fileio.DIRECT_MAX)
 
     def pwrite_now(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         fd = self._fd
@@ -307,11 +376,14 @@ class LocalFileTarget(Target):
         self._check_range("write-zeroes", offset, length)
         if length == 0:
             return
-        fd = self._begin()
+        fd = await self._enter()
         try:
             if self._punch:
                 try:
-                    if fileio.memory_backed(fd):  # tmpfs: cheaper than a thread hop (perf)
+                    if self._dfd is not None:
+                        # whole pages only: the edges would be zeroed through the page cache
+                        await self._punch_pages(fd, offset, length)
+                    elif fileio.memory_backed(fd):  # tmpfs: cheaper than a thread hop (perf)
                         await trio.lowlevel.checkpoint()
                         punch_hole(fd, offset, length)
                     else:
@@ -333,8 +405,22 @@ class LocalFileTarget(Target):
         finally:
             self._end()
 
+    async def _punch_pages(self, fd: int, offset: int, length: int) -> None:
+        """Punch the whole pages of the range and write zeroes over its partial edge pages."""
+        first = -(-offset // fileio.ALIGN) * fileio.ALIGN
+        end = offset + length
+        last = end - end % fileio.ALIGN
+        if first >= last:
+            await self._write_all(fd, offset, bytes(length))
+            return
+        await trio.to_thread.run_sync(punch_hole, fd, first, last - first, limiter=fileio.LIMITER)
+        if offset < first:
+            await self._write_all(fd, offset, bytes(first - offset))
+        if last < end:
+            await self._write_all(fd, last, bytes(end - last))
+
     async def flush(self) -> None:
-        fd = self._begin()
+        fd = await self._enter()
         try:
             await fileio.fsync(fd, datasync=True)
         except OSError as exc:
