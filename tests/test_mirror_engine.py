@@ -341,7 +341,8 @@ async def test_cancel_before_ready_and_after_ready(tmp_path: Path) -> None:
 
 
 async def test_persistent_bitmap_full_sync_then_clean_after_complete(tmp_path: Path, io_mode: str) -> None:
-    
+    from mirrorfs.bitmap.persistent import read_bitmap_file
+
     async with engine(tmp_path, random_content(4 * MiB)) as env:
         target = tmp_path / "target.img"
         bitmap_path = tmp_path / "job.bitmap"
@@ -391,7 +392,8 @@ async def test_bad_parameters_change_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("persistent", [False, True])
 async def test_image_that_grows_during_the_job_is_mirrored_whole(tmp_path: Path, persistent: bool, io_mode: str) -> None:
     """A qcow2 file grows as it allocates; the job grows its bitmap and the target with it."""
-    
+    from mirrorfs.bitmap.persistent import read_bitmap_file
+
     async with engine(tmp_path, random_content(MiB)) as env:
         target = tmp_path / "target.img"
         extra = {"bitmap": str(tmp_path / "grow.bitmap")} if persistent else {}
