@@ -463,3 +463,89 @@ async def test_unaligned_write_into_a_clean_partial_last_cluster(tmp_path: Path,
             assert job.bitmap.count() == 0
         await env.manager.complete(["img"], pivot=False)
         assert_identical(env.source, target)
+
+
+class HeldFlushTarget:
+    """Wraps a real target: a flush from the ``held`` task waits for ``release`` before flushing
+    for real (the copy loop's own durable points go through)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.held: trio.lowlevel.Task | None = None
+        self.started = trio.Event()
+        self.release = trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def flush(self) -> None:
+        if trio.lowlevel.current_task() is self.held:
+            self.started.set()
+            await self.release.wait()
+        await self._inner.flush()
+
+
+@pytest.mark.parametrize("source_fails", [False, True])
+@pytest.mark.parametrize("first", ["source", "target"])
+async def test_a_guest_flush_waits_for_both_the_source_and_the_target_flush(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str, source_fails: bool) -> None:
+    """The source's fsync and the target's flush run side by side; the guest's flush returns
+    (or raises the source's error as it is) only once both have completed, whichever ends first,
+    and the clears that flush made durable are committed to the bitmap file."""
+    async with engine(tmp_path) as env:
+        job = await env.mirror(tmp_path / "target.img", bitmap=str(tmp_path / "b.bitmap"),
+                               granularity=4096)
+        await env.wait_event("BLOCK_JOB_READY")
+        await env.write(0, b"x" * 4096)
+        with trio.fail_after(10):
+            while job.bitmap.count():
+                await trio.sleep(0.01)
+        target = HeldFlushTarget(job.target)
+        job.target = target
+        source_started, source_release = trio.Event(), trio.Event()
+        real_fsync = fileio.fsync
+
+        async def held_fsync(fd: int, datasync: bool = False) -> None:
+            if fd != env.handle.fd:
+                return await real_fsync(fd, datasync)
+            source_started.set()
+            await source_release.wait()
+            if source_fails:
+                raise OSError(5, "injected source EIO")
+            await real_fsync(fd, datasync)
+
+        monkeypatch.setattr(fileio, "fsync", held_fsync)
+        outcome: list[BaseException | None] = []
+
+        async def guest_flush() -> None:
+            target.held = trio.lowlevel.current_task()
+            try:
+                await job.fsync(env.handle, datasync=True)
+            except BaseException as exc:  # noqa: BLE001  (the exact exception is the point)
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        events = {"source": source_release, "target": target.release}
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(guest_flush)
+                    await source_started.wait()
+                    await target.started.wait()  # both under way at once
+                    events[first].set()
+                    await trio.sleep(0.1)
+                    assert outcome == [], "the guest's flush returned before both flushes completed"
+                    events["target" if first == "source" else "source"].set()
+        finally:
+            for event in events.values():  # the job's end flushes the target too
+                event.set()
+        if source_fails:
+            assert isinstance(outcome[0], OSError) and outcome[0].errno == 5, outcome
+        else:
+            assert outcome == [None]
+        # the clear of the duplicated cluster reached the file (committed after the flush), and
+        # the file is msync'ed
+        stats = job.bitmap.statistics()
+        assert stats["file_dirty_clusters"] == 0 and not stats["unsynced_changes"], stats
+        await env.manager.complete(["img"], pivot=False)

@@ -63,6 +63,15 @@ log = logging.getLogger(__name__)
 EmitFn = Callable[[str, dict], None]
 
 
+async def _source_fsync(fd: int, datasync: bool, failed: list[OSError]) -> None:
+    """The source's part of a guest flush, its error kept for the caller (a nursery would wrap
+    it in an exception group, which the FUSE layer does not map to the errno)."""
+    try:
+        await fileio.fsync(fd, datasync)
+    except OSError as exc:
+        failed.append(exc)
+
+
 class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoint, Ending):
     """A running mirror of one image to one target.
 
@@ -292,10 +301,20 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
         async with self.gate.hold():
             if self.successor is not None:
                 return await self.successor.fsync(handle, datasync)
-            await fileio.fsync(handle.fd, datasync)
-            if not self.finished:
-                await self._journal_flush()  # only while journaling or replaying
+            if self.finished:
+                return await fileio.fsync(handle.fd, datasync)
+            # The source's flush and the job's (target, bitmap, journal) run side by side: they
+            # go to different files or servers and neither's durability depends on the other's.
+            # The guest's flush is acknowledged once both have completed.
+            failed: list[OSError] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_source_fsync, handle.fd, datasync, failed)
                 await self.durable_point()
+                # Only while journaling or replaying; after the target flush, so that a flush
+                # that lost the target still puts its FLUSH record after the writes it covered.
+                await self._journal_flush()
+            if failed:
+                raise failed[0]
 
     def check_modify(self, op: str) -> None:
         if not self.finished:

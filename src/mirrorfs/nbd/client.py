@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import os
+import socket
 import ssl
 
 import trio
@@ -157,6 +158,7 @@ class NBDClient:
         self._slots: dict[int, _Slot] = {}
         self._reading = False
         self._broken: str | None = None
+        self._quickack = address.transport != "unix" and hasattr(socket, "TCP_QUICKACK")
 
     # ---- opening -----------------------------------------------------------------------------
     @classmethod
@@ -352,6 +354,14 @@ class NBDClient:
             self._lose(f"connection to {self.address.uri} lost: {exc.__cause__ or exc}")
             return
         self._conn.receive_data(data)
+        if self._quickack:
+            # Servers that leave Nagle on (qemu-nbd) hold a reply until the one before it is
+            # acknowledged; a delayed ACK would stall it 40 ms. The kernel drops quickack mode
+            # on its own, so it is asked for again after every receive.
+            try:
+                self._transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass  # closed meanwhile (``_lose``): the next receive reports it
 
     async def _wait(self, slot: _Slot) -> proto.Reply:
         try:
