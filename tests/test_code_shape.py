@@ -63,16 +63,23 @@ def test_no_class_over_the_limit() -> None:
                           f"seams): {too_long}")
 
 
-def test_no_issue_numbers_or_task_text_in_src() -> None:
+def _lines_matching(paths: list[Path], pattern: re.Pattern[str], root: Path, *,
+                    width: int | None = None) -> list[str]:
+    """``file:line: text`` of every line of the text files in ``paths`` that ``pattern`` finds."""
     hits = []
-    for path in _text_files():
+    for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if TRACKER_TEXT.search(line):
-                hits.append(f"{path.relative_to(SRC)}:{lineno}: {line.strip()}")
+        for number, line in enumerate(text.splitlines(), 1):
+            if pattern.search(line):
+                hits.append(f"{path.relative_to(root)}:{number}: {line.strip()[:width]}")
+    return hits
+
+
+def test_no_issue_numbers_or_task_text_in_src() -> None:
+    hits = _lines_matching(_text_files(), TRACKER_TEXT, SRC)
     assert not hits, "tracker text in src/ (say why in the code, not which issue):\n" + "\n".join(hits)
 
 
@@ -95,15 +102,7 @@ def _published_files() -> list[Path]:
 
 
 def test_nothing_points_outside_the_repository() -> None:
-    found = []
-    for path in _published_files():
-        try:
-            text = path.read_text()
-        except UnicodeDecodeError:
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
-            if OUTSIDE.search(line):
-                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    found = _lines_matching(_published_files(), OUTSIDE, ROOT, width=100)
     assert not found, "paths outside the repository:\n" + "\n".join(found)
 
 
