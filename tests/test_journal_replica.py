@@ -478,6 +478,8 @@ def test_a_job_resumed_after_a_crash_in_an_outage_replays_its_journal(
     (-1, "invalid journal-size -1: must not be negative"),
     ("lots", "invalid journal-size 'lots'"),
     (1.5, "invalid journal-size 1.5"),
+    ("1e999", "invalid journal-size '1e999'"),
+    (float("inf"), "invalid journal-size inf"),
 ])
 def test_a_bad_journal_size_is_refused_in_one_line(value: Any, expect: str) -> None:
     from mirrorfs.errors import UsageError

@@ -351,3 +351,30 @@ async def test_a_failed_start_removes_the_record_it_saved(tmp_path: Path,
             with pytest.raises(SourceError, match="cannot read image"):
                 await env.mirror(tmp_path / "t.img", persistent=True)
             assert state.load_all() == ([], []) and env.manager.query() == []
+
+
+@pytest.mark.parametrize("where,expect", [
+    ("src/state", "is inside the source directory"),
+    ("src/a.raw", "is inside the source directory"),
+    ("mnt", "is inside the mountpoint"),
+    ("mnt/state", "is inside the mountpoint"),
+])
+def test_a_state_dir_inside_the_source_or_the_mountpoint_is_refused(tmp_path: Path, where: str,
+                                                                    expect: str) -> None:
+    """Records and bitmaps there would show up as images of the mount (or hide under it)."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    make_image(src / "a.raw", 1 * MiB)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    image = (src / "a.raw").read_bytes()
+    from mounting import mirrorfs_cli
+    proc = mirrorfs_cli("mount", src, mnt, "--state-dir", tmp_path / where, check=False)
+    if is_mounted(mnt):  # never expected; leave nothing behind if it happens
+        mirrorfs_cli("unmount", mnt, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert expect in proc.stderr and "choose a directory outside both" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert not is_mounted(mnt)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created
+    assert (src / "a.raw").read_bytes() == image
