@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,20 @@ def test_the_outside_pattern_catches_what_it_should() -> None:
     assert OUTSIDE.search("see " + ".." + "/shared/SPEC.md")
     assert OUTSIDE.search("/" + "work/main/.venv/bin/python")
     assert not OUTSIDE.search("docs/reference.md and ../docs/x")
+
+
+#: Repeats under src/ that stay: the NBD protocol's constant tables, one ``NAME = value`` line per
+#: wire value as the protocol document lists them (any form the tool would not pair hides them).
+KEPT_REPEATS = {("src/mirrorfs/nbd/proto.py", "src/mirrorfs/nbd/proto.py")}
+
+
+def test_src_does_not_repeat_itself() -> None:
+    """The project's `duplicates` tool finds no pair of places in src/ beyond ``KEPT_REPEATS``."""
+    tool = shutil.which("duplicates")
+    if tool is None:
+        pytest.skip("the duplicates tool is not installed on this machine")
+    out = subprocess.run([tool, "--repo", str(ROOT), "--most", "200", "--seconds", "300"],
+                         capture_output=True, text=True, timeout=400, check=True).stdout
+    assert "incomplete" not in out, out
+    pairs = set(re.findall(r"^D\d+ (src/\S+?):\d+-\d+ ~ (src/\S+?):\d+-\d+", out, re.M))
+    assert pairs <= KEPT_REPEATS, f"src/ repeats itself (make one place serve):\n{out}"
