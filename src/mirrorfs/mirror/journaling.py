@@ -8,9 +8,9 @@ the background duplicates in flight in acknowledgement order (only with a journa
 - ``_target_lost`` (failures.py) calls ``_start_journal``: a consistent replica with a usable
   journal enters JOURNALING (in background mode, the duplicates still in flight go first, in
   acknowledgement order); anything else RESYNCING.
-- the write paths (writes.py) call ``_journal_write`` after the source write and before the
-  acknowledgement, only where they do not duplicate (the target is away or being replayed to):
-  nothing of this runs on the in-sync write path.
+- the write paths (writes.py) end a write the target did not get in ``_abandon(...,
+  missed=...)``, which calls ``_journal_write`` after the source write and before the
+  acknowledgement while the replica is journaled: nothing of this runs on the in-sync write path.
 - ``fsync`` calls ``_journal_flush``: the guest's flush is acknowledged once the journal is durable.
 - ``_reconnect`` calls ``_begin_replay``: the ordered replay (``replay.py``) runs with the copy
   loop and the duplicates held (``target_ok`` stays False); at the catch-up journaling stops at

@@ -84,15 +84,20 @@ class WritePath(JobCore):
             raise
         return op, edges
 
-    def _abandon(self, op: Operation | None, offset: int = 0, length: int = 0) -> None:
+    def _abandon(self, op: Operation | None, offset: int = 0, length: int = 0, *,
+                 missed: bytes | None = None) -> None:
         """End a guest write that will not clear its clusters (no duplicate, or it failed).
 
         ``op`` None: an unregistered inline write (``_write_inline``), whose clusters are
-        marked only now."""
+        marked only now. ``missed``: the bytes at ``offset`` that reached the source but not
+        the target; while the replica is journaled they go to the journal, in the order the
+        guest's writes are acknowledged (this runs before the acknowledgement)."""
         if op is None:
             self.bitmap.mark(offset, length)
         else:
             self.inflight.unregister(op)
+        if missed is not None and self.replica.journaled:
+            self._journal_write(offset, missed)
         if self.behind_since is None:  # the recovery point: this write is not on the target
             self.behind_since = time.time_ns()
         self.copy.dirtied()
@@ -147,19 +152,15 @@ class WritePath(JobCore):
         except BaseException:
             self._abandon(op, offset, length)
             raise
-        if not duplicate:
-            self._abandon(op, offset, length)
-            if self.replica.journaled:
-                self._journal_write(offset, data if written == length else data[:written])
-            return written
         payload = data if written == length else data[:written]
+        if not duplicate:
+            self._abandon(op, offset, length, missed=payload)
+            return written
         try:
             self.target.pwrite_now(offset, payload)
         except TargetError as exc:
             self.on_target_error(exc)  # while still registered: not acknowledged yet
-            self._abandon(op, offset, length)
-            if self.replica.journaled:
-                self._journal_write(offset, payload)
+            self._abandon(op, offset, length, missed=payload)
             return written
         try:
             self._duplicated(op, offset, written, edges)
@@ -186,9 +187,7 @@ class WritePath(JobCore):
             raise
         payload = data if written == length else data[:written]
         if not self._duplicating():
-            self._abandon(op)
-            if self.replica.journaled:  # the target is away: into the journal, in order
-                self._journal_write(offset, payload)
+            self._abandon(op, offset, missed=payload)  # the target is away: into the journal
             return written
         if self.params.copy_mode == "write-blocking":
             if not await self._duplicate(op, offset, payload, edges, handle.direct) \
@@ -250,11 +249,13 @@ class WritePath(JobCore):
             return
         if isinstance(error, TargetError):
             self.on_target_error(error)  # while still registered (a loss looks at the writes)
-        self._abandon(op)  # also where the source failed: the target may have more than it
+        missed = None
+        if error is not None and written:
+            missed = data if written == len(data) else data[:written]
+        # also where the source failed: the target may have more than it
+        self._abandon(op, offset, missed=missed)
         if isinstance(error, Exception) and not isinstance(error, TargetError):
             self.contain(error, "a duplicated write")
-        if error is not None and written and self.replica.journaled:
-            self._journal_write(offset, data if written == len(data) else data[:written])
 
     async def _target_write(self, landing: _Landing, offset: int, data: bytes,
                             direct: bool) -> None:
