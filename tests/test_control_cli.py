@@ -61,7 +61,8 @@ def test_mirror_pause_resume_set_speed_complete_no_pivot(mounted: Mount, tmp_pat
     # missing target without --create, image leaving the mount: 2).
     fails(mounted, 1, "job id 'ja' is in use", "mirror", m, "a.img", tmp_path / "other.img", "--create",
           "--job-id", "ja")
-    fails(mounted, 1, "already has a mirror job", "mirror", m, "a.img", tmp_path / "other.img", "--create")
+    fails(mounted, 2, "is already the target of job 'ja'", "mirror", m, "a.img", target,
+          "--job-id", "jb")
     fails(mounted, 2, "nope.img", "mirror", m, "nope.img", tmp_path / "other.img", "--create")
     fails(mounted, 2, "granularity", "mirror", m, "a.img", tmp_path / "other.img", "--granularity", "3K")
     fails(mounted, 2, "leaves the mount", "mirror", m, "../a.img", tmp_path / "other.img", "--create")

@@ -558,3 +558,6 @@ class DirtyBitmap(_BitmapCore):
 
     def set_inconsistent(self, inconsistent: bool) -> None:
         pass
+
+    def rebind_source(self, source_id: str) -> None:
+        """Nothing records the image's file in memory (see ``PersistentBitmap``)."""

@@ -619,13 +619,31 @@ class PersistentBitmap(DirtyBitmap):
         if new_size == self.size:
             return
         header = self.header.replace(image_size=new_size, recent_cleared=self.recent_cleared())
-        bits = _grown(np.array(self._file), header.words)
+        self._rewrite(header, _grown(np.array(self._file), header.words), "grow")
+        super().resize(new_size)
+        self._pending.grow(header.words)
+
+    def rebind_source(self, source_id: str) -> None:
+        """Record that the image now lives in another file, ``source_id`` (another job of the
+        image pivoted it there while this one ran): a later resume must find it there, not in
+        the file it left. Rewritten atomically as ``resize`` does.
+
+        Raises:
+            BitmapFormatError: the file cannot be rewritten; the old file stays in place.
+        """
+        if self._closed or source_id == self.header.source_id:
+            return
+        header = self.header.replace(source_id=source_id, recent_cleared=self.recent_cleared())
+        self._rewrite(header, np.array(self._file), "update")
+
+    def _rewrite(self, header: fmt.BitmapHeader, bits: np.ndarray, verb: str) -> None:
+        """Replace the file by ``header`` and ``bits`` (temp file, fsync, rename) and map it."""
         with self._flush_lock:
             try:
                 fd = atomic_write(self.path, [fmt.encode_header(header), bits.data], keep_locked=True,
                                   replacing=self._lock_fd)
             except OSError as exc:
-                raise BitmapFormatError(f"cannot grow bitmap {self.path}: {exc.strerror}") from None
+                raise BitmapFormatError(f"cannot {verb} bitmap {self.path}: {exc.strerror}") from None
             assert fd is not None
             old_mm, old_fd = self._mm, self._lock_fd
             # The old array view pins the old mapping: replace it before closing that mapping.
@@ -634,8 +652,6 @@ class PersistentBitmap(DirtyBitmap):
             self._synced_seq = self._mod_seq  # the rewrite was fsync'ed
             old_mm.close()
             os.close(old_fd)
-        super().resize(new_size)
-        self._pending.grow(header.words)
 
     # -- durability -------------------------------------------------------------------------------
     def flush(self) -> None:

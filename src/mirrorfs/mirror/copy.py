@@ -85,6 +85,14 @@ class CopyTask:
         # cache with an image the guest may be keeping out of it (cache=none).
         self._source_twin = fileio.open_copy_twin(self._source_fd)
 
+    def switch_source(self, fd: int) -> None:
+        """Read the source through ``fd`` from now on (another job of the image pivoted it to a
+        new file; called with the copy held, so no copy reads the old one any more)."""
+        self.close_source()
+        self._source_fd = fd
+        self._source_twin = fileio.open_copy_twin(fd)
+        self._data_extent = (0, 0)
+
     def close_source(self) -> None:
         if self._source_fd >= 0:
             fileio.close_twin(self._source_twin)

@@ -55,21 +55,12 @@ from .replica import Replica
 from .seams import Handle, ImageIO, JobBitmap, Node
 from .state import PAUSED_STATES, READY_STATES, JobState, transition
 from .ratelimit import RateLimiter, RateMeter
-from . import verify
+from . import group, verify
 from .writes import WritePath, source_pread, source_pwrite
 
 log = logging.getLogger(__name__)
 
 EmitFn = Callable[[str, dict], None]
-
-
-async def _source_fsync(fd: int, datasync: bool, failed: list[OSError]) -> None:
-    """The source's part of a guest flush, its error kept for the caller (a nursery would wrap
-    it in an exception group, which the FUSE layer does not map to the errno)."""
-    try:
-        await fileio.fsync(fd, datasync)
-    except OSError as exc:
-        failed.append(exc)
 
 
 class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoint, Ending):
@@ -84,11 +75,14 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
         emit: callback for QMP events.
         end_lock: the manager's lock. The job's own end (a failure) takes it, so it never runs
             in the middle of a transaction or a shutdown acting on the job.
+        gate: the image's I/O gate when other jobs run on it (all jobs of an image share one,
+            ``group.py``); None: a new one.
     """
 
     def __init__(self, params: MirrorParams, node: Node, target: Target, bitmap: JobBitmap, *,
                  size: int, emit: EmitFn, end_lock: trio.Lock | None = None,
-                 journal: Any = None, replica: Replica | None = None) -> None:
+                 journal: Any = None, replica: Replica | None = None,
+                 gate: IOGate | None = None) -> None:
         self.params = params
         self.id = params.job_id
         self.node = node
@@ -96,7 +90,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
         self.bitmap = bitmap
         self.size = size
         self._emit = emit
-        self.gate = IOGate()
+        self.gate = gate if gate is not None else IOGate()
         self.inflight = InflightOps(params.granularity)
         self.limiter = RateLimiter(params.speed)
         self.meter = RateMeter()
@@ -172,7 +166,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._attach_node()
+                await self._attach_drained()
                 self._set_state(JobState.RUNNING)  # the manager's sign that the job started
                 self._start_replica()
                 if not self.target_ok and self.replica is not Replica.REPLAYING:
@@ -205,14 +199,30 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
             self._ended.set()
 
     def _attach_node(self) -> None:
-        """From now on the FUSE layer sends the image's requests to the job."""
-        self.node.job = self
+        """From now on the FUSE layer sends the image's requests to the job (and to the image's
+        other jobs: ``group.py``). With other jobs on the image, the caller has drained the
+        shared gate: a write inside it would reach the source unseen by this job."""
+        group.attach(self.node, self)
         # Writes that began before we attached bypass the write path: mark their ranges and let
         # them land before the first copy (or resume sample) reads the source.
         for offset, length in list(self.node.passthrough_writes.values()):
             end = min(offset + length, self.size)
             if end > offset:
                 self.bitmap.mark(offset, end - offset)
+
+    async def _attach_drained(self) -> None:
+        """``_attach_node`` at a point where no request is inside the image's gate (the gate
+        stays closed while the caller's block runs, when it is the caller's)."""
+        if group.live_jobs(self.node) and not self.gate.closed:
+            self.gate.close()
+            try:
+                await self.gate.wait_drained()
+                self._attach_node()
+            finally:
+                self.gate.open()
+            return
+        await self.gate.wait_drained()
+        self._attach_node()
 
     def _detach(self) -> None:
         self._detach_node()
@@ -221,8 +231,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
 
     def _detach_node(self) -> None:
         """From now on the FUSE layer serves the image without the engine."""
-        if self.node.job is self:
-            self.node.job = None
+        group.detach(self.node, self)
 
     async def wait_ended(self) -> None:
         await self._ended.wait()
@@ -279,9 +288,12 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
             # Nothing else runs until this returns, so the open gate needs no holding.
             return fileio.pread_now(handle.fd, size, offset)
         async with self.gate.hold():
-            if self.successor is not None:
-                return await self.successor.read(handle, offset, size)
-            return await source_pread(handle, size, offset)
+            if self.node.job is not self:  # a successor, the image's jobs, or nothing now
+                return await group.read_held(self.node, handle, offset, size)
+            return await self.read_held(handle, offset, size)
+
+    async def read_held(self, handle: Handle, offset: int, size: int) -> bytes:
+        return await source_pread(handle, size, offset)
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         if not self.gate.closed and self.successor is None and handle.runs_inline(len(data)):
@@ -291,30 +303,43 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
             if written is not None:
                 return written
         async with self.gate.hold():
-            if self.successor is not None:  # pivoted to NBD: handle.fd is still the source
-                return await self.successor.write(handle, offset, data)
-            if self.finished:
-                return await source_pwrite(handle, data, offset)
-            return await self._intercepted_write(handle, offset, data)
+            if self.node.job is not self:  # e.g. pivoted to NBD: handle.fd is still the source
+                return await group.write_held(self.node, handle, offset, data)
+            return await self.write_held(handle, offset, data)
+
+    async def write_held(self, handle: Handle, offset: int, data: bytes) -> int:
+        if self.finished:
+            return await source_pwrite(handle, data, offset)
+        return await self._intercepted_write(handle, offset, data)
 
     async def fsync(self, handle: Handle, datasync: bool = False) -> None:
         async with self.gate.hold():
-            if self.successor is not None:
-                return await self.successor.fsync(handle, datasync)
-            if self.finished:
-                return await fileio.fsync(handle.fd, datasync)
-            # The source's flush and the job's (target, bitmap, journal) run side by side: they
-            # go to different files or servers and neither's durability depends on the other's.
-            # The guest's flush is acknowledged once both have completed.
-            failed: list[OSError] = []
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_source_fsync, handle.fd, datasync, failed)
-                await self.durable_point()
-                # Only while journaling or replaying; after the target flush, so that a flush
-                # that lost the target still puts its FLUSH record after the writes it covered.
-                await self._journal_flush()
-            if failed:
-                raise failed[0]
+            if self.node.job is not self:
+                return await group.fsync_held(self.node, handle, datasync)
+            await self.fsync_held(handle, datasync)
+
+    async def fsync_held(self, handle: Handle, datasync: bool) -> None:
+        if self.finished:
+            return await fileio.fsync(handle.fd, datasync)
+        await group.flush_all(handle, datasync, [self])
+
+    async def flush_job(self) -> None:
+        """The job's part of a guest flush: the durable point, then (while the target is away
+        or replayed to) the journal's FLUSH record. After the target flush, so that a flush
+        that lost the target still puts its FLUSH record after the writes it covered."""
+        await self.durable_point()
+        await self._journal_flush()
+
+    def source_moved(self, fd: int, source_id: str) -> None:
+        """Another job of the image pivoted it to the file ``source_id``: read it through ``fd``
+        from now on (a pivot's commit, with this job's copy held). A persistent bitmap records
+        the new file, so that no later resume trusts the file the image left; if it cannot,
+        the job fails (its bitmap then says ended, and a resume must verify)."""
+        self.copy.switch_source(fd)
+        try:
+            self.bitmap.rebind_source(source_id)
+        except Exception as exc:
+            self._fail(f"cannot record the image's new file in bitmap {self.params.bitmap}: {exc}")
 
     def check_modify(self, op: str) -> None:
         if not self.finished:

@@ -35,13 +35,13 @@ from ..nbd.uri import parse_nbd_uri
 from ..state.directory import StateDir
 from ..state.record import JobRecord
 from ..targets.base import Target
-from . import paths
+from . import group, paths
 from .extents import allocated_extents
 from .job import MirrorJob
 from .params import MirrorParams
 from .persistence import Persistence
 from .seams import JobBitmap
-from .pivot import EndPlan, Plan, prepare_pivot
+from .pivot import EndPlan, Plan, check_pivot, prepare_pivot
 from .replica import JournalFound, initial_replica
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,22 @@ class JobManager:
         return [job.info() for job in self.jobs.values()]
 
     def get(self, job_id: Any) -> MirrorJob:
-        if not isinstance(job_id, str) or job_id not in self.jobs:
-            known = ", ".join(sorted(self.jobs)) or "none"
-            raise JobNotFoundError(f"no mirror job {job_id!r} (jobs: {known})")
-        return self.jobs[job_id]
+        """The job named by its job id, or by its image when that image has one job.
+
+        Raises:
+            JobNotFoundError: no job has that id or image.
+            UsageError: the image has several jobs: the caller must name one by its id.
+        """
+        if isinstance(job_id, str) and job_id in self.jobs:
+            return self.jobs[job_id]
+        of_image = sorted(j.id for j in self.jobs.values() if j.params.image == job_id)
+        if len(of_image) == 1:
+            return self.jobs[of_image[0]]
+        if of_image:
+            raise UsageError(f"image {job_id!r} has {len(of_image)} mirror jobs "
+                             f"({', '.join(of_image)}): name one by its job id")
+        known = ", ".join(sorted(self.jobs)) or "none"
+        raise JobNotFoundError(f"no mirror job {job_id!r} (jobs: {known})")
 
     # ------------------------------------------------------------------ starting
 
@@ -149,16 +161,20 @@ class JobManager:
         async with self._lock:
             old = self.jobs.get(params.job_id)
             if old is not None and not old.finished:
-                raise StateError(f"job id {params.job_id!r} is in use; give another job-id")
+                extra = (" (the default, the image's name: a second job of an image needs its "
+                         "own --job-id)" if params.job_id == params.image else "")
+                raise StateError(f"job id {params.job_id!r} is in use{extra}; give another job-id")
             if self._source_dir is not None:
                 # Before the node is looked up: that follows a symlink, on the trio thread.
                 links = await paths.run_resolver(paths.image_links, self._source_dir, params.image)
                 if links is not None:
                     paths.check_image_links(links)
             node = self._resolve_node(params.image)
-            if node.job is not None and not node.job.finished:
-                raise StateError(f"image {params.image!r} already has a mirror job "
-                                 f"({node.job.id!r}); complete or cancel it first")
+            siblings = group.live_jobs(node)
+            if node.job is not None and not node.job.finished and not siblings:
+                # what serves an image pivoted to NBD: the image is no file here any more
+                raise StateError(f"cannot mirror {params.image!r}: {node.job.id} serves it from "
+                                 f"its NBD target for the rest of this mount")
             claims = await self._check_paths(params, node)
             source_stat = os.stat(node.backing_path)
             size = source_stat.st_size
@@ -184,7 +200,8 @@ class JobManager:
                 if params.persistent and record is None:
                     await self._persistence.save(params, size, undo)
                 job = MirrorJob(params, node, target, bitmap, size=size, emit=self.emit,
-                                end_lock=self._lock, journal=journal, replica=replica)
+                                end_lock=self._lock, journal=journal, replica=replica,
+                                gate=siblings[0].gate if siblings else None)
                 undo.callback(self._forget, job, old)
                 self.jobs[params.job_id] = job
                 self._claims[job] = dict(claims)
@@ -435,13 +452,15 @@ class JobManager:
             if len({id(j) for j in jobs}) != len(jobs):
                 raise UsageError("a transaction may name each job only once")
             self._check(actions, jobs)
+            siblings = _pivot_siblings(actions, jobs)
             for job in jobs:
                 job.gate.close()
             held: list[MirrorJob] = []
             try:
                 for job in jobs:
                     await job.gate.wait_drained()
-                for job in jobs:
+                # A pivot moves the image under its other jobs too: their copies pause for it.
+                for job in [*jobs, *(s for others in siblings.values() for s in others)]:
                     await job.hold_copy()
                     held.append(job)
                 # The state may have moved while draining (a target lost): check again.
@@ -449,7 +468,7 @@ class JobManager:
                 plans = []
                 try:
                     for action, job in zip(actions, jobs):
-                        plans.append(await self._prepare(action, job))
+                        plans.append(await self._prepare(action, job, siblings.get(job, [])))
                     # A job may have failed while converging: its end waits for this lock,
                     # and the transaction is refused as a whole.
                     self._check(actions, jobs)
@@ -478,15 +497,16 @@ class JobManager:
             elif job.finished:
                 raise StateError(f"job {job.id!r} has ended")
 
-    async def _prepare(self, action: Action, job: MirrorJob) -> Plan:
-        """Do everything that can fail for one action; return the step that cannot."""
+    async def _prepare(self, action: Action, job: MirrorJob, siblings: list[MirrorJob]) -> Plan:
+        """Do everything that can fail for one action; return the step that cannot.
+        ``siblings``: the image's other jobs that go on after a pivot of ``job``."""
         if action.kind == "cancel" and (action.force or not job.ready):
             return EndPlan(lambda: job.conclude("cancelled"))
         # complete (either form) and cancel after ready: the target becomes an exact copy.
         await job.converge()
         if action.kind == "cancel" or not action.pivot:
             return EndPlan(lambda: job.conclude("completed"))
-        return prepare_pivot(job)
+        return prepare_pivot(job, siblings)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -504,6 +524,30 @@ class JobManager:
             for job in list(self.jobs.values()):
                 with trio.move_on_after(10):
                     await job.wait_ended()
+
+
+def _pivot_siblings(actions: list[Action], jobs: list[MirrorJob]) -> dict[MirrorJob, list[MirrorJob]]:
+    """For each job a transaction pivots: the other jobs of its image that go on running
+    (those the transaction does not end). Checked before anything is closed.
+
+    Raises:
+        UsageError: two jobs of one image would pivot it.
+        StateError: a pivot to NBD under jobs that go on (``check_pivot``).
+    """
+    ending = set(jobs)
+    pivoting: dict[int, MirrorJob] = {}
+    found: dict[MirrorJob, list[MirrorJob]] = {}
+    for action, job in zip(actions, jobs):
+        if action.kind != "complete" or not action.pivot:
+            continue
+        other = pivoting.setdefault(id(job.node), job)
+        if other is not job:
+            raise UsageError(f"jobs {other.id!r} and {job.id!r} would both pivot image "
+                             f"{job.params.image!r}: pivot it once, and complete the other with "
+                             f"pivot=false")
+        found[job] = [s for s in group.live_jobs(job.node) if s not in ending]
+        check_pivot(job, found[job])
+    return found
 
 
 def bitmap_identities(source_path: str, target: Target) -> tuple[str, str]:

@@ -58,15 +58,20 @@ class NbdPivot:
 
 
 class LocalPivot:
-    """The image moves to a local target file: every open handle gets a descriptor on it.
+    """The image moves to a local target file: every open handle gets a descriptor on it, and
+    so does the copy of every other job of the image (``siblings``), which goes on with the
+    new file as its source. Their bitmaps stay valid: under the closed gate, after the
+    converge, the old file and the new one are identical.
 
     Raises (from the constructor, having changed nothing):
         StateError: the target cannot be opened.
     """
 
-    def __init__(self, job: MirrorJob) -> None:
+    def __init__(self, job: MirrorJob, siblings: list[MirrorJob] = []) -> None:  # noqa: B006
         self._job = job
+        self._siblings = list(siblings)
         self._fds: dict[int, int] = {}
+        self._sibling_fds: list[int] = []
         target_path = job.params.target
         try:
             # The target must still be there and writable even when no handle is open now:
@@ -77,6 +82,10 @@ class LocalPivot:
                 # passes the end-of-file offset), and with pwrite it would misplace every write.
                 flags = handle.flags & ~(os.O_APPEND | os.O_NOCTTY)
                 self._fds[fh] = os.open(target_path, flags | os.O_CLOEXEC)
+            for _ in self._siblings:
+                self._sibling_fds.append(os.open(target_path, os.O_RDONLY | os.O_CLOEXEC))
+            # what the siblings' bitmaps record as the image's file from now on
+            self._source_id = os.path.realpath(target_path)
         except OSError as exc:
             self.discard()
             raise StateError(f"cannot pivot {job.params.image!r} to {target_path!r}: "
@@ -89,17 +98,42 @@ class LocalPivot:
             handle.fd = self._fds.pop(fh)
             os.close(old)
         node.backing_path = self._job.params.target
+        for sibling, fd in zip(self._siblings, self._sibling_fds):
+            sibling.source_moved(fd, self._source_id)
+        self._sibling_fds.clear()
         self._job.conclude("completed", pivoted=True)
 
     def discard(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._sibling_fds]:
             os.close(fd)
         self._fds.clear()
+        self._sibling_fds.clear()
 
 
-def prepare_pivot(job: MirrorJob) -> Plan:
-    """Prepare the switch of ``job``'s image to its target (under the closed gate)."""
-    return NbdPivot(job) if job.params.is_nbd else LocalPivot(job)
+def prepare_pivot(job: MirrorJob, siblings: list[MirrorJob]) -> Plan:
+    """Prepare the switch of ``job``'s image to its target (under the closed gate, the copies
+    of the image's other jobs, ``siblings``, held).
+
+    Raises:
+        StateError: the target cannot be opened; or it is an NBD export and the image has
+            other jobs (their copies read the source from a file).
+    """
+    check_pivot(job, siblings)
+    return LocalPivot(job, siblings) if not job.params.is_nbd else NbdPivot(job)
+
+
+def check_pivot(job: MirrorJob, siblings: list[MirrorJob]) -> None:
+    """Refuse a pivot to an NBD target while other jobs go on on the image: their copies read
+    the image from a file, and after such a pivot it is no file any more.
+
+    Raises:
+        StateError: so.
+    """
+    if siblings and job.params.is_nbd:
+        raise StateError(f"cannot pivot {job.params.image!r} to the NBD target of job {job.id!r} "
+                         f"while job(s) {', '.join(repr(s.id) for s in siblings)} also run on it: "
+                         f"end them first or in the same transaction, or complete {job.id!r} "
+                         f"with pivot=false")
 
 
 class TargetForwarder:

@@ -58,7 +58,7 @@ class ResumeCheck(JobCore):
     resume_check_pending: bool
 
     if TYPE_CHECKING:  # the job's: a real stub here would shadow it in the job's MRO
-        def _attach_node(self) -> None: ...
+        async def _attach_drained(self) -> None: ...
         def _detach_node(self) -> None: ...
         def _close_bitmap(self, *, clean: bool, pivoted: bool = False,
                           ended: bool = False) -> None: ...
@@ -78,7 +78,7 @@ class ResumeCheck(JobCore):
         """
         self.gate.close()
         try:
-            self._attach_node()
+            await self._attach_drained()
             await self.node.wait_passthrough_idle()
             try:
                 await self._check_resume()

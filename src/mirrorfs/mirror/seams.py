@@ -58,6 +58,9 @@ class JobBitmap(Protocol):
     def set_inconsistent(self, inconsistent: bool) -> None:
         """Record durably whether the target is such a mix (blocking; a no-op in memory)."""
 
+    def rebind_source(self, source_id: str) -> None:
+        """Record durably that the image now lives in the file ``source_id`` (a no-op in memory)."""
+
 
 class Handle(Protocol):
     """One open of an image (``fs.node.OpenHandle``)."""

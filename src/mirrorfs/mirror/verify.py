@@ -107,6 +107,7 @@ class Verifier:
         self._granularity = job.params.granularity
         self.position = 0
         self._source_twin: int | None = None
+        self._source_path = ""
         #: clusters compared equal or found differing, and clusters left out as busy or dirty
         self.compared = 0
         self.skipped = 0
@@ -158,8 +159,9 @@ class Verifier:
 
     async def _verify(self) -> None:
         job = self._job
+        self._source_path = job.node.backing_path
         try:
-            fd = os.open(job.node.backing_path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._source_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise StateError(f"cannot read image {job.params.image!r}: {exc.strerror}") from None
         # as the copy: a full pass does not fill the page cache
@@ -174,6 +176,7 @@ class Verifier:
                 suspects += await self._compare_clean(fd, self.position, length)
                 self.position += length
             confirmed = await self._recheck(fd, ranges.merge(suspects))
+            self._check_going()  # a pivot meanwhile: what fd gave is no longer the image
             self.differing = confirmed
             if confirmed and self.repair:
                 await self._mark_dirty(confirmed)
@@ -191,6 +194,8 @@ class Verifier:
             raise VerifyEnded(f"the job failed: {job.error}")
         if not job.target_ok:
             raise VerifyEnded("the target was lost")
+        if job.node.backing_path != self._source_path:
+            raise VerifyEnded("another job pivoted the image to a new file")
 
     # ------------------------------------------------------------------ comparing
 

@@ -127,55 +127,69 @@ class WritePath(JobCore):
 
         Without a yield no other request or transaction can run in between, so this needs
         neither the gate nor the in-flight counters; it also duplicates in background mode,
-        since writing the target now costs less than scheduling a task to do it.
-
-        With nothing else in flight and a bitmap only memory holds, it is not even registered:
-        nothing can look at the bitmap before this returns, so only the outcome must be right.
-        Where the duplicate landed, the write's whole clusters are clean and its partial edge
-        clusters as they were (their other bytes are untouched on both sides); anywhere else,
-        every cluster it touched is dirty (``_abandon`` marks them).
+        since writing the target now costs less than scheduling a task to do it. Its three
+        steps (``_inline_duplicates``, ``_inline_begin``, ``_inline_end``) are the job's part of
+        a write that several jobs of one image take inline (``group.py``).
         """
         length = len(data)
-        if length == 0 or offset + length > self.size:
+        duplicate = self._inline_duplicates(offset, length)
+        if duplicate is None:
             return None
-        duplicate = self._duplicating()
-        if duplicate and not self.target.can_write_now(length):
-            return None
-        op: Operation | None
-        edges: AbstractSet[int]
-        if self.bitmap.volatile and not self.inflight:
-            op, edges = None, _NO_EDGES
-        else:
-            op, edges = self._begin_write(offset, length)
+        op, edges = self._inline_begin(offset, length)
         try:
             written = fileio.pwrite_now(handle.fd, data, offset)
         except BaseException:
             self._abandon(op, offset, length)
             raise
-        payload = data if written == length else data[:written]
+        self._inline_end(op, edges, offset, length, data if written == length else data[:written],
+                         duplicate)
+        return written
+
+    def _inline_duplicates(self, offset: int, length: int) -> bool | None:
+        """Whether an inline write duplicates (None: it cannot be taken inline at all)."""
+        if length == 0 or offset + length > self.size:
+            return None
+        duplicate = self._duplicating()
+        if duplicate and not self.target.can_write_now(length):
+            return None
+        return duplicate
+
+    def _inline_begin(self, offset: int, length: int) -> tuple[Operation | None, AbstractSet[int]]:
+        """Before an inline write reaches the source.
+
+        With nothing else in flight and a bitmap only memory holds, it is not even registered:
+        nothing can look at the bitmap before the write's stretch without yields ends, so only
+        the outcome must be right. Where the duplicate landed, the write's whole clusters are
+        clean and its partial edge clusters as they were (their other bytes are untouched on
+        both sides); anywhere else, every cluster it touched is dirty (``_abandon`` marks them).
+        """
+        if self.bitmap.volatile and not self.inflight:
+            return None, _NO_EDGES
+        return self._begin_write(offset, length)
+
+    def _inline_end(self, op: Operation | None, edges: AbstractSet[int], offset: int,
+                    length: int, payload: bytes, duplicate: bool) -> None:
+        """After an inline write put ``payload`` on the source: duplicate it, settle the bits."""
         if not duplicate:
             self._abandon(op, offset, length, missed=payload)
-            return written
+            return
         try:
             self.target.pwrite_now(offset, payload)
         except TargetError as exc:
             self.on_target_error(exc)  # while still registered: not acknowledged yet
             self._abandon(op, offset, length, missed=payload)
-            return written
+            return
         try:
-            self._duplicated(op, offset, written, edges)
+            self._duplicated(op, offset, len(payload), edges)
         except Exception as exc:  # the write reached the source: that is the writer's result
             self._duplicated_raised(op, exc)
-        return written
 
     async def _intercepted_write(self, handle: Handle, offset: int, data: bytes) -> int:
         length = len(data)
         if length == 0:
             return await source_pwrite(handle, data, offset)
-        if offset + length > self.size:
-            await self._grow(offset + length)
-            if offset + length > self.size:  # could not grow: the job is failing; the source
-                return await source_pwrite(handle, data, offset)  # write must still happen
+        if not await self._grown_for(offset, length):  # the job is failing: the source write
+            return await source_pwrite(handle, data, offset)  # must still happen
         op, edges = self._begin_write(offset, length)
         if (self.params.copy_mode == "write-blocking" and self._duplicating()
                 and self._nursery is not None and not handle.runs_inline(length)):
@@ -186,24 +200,46 @@ class WritePath(JobCore):
             self._abandon(op)
             raise
         payload = data if written == length else data[:written]
+        if self._after_source_write(op, offset, payload, edges, handle.direct):
+            await self._blocking_duplicate(op, offset, payload, edges, handle.direct)
+        return written
+
+    async def _grown_for(self, offset: int, length: int) -> bool:
+        """Grow the job with a write past the image's end; False: it could not (the job is
+        failing), and the write goes to the source untracked."""
+        if offset + length > self.size:
+            await self._grow(offset + length)
+        return offset + length <= self.size
+
+    def _after_source_write(self, op: Operation, offset: int, payload: bytes,
+                            edges: set[int], direct: bool) -> bool:
+        """The job's part of a write once ``payload`` reached the source: a background
+        duplicate started, or the bits left dirty (and the write journaled while the target is
+        away). True: the caller awaits ``_blocking_duplicate`` before the writer is answered."""
         if not self._duplicating():
             self._abandon(op, offset, missed=payload)  # the target is away: into the journal
-            return written
+            return False
         if self.params.copy_mode == "write-blocking":
-            if not await self._duplicate(op, offset, payload, edges, handle.direct) \
-                    and self.replica.journaled:
-                self._journal_write(offset, payload)  # lost meanwhile: acknowledged after it
-        elif (self._dup_bytes + written <= self.params.buf_size
-              and self._duplicates.count < MAX_BACKGROUND_DUPLICATES and self._nursery is not None):
+            return True
+        written = len(payload)
+        if (self._dup_bytes + written <= self.params.buf_size
+                and self._duplicates.count < MAX_BACKGROUND_DUPLICATES and self._nursery is not None):
             self._dup_bytes += written
             # acknowledged once this returns, maybe before it lands: a loss journals it first
             entry = None if self._window is None else self._window_add(offset, payload)
             self._nursery.start_soon(self._background_duplicate, op, offset, payload, edges,
-                                     handle.direct, entry)
+                                     direct, entry)
         else:
             self.stats["skipped-duplicates"] += 1
             self._abandon(op)
-        return written
+        return False
+
+    async def _blocking_duplicate(self, op: Operation, offset: int, payload: bytes,
+                                  edges: set[int], direct: bool) -> None:
+        """A write-blocking duplicate, awaited before the writer is answered."""
+        if not await self._duplicate(op, offset, payload, edges, direct) \
+                and self.replica.journaled:
+            self._journal_write(offset, payload)  # lost meanwhile: acknowledged after it
 
     async def _write_both(self, handle: Handle, op: Operation, offset: int, data: bytes,
                           edges: set[int]) -> int:
