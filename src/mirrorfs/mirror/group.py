@@ -11,13 +11,13 @@ targets of write-blocking jobs. When all but one job have ended the slot holds t
 
 All jobs of an image share one I/O gate (the first job's, handed to the next by the manager), so
 a transaction or a pivot that closes it quiesces the image for every job. A request that waited
-at the closed gate goes on through whatever serves the image once it opens (``write_held`` and
-its kind): the job set may have changed meanwhile (a job ended, attached, pivoted).
+at the closed gate goes on through whatever serves the image once it opens (``serve_held``):
+the job set may have changed meanwhile (a job ended, attached, pivoted).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
@@ -68,31 +68,24 @@ def detach(node: Node, job: MirrorJob) -> None:
             node.job = None
 
 
-async def read_held(node: Node, handle: Handle, offset: int, size: int) -> bytes:
-    """A read that passed the image's gate, served by whatever serves the image now."""
+#: How each request is served where no job (nor successor) is attached any more.
+_PASSTHROUGH: dict[str, Callable[..., Awaitable[Any]]] = {
+    "read": lambda handle, offset, size: source_pread(handle, size, offset),
+    "write": lambda handle, offset, data: source_pwrite(handle, data, offset),
+    "fsync": lambda handle, datasync: fileio.fsync(handle.fd, datasync),
+}
+
+
+async def serve_held(node: Node, kind: str, handle: Handle, *args: Any) -> Any:
+    """A request (``kind``: read, write or fsync, with its arguments after the handle) that
+    passed the image's gate, served by whatever serves the image now: a job or a group inside
+    the gate (``read_held`` ...), a successor after a pivot to NBD (``read`` ...), or the
+    source."""
     io = node.job
     if io is None:
-        return await source_pread(handle, size, offset)
-    held = getattr(io, "read_held", None)
-    return await (held(handle, offset, size) if held is not None else io.read(handle, offset, size))
-
-
-async def write_held(node: Node, handle: Handle, offset: int, data: bytes) -> int:
-    """A write that passed the image's gate (see ``read_held``)."""
-    io = node.job
-    if io is None:
-        return await source_pwrite(handle, data, offset)
-    held = getattr(io, "write_held", None)
-    return await (held(handle, offset, data) if held is not None else io.write(handle, offset, data))
-
-
-async def fsync_held(node: Node, handle: Handle, datasync: bool) -> None:
-    """A flush that passed the image's gate (see ``read_held``)."""
-    io = node.job
-    if io is None:
-        return await fileio.fsync(handle.fd, datasync)
-    held = getattr(io, "fsync_held", None)
-    await (held(handle, datasync) if held is not None else io.fsync(handle, datasync))
+        return await _PASSTHROUGH[kind](handle, *args)
+    serve = getattr(io, f"{kind}_held", None) or getattr(io, kind)
+    return await serve(handle, *args)
 
 
 class JobGroup:
@@ -125,7 +118,7 @@ class JobGroup:
         if not self.gate.closed and handle.runs_inline(size):
             return fileio.pread_now(handle.fd, size, offset)
         async with self.gate.hold():
-            return await read_held(self.node, handle, offset, size)
+            return await serve_held(self.node, "read", handle, offset, size)
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         if not self.gate.closed and handle.runs_inline(len(data)):
@@ -133,11 +126,11 @@ class JobGroup:
             if written is not None:
                 return written
         async with self.gate.hold():
-            return await write_held(self.node, handle, offset, data)
+            return await serve_held(self.node, "write", handle, offset, data)
 
     async def fsync(self, handle: Handle, datasync: bool = False) -> None:
         async with self.gate.hold():
-            await fsync_held(self.node, handle, datasync)
+            await serve_held(self.node, "fsync", handle, datasync)
 
     def check_modify(self, op: str) -> None:
         live = self._live()

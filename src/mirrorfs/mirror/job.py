@@ -289,7 +289,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
             return fileio.pread_now(handle.fd, size, offset)
         async with self.gate.hold():
             if self.node.job is not self:  # a successor, the image's jobs, or nothing now
-                return await group.read_held(self.node, handle, offset, size)
+                return await group.serve_held(self.node, "read", handle, offset, size)
             return await self.read_held(handle, offset, size)
 
     async def read_held(self, handle: Handle, offset: int, size: int) -> bytes:
@@ -304,7 +304,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
                 return written
         async with self.gate.hold():
             if self.node.job is not self:  # e.g. pivoted to NBD: handle.fd is still the source
-                return await group.write_held(self.node, handle, offset, data)
+                return await group.serve_held(self.node, "write", handle, offset, data)
             return await self.write_held(handle, offset, data)
 
     async def write_held(self, handle: Handle, offset: int, data: bytes) -> int:
@@ -315,7 +315,7 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
     async def fsync(self, handle: Handle, datasync: bool = False) -> None:
         async with self.gate.hold():
             if self.node.job is not self:
-                return await group.fsync_held(self.node, handle, datasync)
+                return await group.serve_held(self.node, "fsync", handle, datasync)
             await self.fsync_held(handle, datasync)
 
     async def fsync_held(self, handle: Handle, datasync: bool) -> None:

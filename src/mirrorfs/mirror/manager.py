@@ -273,7 +273,7 @@ class JobManager:
         path = params.target
         # In a thread: a path that leads into our own mount would otherwise deadlock the trio
         # thread, which is the one that answers requests on the mount.
-        created = await trio.to_thread.run_sync(self._check_local_target, path, params.create,
+        created = await trio.to_thread.run_sync(check_local_target, path, params.create,
                                                 size, like)
         if created is not None:
             undo.callback(_remove_created, path, created)
@@ -284,30 +284,6 @@ class JobManager:
         except TargetError as exc:
             raise UsageError(f"cannot use target {path!r}: {exc}") from None
         return target
-
-    def _check_local_target(self, path: str, create: bool, size: int,
-                            like: os.stat_result | None = None) -> tuple[int, int] | None:
-        """Check (and with ``create``, create) a local target; returns the (st_dev, st_ino) of
-        a file created here, None for an existing one."""
-        from ..targets.local import LocalFileTarget
-
-        real_dir = os.path.realpath(os.path.dirname(path))
-        if not os.path.isdir(real_dir):
-            raise UsageError(f"target directory {os.path.dirname(path)!r} does not exist")
-        exists = os.path.exists(path)
-        if exists and not os.path.isfile(path):
-            raise UsageError(f"target {path!r} is not a regular file")
-        if not exists:
-            if not create:
-                raise UsageError(f"target {path!r} does not exist; pass --create "
-                                 f"(mode=absolute-paths) to create it")
-            try:
-                LocalFileTarget.create(path, size, like=like)
-                st = os.stat(path)
-            except OSError as exc:
-                raise UsageError(f"cannot create target {path!r}: {exc.strerror}") from None
-            return st.st_dev, st.st_ino
-        return None
 
     async def _check_paths(self, params: MirrorParams, node: Any) -> list[tuple[object, str]]:
         """Refuse a target, bitmap, socket or certificate directory that leads into the mount,
@@ -524,6 +500,31 @@ class JobManager:
             for job in list(self.jobs.values()):
                 with trio.move_on_after(10):
                     await job.wait_ended()
+
+
+def check_local_target(path: str, create: bool, size: int,
+                       like: os.stat_result | None = None) -> tuple[int, int] | None:
+    """Check (and with ``create``, create) a local target; returns the (st_dev, st_ino) of
+    a file created here, None for an existing one."""
+    from ..targets.local import LocalFileTarget
+
+    real_dir = os.path.realpath(os.path.dirname(path))
+    if not os.path.isdir(real_dir):
+        raise UsageError(f"target directory {os.path.dirname(path)!r} does not exist")
+    exists = os.path.exists(path)
+    if exists and not os.path.isfile(path):
+        raise UsageError(f"target {path!r} is not a regular file")
+    if not exists:
+        if not create:
+            raise UsageError(f"target {path!r} does not exist; pass --create "
+                             f"(mode=absolute-paths) to create it")
+        try:
+            LocalFileTarget.create(path, size, like=like)
+            st = os.stat(path)
+        except OSError as exc:
+            raise UsageError(f"cannot create target {path!r}: {exc.strerror}") from None
+        return st.st_dev, st.st_ino
+    return None
 
 
 def _pivot_siblings(actions: list[Action], jobs: list[MirrorJob]) -> dict[MirrorJob, list[MirrorJob]]:
