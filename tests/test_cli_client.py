@@ -232,9 +232,9 @@ def test_status_no_jobs_table_and_json(mount: Any, capsys: Any) -> None:
     code, out, _ = run_cli(capsys, "status", mnt)
     assert out == render_status_table(jobs)
     header, row_a, row_b = out.splitlines()
-    assert header.split() == ["IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "LAG", "TARGET", "IO-STATUS",
+    assert header.split() == ["JOB", "IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "LAG", "TARGET", "IO-STATUS",
                               "PAUSED", "REPLICA"]
-    assert row_a.split() == ["vm/a.img", "ready", "8.0", "MiB/8.0", "MiB", "100.0%", "0", "B", "-", "0:00", "-",
+    assert row_a.split() == ["vm/a.img", "vm/a.img", "ready", "8.0", "MiB/8.0", "MiB", "100.0%", "0", "B", "-", "0:00", "-",
                              "/t/x.img", "ok", "no", "-"]
     assert "0 B/4.0 MiB 0.0%" in row_b and "4.0 MiB" in row_b and "nbd://h/b" in row_b
 
@@ -414,15 +414,15 @@ def test_render_pure_functions() -> None:
            "dirty-bytes": 75 * MiB, "target": "/t", "io-status": "ok", "paused": False}
     assert job_percent(job) == 25.0
     assert job_eta(job) == 15.0 and format_eta(15.0) == "0:15" and format_eta(3725) == "1:02:05"
-    assert status_row(job) == ["a", "running", "25.0 MiB/100.0 MiB 25.0%", "75.0 MiB", "5.0 MiB/s", "0:15",
+    assert status_row(job) == ["a", "a", "running", "25.0 MiB/100.0 MiB 25.0%", "75.0 MiB", "5.0 MiB/s", "0:15",
                                "-", "/t", "ok", "no", "-"]
-    lags = [status_row({**job, "__org.mirrorfs_recovery-point-age": age})[6] for age in (0, 12.34, 3725.2)]
+    lags = [status_row({**job, "__org.mirrorfs_recovery-point-age": age})[7] for age in (0, 12.34, 3725.2)]
     assert lags == ["0s", "12.3s", "1:02:06"]
     assert job_eta({**job, "paused": True}) is None and format_eta(None) == "-"
     assert job_eta({**job, "ready": True}) == 0.0
     assert job_percent({"len": 0, "offset": 0}) == 100.0
     failed = status_row({"device": "b", "status": "concluded", "error": "Input/output error", "len": 1})
-    assert failed[1] == "concluded: Input/output error" and failed[4] == "-"
+    assert failed[2] == "concluded: Input/output error" and failed[5] == "-"
     assert render_status_table([]) == "no jobs\n"
     table = render_status_table([job, {**job, "device": "long/name.img"}])
     lines = table.splitlines()

@@ -140,7 +140,7 @@ def test_status_qmp_and_their_failures(mounted: Mount, tmp_path: Path) -> None:
     ok(mounted, "mirror", m, "a.img", tmp_path / "t.img", "--create", "--sync", "none")
     wait_ready(mounted, "a.img")
     table = ok(mounted, "status", m)
-    assert table.splitlines()[1].split()[:2] == ["a.img", "ready"] and str(tmp_path / "t.img") in table
+    assert table.splitlines()[1].split()[:3] == ["a.img", "a.img", "ready"] and str(tmp_path / "t.img") in table
     [j] = json.loads(ok(mounted, "status", m, "--json"))
     assert (j["device"], j["ready"], j["type"], j["target"]) == ("a.img", True, "mirror", str(tmp_path / "t.img"))
     (tmp_path / "plain").mkdir()

@@ -232,8 +232,8 @@ def test_status_files_match_the_cli_and_qmp(mounted: Mount, tmp_path: Path) -> N
 
     assert without_lag(table) == without_lag(mounted.cli("status", mounted.mountpoint).stdout)
     rows = {ln.split()[0]: ln.split() for ln in table.splitlines()[1:]}
-    assert table.splitlines()[0].split()[:3] == ["IMAGE", "STATE", "PROGRESS"]
-    assert rows["a.img"][1] == "ready" and rows["b.img"][1] in ("paused", "standby")
+    assert table.splitlines()[0].split()[:4] == ["JOB", "IMAGE", "STATE", "PROGRESS"]
+    assert rows["a.img"][2] == "ready" and rows["b.img"][2] in ("paused", "standby")
     assert str(tmp_path / "ta.img") in table and str(tmp_path / "tb.img") in table
     assert control(mounted, "cancel a.img b.img force=true\n") == 0
     assert (mounted.control / "status").read_text() == "no jobs\n"

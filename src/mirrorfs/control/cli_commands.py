@@ -167,12 +167,26 @@ def _run_ending(args: argparse.Namespace, action: str, data: dict[str, Any]) -> 
     for device in devices:
         job_arguments(action, {"device": device, **data})
     with _connect(args.mountpoint) as client:
+        devices = _job_ids(client, devices)
         if len(devices) == 1:
             client.execute(action, {"device": devices[0], **data})
         else:
             client.execute("transaction", {"actions": [
                 {"type": action, "data": {"device": d, **data}} for d in devices]})
         return _wait_ended(client, devices, args.mountpoint)
+
+
+def _job_ids(client: QMPClient, names: list[str]) -> list[str]:
+    """The job ids the names stand for: a job id is itself; an image with one job stands for
+    that job, so its end events (which carry the id) are recognised. Anything else is left for
+    the mount to refuse (an unknown name, an image with several jobs)."""
+    jobs = client.execute("query-block-jobs")
+    ids = {j.get("device") for j in jobs}
+    found = []
+    for name in names:
+        of_image = [j.get("device") for j in jobs if j.get("__org.mirrorfs_image") == name]
+        found.append(of_image[0] if name not in ids and len(of_image) == 1 else name)
+    return found
 
 
 def _wait_ended(client: QMPClient, devices: list[str], mountpoint: str) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ __all__ = ["STATUS_COLUMNS", "printable", "job_state", "job_percent", "job_eta",
            "format_progress", "status_row", "render_status_table"]
 
 #: Column headers of the status table, in order.
-STATUS_COLUMNS = ("IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "LAG", "TARGET", "IO-STATUS",
+STATUS_COLUMNS = ("JOB", "IMAGE", "STATE", "PROGRESS", "DIRTY", "RATE", "ETA", "LAG", "TARGET", "IO-STATUS",
                   "PAUSED", "REPLICA")
 
 
@@ -121,6 +121,7 @@ def status_row(job: dict[str, Any]) -> list[str]:
     """The cells of one job's row, in the order of :data:`STATUS_COLUMNS`."""
     return [
         printable(str(job.get("device", "?"))),
+        printable(str(job.get("__org.mirrorfs_image", job.get("device", "?")))),
         printable(job_state(job)),
         format_progress(job),
         format_size(_int(job, "dirty-bytes")),
