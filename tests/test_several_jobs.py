@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mounting import Mount, random_image, wait_for
+from mounting import Mount, is_mounted, random_image, wait_for
 from nbdservers import qemu_nbd
 
 MiB = 1 << 20
@@ -155,3 +155,54 @@ def test_a_pivot_to_nbd_under_another_job_is_refused(mounted: Mount, tmp_path: P
         assert export.read_bytes()[:500] == b"after" * 100
         refused(mounted, 1, "serves it from its NBD target for the rest of this mount",
                 "mirror", m, "disk.img", tmp_path / "third.img", "--create", "--job-id", "third")
+
+
+def test_persistent_jobs_of_one_image_reattach_and_follow_a_pivot(mount_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    """Two persistent jobs of one image are re-attached by a remount. One pivots the image to a
+    new directory; the other's bitmap records the new file, so a remount over the old directory
+    refuses to resume it from the file the image left, and a mount of the new directory resumes
+    it from where it was, without a resync."""
+    state = tmp_path / "state"
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    mount = mount_factory(source=old_dir, extra_args=["--state-dir", str(state)])
+    m = mount.mountpoint
+    (old_dir / "disk.raw").write_bytes(os.urandom(4 * MiB))
+    replica, moved = tmp_path / "replica.raw", new_dir / "disk.raw"
+    mount.cli("mirror", m, "disk.raw", replica, "--create", "--persistent", "--job-id", "replica",
+              "--copy-mode", "write-blocking")
+    mount.cli("mirror", m, "disk.raw", moved, "--create", "--persistent", "--job-id", "move")
+    mount.unmount()
+    mount.start()
+    assert set(jobs(mount)) == {"replica", "move"}  # both re-attached
+    write_through(m / "disk.raw", 1 * MiB, os.urandom(65536))
+    wait_ready(mount, "replica", "move")
+    copied = jobs(mount)["replica"]["__org.mirrorfs_copied-bytes"]
+    mount.cli("complete", m, "move")
+    write_through(m / "disk.raw", 2 * MiB, os.urandom(65536))
+    wait_ready(mount, "replica")
+    assert jobs(mount)["replica"]["__org.mirrorfs_copied-bytes"] == copied  # no resync
+    inspect = json.loads(mount.cli("bitmap", "inspect", state / "job-replica.bitmap", "--json",
+                                   check=False).stdout)
+    assert inspect["source"] == str(moved.resolve()), inspect
+    mount.unmount()
+
+    # the old directory: the image there is not the one the replica follows any more
+    mount.allow_log(r"ERROR: persistent job replica \(image disk.raw\): bitmap .* was made for source")
+    r = mount.cli("mount", old_dir, m, "--state-dir", state, check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, (r.returncode, r.stderr)
+    assert "job-replica" in r.stderr and str(moved.resolve()) in r.stderr, r.stderr
+    assert not is_mounted(m)
+    # the new directory holds the image under the same name: the replica resumes there
+    mount.source = new_dir
+    mount.start()
+    entry = jobs(mount)["replica"]
+    assert entry["__org.mirrorfs_image"] == "disk.raw" and set(jobs(mount)) == {"replica"}, entry
+    write_through(m / "disk.raw", 3 * MiB, os.urandom(65536))
+    wait_ready(mount, "replica")
+    # no resync: the re-attached job starts its counters anew, and only the write is missing
+    assert jobs(mount)["replica"]["__org.mirrorfs_copied-bytes"] == 0, jobs(mount)["replica"]
+    mount.cli("complete", m, "replica", "--no-pivot")
+    assert digest(replica) == digest(moved) == digest(m / "disk.raw")
