@@ -200,6 +200,10 @@ def test_persistent_jobs_of_one_image_reattach_and_follow_a_pivot(mount_factory:
     mount.start()
     entry = jobs(mount)["replica"]
     assert entry["__org.mirrorfs_image"] == "disk.raw" and set(jobs(mount)) == {"replica"}, entry
+    # its journal followed the image too: the replica stayed consistent, nothing to resync
+    assert entry["__org.mirrorfs_replica-consistent"] is True, entry
+    warned = [line for line in mount.read_log().splitlines() if "WARNING" in line and "journal" in line]
+    assert warned == [], warned
     write_through(m / "disk.raw", 3 * MiB, os.urandom(65536))
     wait_ready(mount, "replica")
     # no resync: the re-attached job starts its counters anew, and only the write is missing

@@ -442,6 +442,23 @@ class WriteJournal:
         os.close(self._fd)  # the old inode's lock; the new one is locked already
         self._start(fd, header, fmt.STATE_OK)
 
+    def rebind_source(self, source_id: str) -> None:
+        """Record that the image now lives in the file ``source_id`` (another job of the image
+        pivoted it there): the records stay, a later open must name the new file. The header
+        block is rewritten in place and fsync'ed; a crash that tears it leaves a header whose
+        checksum fails, which refuses the journal (the job then resyncs from its bitmap).
+
+        Raises:
+            OSError: the header cannot be written.
+        """
+        if self._closed or source_id == self.header.source_id:
+            return
+        header = self.header.replace(source_id=source_id)
+        state = fmt.STATE_OVERFLOWED if self._overflowed else fmt.STATE_OK
+        os.pwrite(self._fd, fmt.encode_header(header, state), 0)
+        os.fsync(self._fd)
+        self.header = header
+
     def close(self) -> None:
         """fsync and release the file. Idempotent."""
         if self._closed:

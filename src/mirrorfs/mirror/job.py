@@ -338,8 +338,11 @@ class MirrorJob(WritePath, FailureHandling, Journaling, ResumeCheck, RecoveryPoi
         self.copy.switch_source(fd)
         try:
             self.bitmap.rebind_source(source_id)
+            if self.journal is not None:
+                self.journal.rebind_source(source_id)
         except Exception as exc:
-            self._fail(f"cannot record the image's new file in bitmap {self.params.bitmap}: {exc}")
+            self._fail(f"cannot record the image's new file in bitmap {self.params.bitmap} or "
+                       f"its journal: {exc}")
 
     def check_modify(self, op: str) -> None:
         if not self.finished:
