@@ -52,6 +52,9 @@ EXPECT: dict[str, list[str]] = {
                       r"complete vm\.raw pivot=false.*ok",
                       r"pause vm\.raw.*error", r"backup/vm\.raw is identical"],
     "persistent-replication": [r"db\.raw\s+running \(target away\)", r"Images are identical\."],
+    "replica-and-migration": [r"dr\s+vm\.raw\s+ready.*\n.*move\s+vm\.raw\s+ready",
+                              r"completed move: the mount now serves the target",
+                              r"JOB.*\n+dr\s+vm\.raw\s+ready", r"Images are identical\."],
     "crash-recipe": [r"dirty: finish the interrupted job", r"Images are identical\.",
                      r"ended: its job ended at .*\n.*exit 1"],
 }
