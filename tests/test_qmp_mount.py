@@ -110,7 +110,7 @@ def test_cli_round_trip_against_a_mount(mounted: Any, tmp_path: Path) -> None:
         assert time.monotonic() < deadline, f"job never became ready: {job}"
         time.sleep(0.1)
     r = cli("status", str(mounted.mountpoint))
-    assert r.returncode == 0 and r.stdout.splitlines()[1].split()[:2] == ["b.img", "ready"]
+    assert r.returncode == 0 and r.stdout.splitlines()[1].split()[:3] == ["b.img", "b.img", "ready"]
     r = cli("complete", str(mounted.mountpoint), "b.img", "--no-pivot")
     assert r.returncode == 0, r.stderr
     assert target.read_bytes() == data
