@@ -121,3 +121,56 @@ def test_ctrl_c_during_the_run_stops_everything(tmp_path: Path) -> None:
                         "--disk-size", "16M", "--no-ready", "--dir", str(scratch), "--disk-dir", str(disk)],
               lambda: len(mounts_under(scratch)) >= 2 and len(mounts_under(disk)) >= 2 and running("fio", scratch))
     assert_nothing_left(scratch, disk)
+
+
+def test_two_jobs_on_one_image_ratios_and_both_targets(tmp_path: Path) -> None:
+    """Two ready jobs on one image, each to its own target: measured beside one job and the bare
+    mount, both targets equal to the image after fio wrote to it. The disk rows have no bare
+    mount: only the ratio to one job is given there."""
+    out = tmp_path / "out.json"
+    scratch, disk = tmp_path / "scratch", tmp_path / "disk"
+    scratch.mkdir()
+    disk.mkdir()
+    proc = bench("--configs", "mirrorfs,mirrorfs-wb,mirrorfs-wb2,mirrorfs-bg,mirrorfs-bg2",
+                 "--disk-configs", "mirrorfs-wb,mirrorfs-wb2", "--workloads", "rand-write-4k-qd1,seq-write-1M",
+                 "--reps", "1", "--runtime", "1", "--size", "16M", "--disk-size", "16M", "--no-ready",
+                 "--dir", str(scratch), "--disk-dir", str(disk), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    two = res["two_jobs"]
+    assert set(two["tmpfs"]) == {"mirrorfs-wb2", "mirrorfs-bg2"} and set(two["disk"]) == {"mirrorfs-wb2"}
+    expected = {("tmpfs", "mirrorfs-wb2"): ("mirrorfs-wb", "mirrorfs"),
+                ("tmpfs", "mirrorfs-bg2"): ("mirrorfs-bg", "mirrorfs"),
+                ("disk", "mirrorfs-wb2"): ("mirrorfs-wb", None)}
+    text = proc.stdout
+    for (key, cfg), (one_job, bare) in expected.items():
+        t = two[key][cfg]
+        assert (t["one_job"], t["bare"]) == (one_job, bare), t
+        # Every write fio made reached both targets.
+        assert t["targets_identical"] == {"img.raw": True, "second": True}, t
+        assert res["mirror_targets_identical"][key][cfg] is True
+        median = res["fio" if key == "tmpfs" else "fio_disk"]
+        for wl in ("rand-write-4k-qd1", "seq-write-1M"):
+            ratios, m = t["ratios"][wl], median[wl]["median"]
+            assert ratios["to_one_job"] == pytest.approx(m[cfg] / m[one_job]) and ratios["to_one_job"] > 0
+            assert ratios["to_bare"] == (pytest.approx(m[cfg] / m[bare]) if bare else None)
+        assert f"Two jobs on one image, {key} {cfg}: targets identical to the image: " \
+               "job img.raw True, job second True" in text
+    assert set(res["fio_disk_page_cache"]["mirrorfs-wb2"]) == {"image", "target", "target2"}
+    # The printed table: per place, two jobs against one job and against the bare mount.
+    tmpfs_part, disk_part = text.split(f"on {res['places']['disk']['fstype']} ({disk})")
+    heading = "| two jobs on one image: ratio to one job of the same copy mode and to the bare mount"
+    assert heading in tmpfs_part and heading in disk_part
+    tmpfs_table = tmpfs_part[tmpfs_part.index(heading):].split("\n\n")[0]
+    assert tmpfs_table.splitlines()[0].endswith(
+        "| mirrorfs-wb2 / mirrorfs-wb | mirrorfs-wb2 / mirrorfs | mirrorfs-bg2 / mirrorfs-bg | "
+        "mirrorfs-bg2 / mirrorfs |")
+    row = next(line for line in tmpfs_table.splitlines() if line.startswith("| rand write 4k, QD1 |"))
+    r = two["tmpfs"]["mirrorfs-wb2"]["ratios"]["rand-write-4k-qd1"]
+    assert row.startswith(f"| rand write 4k, QD1 | {r['to_one_job']:.2f}x (") and f"| {r['to_bare']:.2f}x (" in row
+    disk_table = disk_part[disk_part.index(heading):].split("\n\n")[0]
+    assert disk_table.splitlines()[0].endswith("| mirrorfs-wb2 / mirrorfs-wb |")
+    # The one-job ratio table keeps its columns: the two-job rows are only in their own.
+    assert "| mirrorfs-wb / mirrorfs | mirrorfs-bg / mirrorfs |" in tmpfs_part
+    assert "mirrorfs-wb2 / mirrorfs-wb |" not in tmpfs_part.split(heading)[0]
+    assert_nothing_left(scratch, disk)

@@ -107,25 +107,29 @@ class MirrorfsMount:
         return json.loads(self.cli("status", str(self.mountpoint), "--json").stdout)
 
     def mirror(self, image: str, target: str, *extra: str, copy_mode: str = "write-blocking",
-               timeout: float = 600) -> None:
-        """Start a mirror with the CLI and poll ``mirrorfs status --json`` until it is ready."""
-        self.cli("mirror", str(self.mountpoint), image, target, "--copy-mode", copy_mode, *extra)
-        self.wait_ready(image, timeout)
+               job_id: str | None = None, timeout: float = 600) -> None:
+        """Start a mirror with the CLI and poll ``mirrorfs status --json`` until it is ready
+        (``job_id``: for a second job of ``image``, which cannot take the default id, the image)."""
+        self.cli("mirror", str(self.mountpoint), image, target, "--copy-mode", copy_mode,
+                 *(["--job-id", job_id] if job_id else []), *extra)
+        self.wait_ready(job_id or image, timeout)
 
-    def wait_ready(self, image: str, timeout: float = 600) -> None:
+    def wait_ready(self, job_id: str, timeout: float = 600) -> None:
+        """Wait until the job ``job_id`` (by default its image's name) is ready."""
         def ready() -> bool:
-            job = next(j for j in self.jobs() if j["device"] == image)
+            job = next(j for j in self.jobs() if j["device"] == job_id)
             if job.get("status") in ("concluded", "null") or job.get("io-status") != "ok":
-                raise BenchError(f"mirror of {image} stopped: {job}")
+                raise BenchError(f"mirror job {job_id} stopped: {job}")
             return bool(job.get("ready"))
 
-        wait_for(ready, timeout, f"mirror job {image} on {self.name} to be ready", interval=0.05)
+        wait_for(ready, timeout, f"mirror job {job_id} on {self.name} to be ready", interval=0.05)
 
-    def complete(self, image: str, timeout: float = 120) -> None:
-        """Complete the job of ``image`` without a pivot and wait until it is gone."""
-        self.cli("complete", str(self.mountpoint), image, "--no-pivot")
-        wait_for(lambda: all(j["device"] != image for j in self.jobs()), timeout,
-                 f"{self.name} job of {image} to end", interval=0.1)
+    def complete(self, job_id: str, timeout: float = 120) -> None:
+        """Complete the job ``job_id`` (or the only job of an image so named) without a pivot and
+        wait until it is gone."""
+        self.cli("complete", str(self.mountpoint), job_id, "--no-pivot")
+        wait_for(lambda: all(j["device"] != job_id for j in self.jobs()), timeout,
+                 f"{self.name} job {job_id} to end", interval=0.1)
 
     def daemon_pids(self) -> list[int]:
         """Live ``mirrorfs mount`` processes naming our mountpoint (for a mount cut short)."""
