@@ -171,26 +171,50 @@ class JobGroup:
         return written
 
     async def write_held(self, handle: Handle, offset: int, data: bytes) -> int:
-        """Mark every job, write the source once, then each job's duplicate: the guest is
-        answered once the write-blocking ones landed (or failed, which their jobs handle)."""
+        """Mark every job, write the source once, and duplicate to every job's target.
+
+        Where the source write waits for a device, the write-blocking jobs' duplicates go out
+        with it (``_write_both``'s halves, one per job), so the writer waits for the slowest
+        device, not for the source and then the targets. Otherwise (and for jobs that do not
+        duplicate now) each job's part follows the source write: a background duplicate, the
+        bits left dirty, or a write-blocking duplicate, those side by side. The guest is
+        answered once every write-blocking duplicate ended (failures are their jobs' business).
+        """
         length = len(data)
         live = self._live()
         if length == 0 or not live:
             return await source_pwrite(handle, data, offset)
         tracking = [job for job in live if await job._grown_for(offset, length)]
-        begun: list[tuple[MirrorJob, Any, Any]] = []
+        begun: list[tuple[MirrorJob, Any, Any, Any]] = []  # job, operation, edges, landing
+        written = 0
         try:
             for job in tracking:
                 op, edges = job._begin_write(offset, length)
-                begun.append((job, op, edges))
+                landing = (job._launch_target_write(op, offset, data, handle.direct)
+                           if job._writes_alongside(handle, length) else None)
+                begun.append((job, op, edges, landing))
             written = await source_pwrite(handle, data, offset)
-        except BaseException:
-            for job, op, _ in begun:
-                job._abandon(op)
+            for _, _, _, landing in begun:
+                if landing is not None:
+                    await landing.done.wait()
+        except BaseException:  # the target writes still end: registered until then (rule 2)
+            with trio.CancelScope(shield=True):
+                for _, _, _, landing in begun:
+                    if landing is not None:
+                        await landing.done.wait()
+            for job, op, edges, landing in begun:
+                if landing is not None:
+                    job._both_ended(op, offset, data, written, edges, landing.error)
+                else:
+                    job._abandon(op)
             raise
         payload = data if written == length else data[:written]
-        blocking = [(job, op, edges) for job, op, edges in begun
-                    if job._after_source_write(op, offset, payload, edges, handle.direct)]
+        blocking = []
+        for job, op, edges, landing in begun:
+            if landing is not None:
+                job._both_ended(op, offset, data, written, edges, landing.error)
+            elif job._after_source_write(op, offset, payload, edges, handle.direct):
+                blocking.append((job, op, edges))
         if len(blocking) == 1:
             job, op, edges = blocking[0]
             await job._blocking_duplicate(op, offset, payload, edges, handle.direct)

@@ -191,8 +191,7 @@ class WritePath(JobCore):
         if not await self._grown_for(offset, length):  # the job is failing: the source write
             return await source_pwrite(handle, data, offset)  # must still happen
         op, edges = self._begin_write(offset, length)
-        if (self.params.copy_mode == "write-blocking" and self._duplicating()
-                and self._nursery is not None and not handle.runs_inline(length)):
+        if self._writes_alongside(handle, length):
             return await self._write_both(handle, op, offset, data, edges)
         try:
             written = await source_pwrite(handle, data, offset)
@@ -252,15 +251,7 @@ class WritePath(JobCore):
         or short source write may leave the target holding bytes the source does not have:
         its bits stay set, so the copy copies those clusters again.
         """
-        landing = _Landing()
-        self._duplicates.enter()  # now: a pause that begins meanwhile must wait for this one
-        assert self._nursery is not None
-        try:
-            self._nursery.start_soon(self._target_write, landing, offset, data, handle.direct)
-        except BaseException:
-            self._duplicates.leave()
-            self._abandon(op)
-            raise
+        landing = self._launch_target_write(op, offset, data, handle.direct)
         written = 0
         try:
             written = await source_pwrite(handle, data, offset)
@@ -272,6 +263,27 @@ class WritePath(JobCore):
             raise
         self._both_ended(op, offset, data, written, edges, landing.error)
         return written
+
+    def _writes_alongside(self, handle: Handle, length: int) -> bool:
+        """Whether this job's duplicate goes out with the source write (``_write_both``): a
+        write-blocking job that duplicates, where the source write waits for a device."""
+        return (self.params.copy_mode == "write-blocking" and self._duplicating()
+                and self._nursery is not None and not handle.runs_inline(length))
+
+    def _launch_target_write(self, op: Operation, offset: int, data: bytes,
+                             direct: bool) -> _Landing:
+        """Start the target half of a ``_write_both`` write as a task of the job; on failure
+        to start, the write is abandoned (its bits stay set)."""
+        landing = _Landing()
+        self._duplicates.enter()  # now: a pause that begins meanwhile must wait for this one
+        assert self._nursery is not None
+        try:
+            self._nursery.start_soon(self._target_write, landing, offset, data, direct)
+        except BaseException:
+            self._duplicates.leave()
+            self._abandon(op)
+            raise
+        return landing
 
     def _both_ended(self, op: Operation, offset: int, data: bytes, written: int,
                     edges: set[int], error: BaseException | None) -> None:
