@@ -250,3 +250,24 @@ def test_a_bitmap_in_use_cannot_be_opened_or_replaced_by_another_job(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["b"]
     assert DirtyBitmap(10, 4096).statistics() == {"size": 10, "granularity": 4096, "clusters": 1,
                                                   "dirty_clusters": 0, "dirty_bytes": 0}
+
+
+def test_rebinding_the_source_keeps_the_bits_and_names_the_new_file(tmp_path):
+    """After a sibling job's pivot the file names the image's new file; its bits (set and
+    pending clears) are those it had, and the old identity no longer opens it."""
+    path = str(tmp_path / "b.bitmap")
+    bm = PersistentBitmap.create(path, 1 << 20, 4096, source_id="/old/disk", target_id="/t",
+                                 fill=False)
+    bm.mark(0, 8192)
+    bm.mark(65536, 4096)
+    bm.clear(0, 4096)  # not committed: the file keeps it set
+    bm.rebind_source("/new/disk")
+    assert bm.header.source_id == "/new/disk" and bm.count() == 2
+    bm.mark(131072, 4096)
+    bm.close(clean=True)
+    from mirrorfs.errors import BitmapFormatError
+    with pytest.raises(BitmapFormatError, match="/new/disk"):
+        PersistentBitmap.open(path, size=1 << 20, source_id="/old/disk", target_id="/t").close()
+    again = PersistentBitmap.open(path, size=1 << 20, source_id="/new/disk", target_id="/t")
+    assert [again.is_dirty(o, 4096) for o in (0, 4096, 65536, 131072)] == [True, True, True, True]
+    again.close()

@@ -475,3 +475,22 @@ def test_a_flush_is_fsynced_before_it_returns_and_a_write_is_not(tmp_path: Path)
         assert journal.statistics()["fsyncs"] == 2
         journal.sync()  # nothing new: free
         assert journal.statistics()["fsyncs"] == 2
+
+
+def test_rebinding_the_source_keeps_every_record_and_the_overflow_state(tmp_path: Path) -> None:
+    """Another job of the image pivoted it to a new file: the journal now names that file, its
+    records and its overflow state stay, and the old file's identity no longer opens it."""
+    path = tmp_path / "j"
+    journal = _create(path)
+    journal.append_write(4096, b"a" * 512)
+    journal.append_flush()
+    before = _summary(journal)
+    journal.rebind_source("/new/disk.raw")
+    journal.append_write(8192, b"b" * 512)
+    journal.close()
+    with pytest.raises(JournalFormatError, match="/new/disk.raw"):
+        _open(path)
+    again = WriteJournal.open(path, image_size=SIZE, source_id="/new/disk.raw",
+                              target_id=IDS["target_id"])
+    assert _summary(again)[:len(before)] == before and len(_summary(again)) == len(before) + 1
+    again.close()

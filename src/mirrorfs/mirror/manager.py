@@ -114,6 +114,9 @@ class JobManager:
         if isinstance(job_id, str) and job_id in self.jobs:
             return self.jobs[job_id]
         of_image = sorted(j.id for j in self.jobs.values() if j.params.image == job_id)
+        running = [i for i in of_image if not self.jobs[i].finished]
+        if len(of_image) > 1 and len(running) == 1:  # the others failed and stay listed
+            of_image = running
         if len(of_image) == 1:
             return self.jobs[of_image[0]]
         if of_image:
