@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,12 @@ def test_several_jobs_are_refused_where_they_would_clash(mounted: Mount, tmp_pat
                     ["pause", m, "disk.img"], ["set-speed", m, "disk.img", "1M"]):
         refused(mounted, 2, "image 'disk.img' has 2 mirror jobs (one, two): name one by its "
                 "job id", *command)
+    # the image cannot be truncated while either runs; the log names both
+    proc = subprocess.run(["truncate", "-s", "1M", str(m / "disk.img")], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode != 0 and "busy" in proc.stderr.lower(), proc.stderr
+    assert "mirror jobs 'one', 'two' are running on it" in mounted.read_log()
+    assert (m / "disk.img").stat().st_size == 2 * MiB
     listed = jobs(mounted)
     assert set(listed) == {"one", "two"} and all(j["ready"] for j in listed.values()), listed
     assert all(j["speed"] == 0 and not j["paused"] for j in listed.values()), listed

@@ -135,9 +135,9 @@ class JobGroup:
     def check_modify(self, op: str) -> None:
         live = self._live()
         if live:
-            image = live[0].params.image
-            raise StateError(f"cannot {op} {image!r}: mirror jobs {', '.join(repr(j.id) for j in live)} "
-                             f"are running on it; complete or cancel them first")
+            names = ", ".join(repr(job.id) for job in live)
+            raise StateError(f"cannot {op} {live[0].params.image!r}: mirror jobs {names} are "
+                             f"running on it; complete or cancel them first")
 
     # ------------------------------------------------------------------ inside the gate
 
