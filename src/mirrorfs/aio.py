@@ -58,12 +58,19 @@ class _Event(ctypes.Structure):
 
 
 class _RingHeader(ctypes.Structure):
-    # the head of struct aio_ring (fs/aio.c), which the kernel maps at the context's address
+    # the head of struct aio_ring (fs/aio.c), which the kernel maps at the context's address;
+    # its io_event array follows the header
     _fields_ = [("id", ctypes.c_uint), ("nr", ctypes.c_uint), ("head", ctypes.c_uint),
-                ("tail", ctypes.c_uint), ("magic", ctypes.c_uint)]
+                ("tail", ctypes.c_uint), ("magic", ctypes.c_uint), ("compat_features", ctypes.c_uint),
+                ("incompat_features", ctypes.c_uint), ("header_length", ctypes.c_uint)]
 
 
 _AIO_RING_MAGIC = 0xA10A10A1
+#: Completions are taken from the mapped ring without io_getevents (as libaio's and fio's
+#: user-space reaping do; the kernel re-reads the head we advance) only where the CPU keeps
+#: stores and loads in order (x86's TSO): elsewhere reading an event before the tail that
+#: published it needs barriers that Python cannot issue.
+_USER_REAP = platform.machine() == "x86_64"
 
 
 class _Timespec(ctypes.Structure):
@@ -105,6 +112,10 @@ class AioContext:
             raise
         ring = _RingHeader.from_address(self._ctx.value)
         self._ring = ring if ring.magic == _AIO_RING_MAGIC else None
+        #: the ring's events, where completions are read from it directly
+        self._ring_events: ctypes.Array[_Event] | None = None
+        if self._ring is not None and _USER_REAP and ring.header_length == ctypes.sizeof(_RingHeader):
+            self._ring_events = (_Event * ring.nr).from_address(self._ctx.value + ring.header_length)
         self._iocbs = (_Iocb * DEPTH)()
         self._ptrs = [ctypes.pointer(self._iocbs[i]) for i in range(DEPTH)]
         self._refs = [ctypes.byref(p) for p in self._ptrs]
@@ -189,6 +200,24 @@ class AioContext:
             self._free.append(slot)
 
     def _reap(self) -> None:
+        events = self._ring_events
+        if events is not None:
+            # One pass over the ring instead of io_getevents calls (a system call each, and
+            # one more that finds nothing): an event is copied before the head moves past it,
+            # since the kernel may then reuse its place.
+            ring = self._ring
+            assert ring is not None
+            nr = ring.nr
+            head = ring.head
+            while head != ring.tail:
+                event = events[head]
+                slot, res = event.data, event.res
+                head = (head + 1) % nr
+                ring.head = head
+                task = self._waiting.pop(slot, None)
+                if task is not None:
+                    trio.lowlevel.reschedule(task, outcome.Value(res))
+            return
         while self._waiting:
             n = self._syscall(self._nr_getevents, self._ctx, 0, DEPTH, self._events,
                               ctypes.byref(self._zero_timeout))
