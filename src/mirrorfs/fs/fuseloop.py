@@ -100,8 +100,8 @@ class PollingWaiter:
         if start - self._last_yield < YIELD_INTERVAL and (ring is None or not ring.completed()):
             # No checkpoint on these returns: the wait through trio below comes within
             # YIELD_INTERVAL and delivers any cancellation. Completed AIO requests (O_DIRECT
-            # I/O) end the fast path: their reaper, and the handlers waiting for them, only
-            # run in a scheduler pass.
+            # I/O) end the fast path: the task that delivers them, and the handlers waiting
+            # for them, only run in a scheduler pass.
             poller = self._poller(fd)
             if poller.poll(0):
                 return
