@@ -12,7 +12,7 @@ Inputs never name a real job without also carrying something invalid, so a gener
 cannot be a valid command by chance.
 
 The volume tests send ``QMP_MESSAGES`` generated QMP messages and ``CONTROL_LINES`` control lines
-(three times as many under ``-m slow``) to one live mount each: raw JSON text with what
+(twice as many under ``-m slow``) to one live mount each: raw JSON text with what
 ``json.dumps`` never writes (``1e999``, ``NaN``, integers of thousands of digits, nesting past
 the limit, invalid UTF-8, NUL characters), over up to 8 concurrent clients, negotiated or not,
 in writes of 1 byte to 1 MiB. Every message gets exactly one reply; after every batch the mount
@@ -320,7 +320,7 @@ def test_control_file_fuzz(two_jobs: Mount) -> None:
 
 QMP_MESSAGES = 10_000
 CONTROL_LINES = 2_000
-SLOW_FACTOR = 3
+SLOW_FACTOR = 2
 BATCH = 50
 LINE_BATCH = 20
 SPLIT_BYTES = 16 * 1024
@@ -496,7 +496,7 @@ VOLUME = [pytest.param(1, id="default", marks=pytest.mark.timeout(900)),
 
 @pytest.mark.parametrize("scale", VOLUME)
 def test_qmp_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
-    """QMP_MESSAGES hostile messages (x3 under -m slow) to one live mount, in batches of BATCH
+    """QMP_MESSAGES hostile messages (x2 under -m slow) to one live mount, in batches of BATCH
     over up to 8 concurrent clients with writes from 1 byte to 1 MiB; after every batch the
     mount serves I/O and answers query-block-jobs with both jobs unchanged."""
     mount, path, bystander, before = volume_mount
@@ -576,7 +576,7 @@ def hostile_lines(draw: Any) -> bytes:
 
 @pytest.mark.parametrize("scale", VOLUME)
 def test_control_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
-    """CONTROL_LINES hostile control lines (x3 under -m slow), each in its own write(2): each
+    """CONTROL_LINES hostile control lines (x2 under -m slow), each in its own write(2): each
     fails with EINVAL or EBUSY and a one-line error in the history; after every batch of
     LINE_BATCH the mount serves I/O and answers query-block-jobs with both jobs unchanged."""
     mount, path, bystander, before = volume_mount
