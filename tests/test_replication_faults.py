@@ -23,19 +23,14 @@ from typing import Any
 import pytest
 
 from nbdservers import nbdkit
-from test_replication_support import (Writer, assert_identical, make_blank, make_image, qmp, wait_job,
+from test_replication_support import (Writer, assert_identical, outage_mount, qmp, wait_job,
                                       wait_ready)
 
 SIZE = 8 << 20
 
 
 def _setup(mount_factory: Any, tmp_path: Path) -> tuple[Any, Path, Path, Path]:
-    mount = mount_factory()
-    mount.allow_log(r"WARNING")  # target errors are logged as warnings, by design
-    source = mount.source / "vm.raw"
-    make_image(source, SIZE)
-    served = tmp_path / "served.raw"
-    make_blank(served, SIZE)
+    mount, source, served = outage_mount(mount_factory, tmp_path, SIZE)  # errors are warnings too
     return mount, source, served, tmp_path / "faults-on"
 
 

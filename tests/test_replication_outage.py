@@ -27,7 +27,7 @@ import pytest
 from mounting import mirrorfs_cli, process_alive, wait_for
 from nbdservers import qemu_nbd
 from test_replication_support import (NBD_TIMEOUT, Writer, assert_identical, make_blank, make_image,
-                                      qmp, wait_job, wait_ready)
+                                      outage_mount, qmp, wait_job, wait_ready)
 
 MiB = 1 << 20
 
@@ -37,13 +37,7 @@ MiB = 1 << 20
 @pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
 def test_server_killed_and_restarted_three_times_under_a_writer(mount_factory: Any, tmp_path: Path,
                                                                 copy_mode: str) -> None:
-    size = 32 * MiB
-    mount = mount_factory()
-    mount.allow_log(r"WARNING")  # lost targets are logged as warnings, by design
-    source = mount.source / "vm.raw"
-    make_image(source, size)
-    served = tmp_path / "served.raw"
-    make_blank(served, size)
+    mount, source, served = outage_mount(mount_factory, tmp_path, 32 * MiB)
     writer = None
     with qemu_nbd(served, transport="unix") as server:
         try:

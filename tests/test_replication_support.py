@@ -41,6 +41,18 @@ def make_blank(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+def outage_mount(mount_factory: Any, tmp_path: Path, size: int) -> tuple[Any, Path, Path]:
+    """A mount whose warnings are expected (a lost target is logged as one), its ``vm.raw`` of
+    random bytes, and a blank file of its size to export as the NBD target."""
+    mount = mount_factory()
+    mount.allow_log(r"WARNING")  # lost targets are logged as warnings, by design
+    source = mount.source / "vm.raw"
+    make_image(source, size)
+    served = tmp_path / "served.raw"
+    make_blank(served, size)
+    return mount, source, served
+
+
 def qemu_img_compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
     """``qemu-img compare`` of two raw images; ``-U``: a server may still hold one open."""
     return subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(a), str(b)],

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from nbdservers import qemu_nbd
-from test_replication_support import (NBD_TIMEOUT, Writer, assert_identical, make_blank, make_image,
-                                      qmp, wait_job, wait_ready)
+from test_replication_support import (NBD_TIMEOUT, Writer, assert_identical, outage_mount, qmp,
+                                      wait_job, wait_ready)
 
 MiB = 1 << 20
 
@@ -32,13 +32,8 @@ MiB = 1 << 20
 @pytest.mark.timeout(240)
 def test_a_lost_target_stalls_neither_the_other_job_nor_the_writer(mount_factory: Any,
                                                                     tmp_path: Path) -> None:
-    size = 16 * MiB
-    mount = mount_factory()
-    mount.allow_log(r"WARNING")  # lost targets are logged as warnings, by design
-    source = mount.source / "vm.raw"
-    make_image(source, size)
-    served, local = tmp_path / "served.raw", tmp_path / "local.raw"
-    make_blank(served, size)
+    mount, source, served = outage_mount(mount_factory, tmp_path, 16 * MiB)
+    local = tmp_path / "local.raw"
     writer = None
     with qemu_nbd(served, transport="unix") as server:
         try:
