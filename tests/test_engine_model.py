@@ -520,3 +520,36 @@ async def test_engine_model_of_two_jobs_keeps_the_bitmap_invariant(
     # the examples got to the parts that matter: writes to both jobs, pivots under a job that
     # went on to converge
     assert seen["group writes"] and seen["pivoted"] and seen["converged after a pivot"], seen
+
+
+async def test_engine_model_of_two_jobs_fails_when_a_group_write_marks_one_bitmap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-job model has teeth: where a write through the group marks only the first
+    job's bitmap, the second job's target keeps a stale cluster that its bitmap calls clean.
+    In one io mode: the model needs some 80 examples to get there (both modes alike)."""
+    monkeypatch.setattr(fileio, "IO_MODE", "thread")
+    begin_write = WritePath._begin_write
+
+    def first_only(self: MirrorJob, offset: int, length: int) -> tuple[Any, set[int]]:
+        io = self.node.job
+        if isinstance(io, JobGroup) and self is not io.jobs[0]:
+            return self.inflight.register(offset, length), set()
+        return begin_write(self, offset, length)
+
+    monkeypatch.setattr(WritePath, "_begin_write", first_only)
+    with pytest.raises(AssertionError, match="differ"):
+        await run_model(tmp_path, monkeypatch, copy_modes=("background", "background"),
+                        examples=200, model=TwoJobModel)
+
+
+async def test_engine_model_of_two_jobs_fails_when_a_pivot_leaves_the_other_on_the_old_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io_mode: str) -> None:
+    """The two-job model has teeth: where a pivot does not move the other job's copy to the
+    new file, that copy reads the old one, and writes after the pivot never reach its target."""
+    def stays_on_the_old_file(self: MirrorJob, fd: int, source_id: str) -> None:
+        os.close(fd)
+
+    monkeypatch.setattr(MirrorJob, "source_moved", stays_on_the_old_file)
+    with pytest.raises(AssertionError, match="differ"):
+        await run_model(tmp_path, monkeypatch, copy_modes=("background", "background"),
+                        examples=200, model=TwoJobModel)
