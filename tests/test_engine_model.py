@@ -519,8 +519,8 @@ async def test_engine_model_of_two_jobs_keeps_the_bitmap_invariant(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io_mode: str,
         copy_modes: tuple[str, str]) -> None:
     """Two jobs of one image keep the invariant through each other's writes, ends and pivots
-    (some 16 s per case on a 2-core machine)."""
-    seen = await run_model(tmp_path, monkeypatch, copy_modes=copy_modes, examples=40,
+    (some 10 s per case on a 2-core machine)."""
+    seen = await run_model(tmp_path, monkeypatch, copy_modes=copy_modes, examples=25,
                            model=TwoJobModel)
     # the examples got to the parts that matter: writes to both jobs, pivots under a job that
     # went on to converge
