@@ -13,7 +13,7 @@ every handle go to the target, and the image cannot be truncated, unlinked or re
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from ..errors import StateError, TargetError
 from ..targets.base import Target
@@ -67,7 +67,7 @@ class LocalPivot:
         StateError: the target cannot be opened.
     """
 
-    def __init__(self, job: MirrorJob, siblings: list[MirrorJob] = []) -> None:  # noqa: B006
+    def __init__(self, job: MirrorJob, siblings: Sequence[MirrorJob] = ()) -> None:
         self._job = job
         self._siblings = list(siblings)
         self._fds: dict[int, int] = {}
