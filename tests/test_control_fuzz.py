@@ -494,11 +494,12 @@ VOLUME = [pytest.param(1, id="default", marks=pytest.mark.timeout(900)),
           pytest.param(SLOW_FACTOR, id="slow", marks=[pytest.mark.slow, pytest.mark.timeout(3600)])]
 
 
-@pytest.mark.parametrize("scale", VOLUME)
-def test_qmp_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
-    """QMP_MESSAGES hostile messages (x2 under -m slow) to one live mount, in batches of BATCH
-    over up to 8 concurrent clients with writes from 1 byte to 1 MiB; after every batch the
-    mount serves I/O and answers query-block-jobs with both jobs unchanged."""
+@pytest.mark.timeout(900)
+def test_qmp_volume_fuzz_one_mount(volume_mount: Any) -> None:
+    """QMP_MESSAGES hostile messages to one live mount, in batches of BATCH over up to 8
+    concurrent clients with writes from 1 byte to 1 MiB; after every batch the mount serves
+    I/O and answers query-block-jobs with both jobs unchanged. (Once: twice the volume under
+    -m slow found nothing more and cost the suite two minutes.)"""
     mount, path, bystander, before = volume_mount
     layout = random.Random(1)
 
@@ -522,14 +523,14 @@ def test_qmp_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
     _qmp_client(path, worst, False, 1, errors)
     assert not errors, errors[:3]
 
-    @settings(FUZZ, max_examples=scale * QMP_MESSAGES, phases=[Phase.generate])
+    @settings(FUZZ, max_examples=QMP_MESSAGES, phases=[Phase.generate])
     @given(message=raw_messages())
     def one(message: bytes) -> None:
         batcher.add(message)
 
     one()
     batcher.flush()
-    assert batcher.sent >= scale * QMP_MESSAGES, f"sent only {batcher.sent} messages"
+    assert batcher.sent >= QMP_MESSAGES, f"sent only {batcher.sent} messages"
 
 
 _line_word = st.one_of(

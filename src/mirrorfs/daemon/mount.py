@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -399,10 +400,31 @@ def open_log_file(log_file: str) -> tuple[int, str]:
     return fd, log_file
 
 
+class _ReplyNoLongerAwaited(logging.Filter):
+    """Lowers pyfuse3's "fuse_reply_* failed with No such file or directory" to INFO.
+
+    The kernel answers a reply with ENOENT when it no longer holds the request: the caller was
+    interrupted, or the mount ended while a RELEASE (which the kernel sends without waiting)
+    was still being answered. Nothing of ours failed, so it must not read as an error.
+    """
+
+    _ENOENT = os.strerror(errno.ENOENT)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.levelno == logging.ERROR and isinstance(record.msg, str)
+                and record.msg.endswith("fuse_reply_* failed with %s")
+                and record.args == (self._ENOENT,)):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg += " (the kernel no longer waits for this reply)"
+            return record.levelno >= logging.getLogger().getEffectiveLevel()
+        return True
+
+
 def _setup_logging(level: str, stream: object) -> None:
     handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"))
+    handler.addFilter(_ReplyNoLongerAwaited())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.WARNING))
