@@ -573,13 +573,13 @@ async def test_engine_model_of_two_jobs_fails_when_a_pivot_leaves_the_other_on_t
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The two-job model has teeth: where a pivot does not move the other job's copy to the
     new file, that copy reads the old one, and writes after the pivot never reach its target.
-    In one io mode (the threaded one took 15-75 s in CI, the inline one some 40 s)."""
+    In one io mode: the model needs 64 examples to get there in either (some 40 s)."""
     monkeypatch.setattr(fileio, "IO_MODE", "direct")
+
     def stays_on_the_old_file(self: MirrorJob, fd: int, source_id: str) -> None:
         os.close(fd)
 
     monkeypatch.setattr(MirrorJob, "source_moved", stays_on_the_old_file)
     with pytest.raises(AssertionError, match="differ"):
-        # (write-blocking jobs get there in a few examples, background ones in a hundred)
         await run_model(tmp_path, monkeypatch, copy_modes=("write-blocking", "write-blocking"),
                         examples=200, model=TwoJobModel)
