@@ -183,6 +183,15 @@ def test_mirror_defaults_and_nbd_target(mount: Any, capsys: Any) -> None:
     assert sent(st, "drive-mirror") == [{"device": "a.img", "target": "nbd+unix:///exp?socket=/run/x.sock"}]
 
 
+def test_mirror_says_what_it_started_on_one_line(mount: Any, capsys: Any) -> None:
+    """An image's name may hold a newline or a terminal escape; the line printed holds neither."""
+    mnt, st = mount
+    code, out, err = run_cli(capsys, "mirror", mnt, "a\nb\x1b[2J.img", "/t/x.img")
+    assert (code, err) == (0, "")
+    assert out == ("mirroring a\\nb\\x1b[2J.img to /t/x.img (job a\\nb\\x1b[2J.img); "
+                   f"'mirrorfs status {mnt}' shows its progress\n")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["../../etc/passwd", "t.img"], "image '../../etc/passwd' leaves the mount"),
     (["a/../../x", "t.img"], "leaves the mount"),

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from ..errors import QMPCommandError, QMPConnectError, UsageError
 from ..mirror.params import MIRROR_PARAMS, MirrorParams, is_uri, job_arguments, normalize_image_name
 from .qmp_client import QMPClient, socket_timeout_default
-from .render import format_eta, format_rate, job_eta, job_state, render_status_table
+from .render import format_eta, format_rate, job_eta, job_state, printable, render_status_table
 
 __all__ = ["cli_mirror", "cli_status", "cli_complete", "cli_cancel", "cli_pause", "cli_resume",
            "cli_set_speed", "cli_qmp", "socket_path_for", "mirror_arguments"]
@@ -121,7 +121,8 @@ def cli_mirror(args: argparse.Namespace) -> int:
     arguments, params = mirror_arguments(args)
     with _connect(args.mountpoint) as client:
         client.execute("drive-mirror", arguments)
-    print(f"mirroring {params.image} to {params.target} (job {params.job_id}); "
+    print(f"mirroring {printable(params.image)} to {printable(params.target)} "
+          f"(job {printable(params.job_id)}); "
           f"'mirrorfs status {args.mountpoint}' shows its progress")
     return 0
 

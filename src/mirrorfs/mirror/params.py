@@ -379,6 +379,15 @@ def check_target(target: Any) -> str:
     return target
 
 
+def _check_given_id(job_id: str) -> None:
+    """A job id someone chose: it is typed on command lines, in control-file lines and in
+    Prometheus labels, so it holds no whitespace, quote or control character (QEMU's ids are
+    as strict)."""
+    if not JOB_ID_RE.match(job_id):
+        raise UsageError(f"job id {job_id!r} may hold only letters, digits and _.+- "
+                         f"(not first: . + -), up to 128")
+
+
 def _check_persistent_id(job_id: str, *, given: bool) -> None:
     """A persistent job's id names its record file: refuse one that could not."""
     if not JOB_ID_RE.match(job_id):
@@ -448,6 +457,8 @@ class MirrorParams:
             raise UsageError(f"verify-resync compares every cluster: it goes with sync 'dirty' or "
                              f"'full', not {sync!r}")
         job_id = v["job-id"] or image
+        if "job-id" in args:
+            _check_given_id(job_id)
         if v["persistent"]:
             _check_persistent_id(job_id, given="job-id" in args)
         if v["on-mismatch"] == "full" and sync != "dirty":
