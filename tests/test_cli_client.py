@@ -315,7 +315,7 @@ def test_cancel_single_and_transaction(mount: Any, capsys: Any) -> None:
 def test_complete_cancel_bad_input(mount: Any, capsys: Any, cmd: str) -> None:
     mnt, st = mount
     code, _, err = run_cli(capsys, cmd, mnt, "a.img", "a.img")
-    assert code == 2 and err == f"mirrorfs {cmd}: image 'a.img' is given twice\n"
+    assert code == 2 and err == f"mirrorfs {cmd}: 'a.img' is given twice: name each job once\n"
     code, _, err = run_cli(capsys, cmd, mnt, "a.img", "../x")
     assert code == 2 and "leaves the mount" in err
     assert st.engine.calls == []

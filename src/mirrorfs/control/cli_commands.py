@@ -71,7 +71,7 @@ def _devices(images: Iterable[str]) -> list[str]:
     for image in images:
         device = normalize_image_name(image)
         if device in devices:
-            raise UsageError(f"image {image!r} is given twice")
+            raise UsageError(f"{image!r} is given twice: name each job once")
         devices.append(device)
     return devices
 

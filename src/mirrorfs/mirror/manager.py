@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import trio
 
@@ -86,6 +86,8 @@ class JobManager:
         self._claims: dict[object, dict[object, str]] = {}
         self._listeners: list[Callable[[str, dict], None]] = []
         self._lock = trio.Lock()
+        #: image node -> the job whose pivot of it is queued or under way
+        self._pivoting: dict[object, MirrorJob] = {}
 
     # ------------------------------------------------------------------ events
 
@@ -426,6 +428,39 @@ class JobManager:
         """
         if not actions:
             raise UsageError("a transaction needs at least one action")
+        with self._reserve_pivots(actions):
+            await self._run_transaction(actions)
+
+    @contextlib.contextmanager
+    def _reserve_pivots(self, actions: list[Action]) -> Iterator[None]:
+        """Mark the images ``actions`` pivot as being pivoted until the transaction ends, and
+        refuse one that another transaction pivots: queued behind it, this pivot would move the
+        image a second time, away from where the first one just put it.
+
+        Raises:
+            StateError: another transaction pivots one of these images.
+        """
+        mine: dict[object, MirrorJob] = {}
+        for action in actions:
+            if action.kind != "complete" or not action.pivot:
+                continue
+            try:
+                job = self.get(action.job_id)
+            except MirrorfsError:
+                continue  # the transaction itself reports it
+            other = self._pivoting.get(job.node)
+            if other is not None:
+                raise StateError(f"cannot pivot {job.params.image!r} with job {job.id!r}: job "
+                                 f"{other.id!r} is pivoting it now; wait until that has ended")
+            mine.setdefault(job.node, job)
+        self._pivoting.update(mine)
+        try:
+            yield
+        finally:
+            for node in mine:
+                del self._pivoting[node]
+
+    async def _run_transaction(self, actions: list[Action]) -> None:
         async with self._lock:
             jobs = [self.get(a.job_id) for a in actions]
             if len({id(j) for j in jobs}) != len(jobs):
