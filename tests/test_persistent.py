@@ -197,11 +197,14 @@ def test_persistent_without_a_state_dir_is_refused(mounted: Mount, tmp_path: Pat
     assert "this mount has none: mount with --state-dir DIR" in proc.stderr
     assert proc.stderr.count("\n") == 1
     assert not target.exists() and jobs(mounted) == []
-    # A job id that cannot name a record file is refused before anything is sent.
+    # A job id that cannot name a record file (nor be typed in a control-file line) is refused
+    # before anything is sent.
     make_image(mounted.source / "dir.raw", 1 * MiB)
     proc = mounted.cli("mirror", mounted.mountpoint, "a.raw", target, "--create", "--persistent",
                        "--job-id", "../x", check=False)
-    assert proc.returncode == 2 and "give --job-id" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("mirrorfs mirror: job id '../x' may hold only letters, digits and _.+- "
+                           "(not first: . + -), up to 128\n")
 
 
 @pytest.mark.timeout(120)

@@ -163,6 +163,8 @@ class CopyTask:
         if run is None:
             self._dirtied = trio.Event()
             await self.wait_idle()
+            if self._buffers and not job.bitmap.count():
+                self._release_buffers()
             if self._cursor:
                 self._cursor = 0
                 if not self._skipped:
@@ -351,6 +353,13 @@ class CopyTask:
         finally:
             if len(buf) == self.chunk_size:
                 buffers.append(buf)
+
+    def _release_buffers(self) -> None:
+        """Give the copy buffers' memory back: with nothing left to copy they would hold
+        buf-size bytes per job for as long as it stays ready (the next copy maps new ones)."""
+        for buf in self._buffers:
+            buf.close()
+        self._buffers.clear()
 
     async def _write_differing(self, offset: int, data: bytes) -> None:
         """A verified resync: write only the clusters whose target bytes differ from ``data``."""

@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import trio
 
@@ -41,10 +41,14 @@ from .job import MirrorJob
 from .params import MirrorParams
 from .persistence import Persistence
 from .seams import JobBitmap
-from .pivot import EndPlan, Plan, check_pivot, prepare_pivot
+from .pivot import EndPlan, Plan, PivotReservations, check_pivot, prepare_pivot
 from .replica import JournalFound, initial_replica
 
 log = logging.getLogger(__name__)
+
+#: Every write to an image is duplicated to each of its jobs' targets: past a few jobs, an image
+#: gets slower with each one and nothing is gained, and many would be a script gone wrong.
+MAX_JOBS_PER_IMAGE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +90,7 @@ class JobManager:
         self._claims: dict[object, dict[object, str]] = {}
         self._listeners: list[Callable[[str, dict], None]] = []
         self._lock = trio.Lock()
-        #: image node -> the job whose pivot of it is queued or under way
-        self._pivoting: dict[object, MirrorJob] = {}
+        self._pivoting = PivotReservations()
 
     # ------------------------------------------------------------------ events
 
@@ -180,6 +183,9 @@ class JobManager:
                 # what serves an image pivoted to NBD: the image is no file here any more
                 raise StateError(f"cannot mirror {params.image!r}: {node.job.id} serves it from "
                                  f"its NBD target for the rest of this mount")
+            if record is None and len(siblings) >= MAX_JOBS_PER_IMAGE:  # a re-attach was let in once
+                raise StateError(f"image {params.image!r} has {len(siblings)} mirror jobs, the "
+                                 f"most one image may have; end one of them first")
             claims = await self._check_paths(params, node)
             source_stat = os.stat(node.backing_path)
             size = source_stat.st_size
@@ -428,44 +434,27 @@ class JobManager:
         """
         if not actions:
             raise UsageError("a transaction needs at least one action")
-        with self._reserve_pivots(actions):
+        with self._pivoting.reserve(self._pivots_of(actions)):
             await self._run_transaction(actions)
 
-    @contextlib.contextmanager
-    def _reserve_pivots(self, actions: list[Action]) -> Iterator[None]:
-        """Mark the images ``actions`` pivot as being pivoted until the transaction ends, and
-        refuse one that another transaction pivots: queued behind it, this pivot would move the
-        image a second time, away from where the first one just put it.
-
-        Raises:
-            StateError: another transaction pivots one of these images.
-        """
-        mine: dict[object, MirrorJob] = {}
+    def _pivots_of(self, actions: list[Action]) -> list[MirrorJob]:
+        """The jobs ``actions`` would pivot (a name that names no job is the transaction's to
+        report)."""
+        found = []
         for action in actions:
-            if action.kind != "complete" or not action.pivot:
-                continue
-            try:
-                job = self.get(action.job_id)
-            except MirrorfsError:
-                continue  # the transaction itself reports it
-            other = self._pivoting.get(job.node)
-            if other is not None:
-                raise StateError(f"cannot pivot {job.params.image!r} with job {job.id!r}: job "
-                                 f"{other.id!r} is pivoting it now; wait until that has ended")
-            mine.setdefault(job.node, job)
-        self._pivoting.update(mine)
-        try:
-            yield
-        finally:
-            for node in mine:
-                del self._pivoting[node]
+            if action.kind == "complete" and action.pivot:
+                try:
+                    found.append(self.get(action.job_id))
+                except MirrorfsError:
+                    pass
+        return found
 
     async def _run_transaction(self, actions: list[Action]) -> None:
         async with self._lock:
             jobs = [self.get(a.job_id) for a in actions]
             if len({id(j) for j in jobs}) != len(jobs):
                 raise UsageError("a transaction may name each job only once")
-            self._check(actions, jobs)
+            _check_actions(actions, jobs)
             siblings = _pivot_siblings(actions, jobs)
             for job in jobs:
                 job.gate.close()
@@ -478,14 +467,14 @@ class JobManager:
                     await job.hold_copy()
                     held.append(job)
                 # The state may have moved while draining (a target lost): check again.
-                self._check(actions, jobs)
+                _check_actions(actions, jobs)
                 plans = []
                 try:
                     for action, job in zip(actions, jobs):
-                        plans.append(await self._prepare(action, job, siblings.get(job, [])))
+                        plans.append(await _prepare(action, job, siblings.get(job, [])))
                     # A job may have failed while converging: its end waits for this lock,
                     # and the transaction is refused as a whole.
-                    self._check(actions, jobs)
+                    _check_actions(actions, jobs)
                 except BaseException:
                     # A later action failed: undo what the earlier ones prepared (a pivot's
                     # descriptors on its target), since their switch will never run.
@@ -503,24 +492,6 @@ class JobManager:
                     job.release_copy()
                 for job in jobs:
                     job.gate.open()
-
-    def _check(self, actions: list[Action], jobs: list[MirrorJob]) -> None:
-        for action, job in zip(actions, jobs):
-            if action.kind == "complete":
-                job.check_can_complete()
-            elif job.finished:
-                raise StateError(f"job {job.id!r} has ended")
-
-    async def _prepare(self, action: Action, job: MirrorJob, siblings: list[MirrorJob]) -> Plan:
-        """Do everything that can fail for one action; return the step that cannot.
-        ``siblings``: the image's other jobs that go on after a pivot of ``job``."""
-        if action.kind == "cancel" and (action.force or not job.ready):
-            return EndPlan(lambda: job.conclude("cancelled"))
-        # complete (either form) and cancel after ready: the target becomes an exact copy.
-        await job.converge()
-        if action.kind == "cancel" or not action.pivot:
-            return EndPlan(lambda: job.conclude("completed"))
-        return prepare_pivot(job, siblings)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -563,6 +534,26 @@ def check_local_target(path: str, create: bool, size: int,
             raise UsageError(f"cannot create target {path!r}: {exc.strerror}") from None
         return st.st_dev, st.st_ino
     return None
+
+
+def _check_actions(actions: list[Action], jobs: list[MirrorJob]) -> None:
+    for action, job in zip(actions, jobs):
+        if action.kind == "complete":
+            job.check_can_complete()
+        elif job.finished:
+            raise StateError(f"job {job.id!r} has ended")
+
+
+async def _prepare(action: Action, job: MirrorJob, siblings: list[MirrorJob]) -> Plan:
+    """Do everything that can fail for one action; return the step that cannot.
+    ``siblings``: the image's other jobs that go on after a pivot of ``job``."""
+    if action.kind == "cancel" and (action.force or not job.ready):
+        return EndPlan(lambda: job.conclude("cancelled"))
+    # complete (either form) and cancel after ready: the target becomes an exact copy.
+    await job.converge()
+    if action.kind == "cancel" or not action.pivot:
+        return EndPlan(lambda: job.conclude("completed"))
+    return prepare_pivot(job, siblings)
 
 
 def _pivot_siblings(actions: list[Action], jobs: list[MirrorJob]) -> dict[MirrorJob, list[MirrorJob]]:

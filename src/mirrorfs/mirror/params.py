@@ -388,12 +388,13 @@ def _check_given_id(job_id: str) -> None:
                          f"(not first: . + -), up to 128")
 
 
-def _check_persistent_id(job_id: str, *, given: bool) -> None:
-    """A persistent job's id names its record file: refuse one that could not."""
-    if not JOB_ID_RE.match(job_id):
-        what = f"job id {job_id!r}" if given else f"the default job id (the image name {job_id!r})"
-        raise UsageError(f"a persistent job's id names its record file: {what} may hold only "
-                         f"letters, digits and _.+- (not first: . + -), up to 128; give --job-id")
+def _check_persistent_default_id(image: str) -> None:
+    """A persistent job's id names its record file: refuse a default id (the image's name) that
+    could not."""
+    if not JOB_ID_RE.match(image):
+        raise UsageError(f"a persistent job's id names its record file: the default job id (the "
+                         f"image name {image!r}) may hold only letters, digits and _.+- (not "
+                         f"first: . + -), up to 128; give --job-id")
 
 
 # ---------------------------------------------------------------------------- drive-mirror
@@ -459,8 +460,8 @@ class MirrorParams:
         job_id = v["job-id"] or image
         if "job-id" in args:
             _check_given_id(job_id)
-        if v["persistent"]:
-            _check_persistent_id(job_id, given="job-id" in args)
+        elif v["persistent"]:
+            _check_persistent_default_id(image)
         if v["on-mismatch"] == "full" and sync != "dirty":
             raise UsageError(f"on-mismatch decides what a resume does when its bitmap proves wrong: "
                              f"it goes with sync 'dirty', not {sync!r}")

@@ -1,4 +1,5 @@
-"""Pivots, as plans, and what serves an image after a pivot to a target that is not a local file.
+"""Pivots, as plans; the reservations that keep two transactions from pivoting one image; and
+what serves an image after a pivot to a target that is not a local file.
 
 A pivot is prepared under the closed gate (everything that can fail: opening descriptors on the
 target) and returns a plan; the transaction then either commits every plan (nothing in a commit
@@ -12,8 +13,9 @@ every handle go to the target, and the image cannot be truncated, unlinked or re
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from ..errors import StateError, TargetError
 from ..targets.base import Target
@@ -134,6 +136,36 @@ def check_pivot(job: MirrorJob, siblings: list[MirrorJob]) -> None:
                          f"while job(s) {', '.join(repr(s.id) for s in siblings)} also run on it: "
                          f"end them first or in the same transaction, or complete {job.id!r} "
                          f"with pivot=false")
+
+
+class PivotReservations:
+    """The images that transactions are pivoting, each with its job, from the transaction's
+    start (before it waits for its turn) to its end. A second pivot of such an image is refused:
+    queued behind the first, it would move the image again, away from where the first put it."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[object, MirrorJob] = {}
+
+    @contextlib.contextmanager
+    def reserve(self, pivots: Sequence[MirrorJob]) -> Iterator[None]:
+        """Hold the images of ``pivots`` for the ``with`` block.
+
+        Raises:
+            StateError: another transaction is pivoting one of them; nothing is held.
+        """
+        mine: dict[object, MirrorJob] = {}
+        for job in pivots:
+            other = self._by_node.get(job.node)
+            if other is not None:
+                raise StateError(f"cannot pivot {job.params.image!r} with job {job.id!r}: job "
+                                 f"{other.id!r} is pivoting it now; wait until that has ended")
+            mine.setdefault(job.node, job)  # two pivots of one image: the transaction says so
+        self._by_node.update(mine)
+        try:
+            yield
+        finally:
+            for node in mine:
+                del self._by_node[node]
 
 
 class TargetForwarder:
