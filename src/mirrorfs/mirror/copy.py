@@ -356,9 +356,9 @@ class CopyTask:
 
     def _release_buffers(self) -> None:
         """Give the copy buffers' memory back: with nothing left to copy they would hold
-        buf-size bytes per job for as long as it stays ready (the next copy maps new ones)."""
-        for buf in self._buffers:
-            buf.close()
+        buf-size bytes per job for as long as it stays ready (the next copy maps new ones).
+        Dropped, not closed: a failed copy's traceback may still hold a view of one, and an
+        mmap is unmapped when its last reference goes."""
         self._buffers.clear()
 
     async def _write_differing(self, offset: int, data: bytes) -> None:
