@@ -63,7 +63,7 @@ def test_tiny_run_measures_every_configuration_and_leaves_nothing(tmp_path: Path
     disk.mkdir()
     proc = bench("--configs", "native,mirrorfs,mirrorfs-wb,qsd-fuse,qsd-mirror",
                  "--disk-configs", "native,mirrorfs,mirrorfs-wb,qsd-fuse", "--workloads",
-                 "rand-write-4k-qd1,seq-read-1M", "--reps", "1", "--runtime", "1", "--size", "16M",
+                 "rand-write-4k-qd1,seq-read-1M", "--reps", "1", "--runtime", "0.3", "--size", "16M",
                  "--disk-size", "16M", "--ready-size", "32M", "--sparse-size", "512M", "--sparse-data", "8M",
                  "--dir", str(scratch), "--disk-dir", str(disk), "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_two_jobs_on_one_image_ratios_and_both_targets(tmp_path: Path) -> None:
     disk.mkdir()
     proc = bench("--configs", "mirrorfs,mirrorfs-wb,mirrorfs-wb2,mirrorfs-bg,mirrorfs-bg2",
                  "--disk-configs", "mirrorfs-wb,mirrorfs-wb2", "--workloads", "rand-write-4k-qd1,seq-write-1M",
-                 "--reps", "1", "--runtime", "1", "--size", "16M", "--disk-size", "16M", "--no-ready",
+                 "--reps", "1", "--runtime", "0.3", "--size", "16M", "--disk-size", "16M", "--no-ready",
                  "--dir", str(scratch), "--disk-dir", str(disk), "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

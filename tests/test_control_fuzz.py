@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -420,6 +421,42 @@ class Batcher:
             self.sent += len(batch)
 
 
+def generated_batches(kind: str, count: int, size: int) -> Iterator[list[bytes]]:
+    """``count`` examples of ``GENERATED[kind]`` from hypothesis (``FUZZ``, generate phase only,
+    so always the same ones), in batches of ``size``. Generating costs about as much CPU as
+    sending and checking, and in one process both would share one core: so hypothesis runs in
+    a child process and generates the next batches while this one sends the current batch."""
+    ctx = multiprocessing.get_context("spawn")  # this process has threads: no fork
+    queue = ctx.Queue()
+    child = ctx.Process(target=_generate, args=(kind, count, size, queue), daemon=True)
+    child.start()
+    try:
+        while (batch := queue.get(timeout=300)) is not None:
+            if isinstance(batch, str):
+                pytest.fail(batch, pytrace=False)
+            yield batch
+    finally:
+        child.kill()
+        child.join()
+
+
+def _generate(kind: str, count: int, size: int, queue: Any) -> None:
+    """The child process of ``generated_batches``."""
+    try:
+        batcher = Batcher(size, queue.put)
+
+        @settings(FUZZ, max_examples=count, phases=[Phase.generate])
+        @given(item=GENERATED[kind]())
+        def one(item: bytes) -> None:
+            batcher.add(item)
+
+        one()
+        batcher.flush()
+        queue.put(None)
+    except BaseException as exc:
+        queue.put(f"hypothesis failed to generate {kind} inputs: {exc!r}")
+
+
 def _qmp_client(path: str, lines: list[bytes], negotiate: bool, chunk: int, errors: list[str]) -> None:
     """Send ``lines`` in writes of ``chunk`` bytes, then a sentinel; check one reply per line."""
     try:
@@ -502,6 +539,7 @@ def test_qmp_volume_fuzz_one_mount(volume_mount: Any) -> None:
     -m slow found nothing more and cost the suite two minutes.)"""
     mount, path, bystander, before = volume_mount
     layout = random.Random(1)
+    sent = 0
 
     def send(messages: list[bytes]) -> None:
         split, negotiate, chunks = qmp_batch_layout(layout, messages)
@@ -513,9 +551,10 @@ def test_qmp_volume_fuzz_one_mount(volume_mount: Any) -> None:
         for t in threads:
             t.join(120)
         assert not errors, errors[:3]
-        _assert_io_and_jobs(mount, bystander, before, f"batch-{batcher.sent + len(messages)}")
+        nonlocal sent
+        sent += len(messages)
+        _assert_io_and_jobs(mount, bystander, before, f"batch-{sent}")
 
-    batcher = Batcher(BATCH, send)
     # The worst cases first, in one batch of their own, byte by byte over one client.
     worst = [b'{"execute": "x", "id": 1e999}', b'{"execute": "x", "id": NaN}', b"[" * 200 + b"]" * 200,
              b'{"execute": "\xff", "id": 1}', b"9" * 600_000, b"[" * 100_000]
@@ -523,14 +562,9 @@ def test_qmp_volume_fuzz_one_mount(volume_mount: Any) -> None:
     _qmp_client(path, worst, False, 1, errors)
     assert not errors, errors[:3]
 
-    @settings(FUZZ, max_examples=QMP_MESSAGES, phases=[Phase.generate])
-    @given(message=raw_messages())
-    def one(message: bytes) -> None:
-        batcher.add(message)
-
-    one()
-    batcher.flush()
-    assert batcher.sent >= QMP_MESSAGES, f"sent only {batcher.sent} messages"
+    for batch in generated_batches("qmp", QMP_MESSAGES, BATCH):
+        send(batch)
+    assert sent >= QMP_MESSAGES, f"sent only {sent} messages"
 
 
 _line_word = st.one_of(
@@ -581,6 +615,7 @@ def test_control_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
     fails with EINVAL or EBUSY and a one-line error in the history; after every batch of
     LINE_BATCH the mount serves I/O and answers query-block-jobs with both jobs unchanged."""
     mount, path, bystander, before = volume_mount
+    sent = 0
 
     def send(lines: list[bytes]) -> None:
         fd = os.open(mount.control / "control", os.O_WRONLY)
@@ -597,15 +632,14 @@ def test_control_volume_fuzz_one_mount(volume_mount: Any, scale: int) -> None:
             os.close(fd)
         last = (mount.control / "control").read_bytes().decode("utf-8").split("\n")[-2]
         assert " -> error: " in last, last
-        _assert_io_and_jobs(mount, bystander, before, f"lines-{batcher.sent + len(lines)}")
+        nonlocal sent
+        sent += len(lines)
+        _assert_io_and_jobs(mount, bystander, before, f"lines-{sent}")
 
-    batcher = Batcher(LINE_BATCH, send)
+    for batch in generated_batches("control", scale * CONTROL_LINES, LINE_BATCH):
+        send(batch)
+    assert sent >= scale * CONTROL_LINES, f"sent only {sent} lines"
 
-    @settings(FUZZ, max_examples=scale * CONTROL_LINES, phases=[Phase.generate])
-    @given(line=hostile_lines())
-    def one(line: bytes) -> None:
-        batcher.add(line)
 
-    one()
-    batcher.flush()
-    assert batcher.sent >= scale * CONTROL_LINES, f"sent only {batcher.sent} lines"
+# What generated_batches can generate, by name (the child process imports this module).
+GENERATED = {"qmp": raw_messages, "control": hostile_lines}

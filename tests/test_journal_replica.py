@@ -372,7 +372,7 @@ def test_catch_up_from_the_journal_keeps_every_snapshot_a_prefix(
                                            before + during), "at the loss")
         assert at_loss >= before
 
-        nbd_file.start(delay_ms=12)  # back, slow enough to be caught mid-replay
+        nbd_file.start(delay_ms=5)  # back, slow enough to be caught mid-replay ~75 times
         replaying = snapshots_until_ready(client, nbd_file, slots, before + during, seed)
         assert len(replaying) >= 20, replaying
         assert len(set(replaying)) >= 10, "the replay was caught at too few moments"

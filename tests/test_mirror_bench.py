@@ -23,7 +23,7 @@ def test_bench_reports_the_jobs_cost_against_the_bare_mount_and_the_file(tmp_pat
     scratch.mkdir()
     r = subprocess.run([sys.executable, str(SCRIPTS / "bench"), "--configs", "native,mirrorfs,mirrorfs-bg,mirrorfs-wb",
                         "--disk-configs", "", "--workloads", "seq-write-1M,rand-write-4k-qd1", "--reps", "1",
-                        "--runtime", "1", "--size", "16M", "--no-ready", "--dir", str(scratch), "--json", str(out)],
+                        "--runtime", "0.3", "--size", "16M", "--no-ready", "--dir", str(scratch), "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -39,13 +39,13 @@ class FioResult:
     requests: int  # requests fio completed
 
 
-def fio_argv(path: Path, workload: str, size: int, runtime: int) -> list[str]:
+def fio_argv(path: Path, workload: str, size: int, runtime: float) -> list[str]:
     return ["fio", "--name=bench", f"--filename={path}", f"--size={size}", "--direct=1", "--time_based",
-            f"--runtime={runtime}", "--randrepeat=0", "--norandommap", "--invalidate=0",
+            f"--runtime={round(runtime * 1000)}ms", "--randrepeat=0", "--norandommap", "--invalidate=0",
             "--output-format=json", *WORKLOADS[workload].args]
 
 
-def run_fio(path: Path, workload: str, size: int, runtime: int) -> FioResult:
+def run_fio(path: Path, workload: str, size: int, runtime: float) -> FioResult:
     proc = run(fio_argv(path, workload, size, runtime), timeout=runtime + 120)
     out = json.loads(proc.stdout[proc.stdout.index("{"):])
     job = out["jobs"][0]
