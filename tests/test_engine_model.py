@@ -30,6 +30,7 @@ from hypothesis.internal.conjecture import providers as hypothesis_providers
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
+from compare import assert_same_bytes
 from mirrorfs import fileio
 from mirrorfs.errors import StateError, TargetError, TargetRetryableError
 from mirrorfs.fs.node import ImageNode, OpenHandle
@@ -41,8 +42,6 @@ from mirrorfs.mirror.job import MirrorJob
 from mirrorfs.mirror.manager import JobManager
 from mirrorfs.mirror.params import MirrorParams
 from mirrorfs.mirror.writes import WritePath
-
-from compare import assert_same_bytes
 
 SIZE = 64 * 1024
 GRANULARITY = 4096
