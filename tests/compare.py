@@ -9,11 +9,12 @@ accepts a longer file whose tail reads as zeros.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
 import numpy as np
+
+from mirrorfs.mirror.extents import next_data
 
 #: what a message calls a cluster: the default granularity of a mirror job
 CLUSTER = 64 * 1024
@@ -51,16 +52,6 @@ def assert_same_bytes(a: bytes, b: bytes, what: str, *, cluster: int = CLUSTER) 
     raise AssertionError(f"{what}: {_describe(first, count, len(a), len(b), cluster)}")
 
 
-def _next_data(fd: int, offset: int, size: int) -> int:
-    """Where the data of a file at or after ``offset`` begins (its ``size``: none)."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return size
-        raise
-
-
 def assert_identical(a: Path, b: Path, *, cluster: int = CLUSTER) -> None:
     """Fail unless files ``a`` and ``b`` hold the same bytes (and size), naming both and
     where they differ. Only what either file holds as data is read: a hole reads as zeros
@@ -74,7 +65,9 @@ def assert_identical(a: Path, b: Path, *, cluster: int = CLUSTER) -> None:
         try:
             offset = 0
             while True:
-                offset = min(_next_data(fd_a, offset, size_a), _next_data(fd_b, offset, size_b))
+                starts = [start for start in (next_data(fd_a, offset), next_data(fd_b, offset))
+                          if start is not None]
+                offset = min(starts, default=size_a)
                 if offset >= min(size_a, size_b):
                     break
                 found = _differences(os.pread(fd_a, CHUNK, offset), os.pread(fd_b, CHUNK, offset))
