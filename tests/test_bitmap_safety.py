@@ -26,10 +26,11 @@ from typing import Any, Callable
 import pytest
 import trio
 
+from compare import assert_identical
 from mounting import Mount
 from test_mirror_engine import engine, random_content
-from test_mirror_mount import (assert_identical, job, jobs, make_image, qemu_io, read_at, tiny_tmpfs,
-                               wait_job, wait_ready)
+from test_mirror_mount import (job, jobs, make_image, qemu_io, read_at, tiny_tmpfs, wait_job,
+                               wait_ready)
 
 MiB = 1 << 20
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 
+from compare import assert_identical
 from mirrorfs import fileio
 from mirrorfs.bitmap.inspect import inspect_file
 from mirrorfs.bitmap.persistent import PersistentBitmap
@@ -24,7 +25,7 @@ from mirrorfs.errors import BitmapFormatError, SourceError, StateError, UsageErr
 from mirrorfs.mirror.copy import CopyTask
 from mirrorfs.mirror.job import MirrorJob
 from mirrorfs.mirror.params import MirrorParams
-from test_mirror_engine import MiB, Env, assert_identical, engine, random_content
+from test_mirror_engine import MiB, Env, engine, random_content
 
 
 async def wait_for(predicate: Any, what: str, timeout: float = 10) -> None:

@@ -20,8 +20,9 @@ from typing import Any, Iterator
 
 import pytest
 
+from compare import assert_identical
 from mounting import Mount, qsd_fuse_export
-from test_replication_support import assert_identical, make_image, qmp, wait_job, wait_ready
+from test_replication_support import make_image, qmp, wait_job, wait_ready
 
 MiB = 1 << 20
 SIZE = 4 * MiB

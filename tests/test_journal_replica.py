@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import pytest
 import trio
 
+from compare import assert_identical
 from mirrorfs.errors import TargetError
 from mirrorfs.journal.file import WriteJournal
 from mirrorfs.journal.format import MIN_CAPACITY, Kind
@@ -40,7 +41,7 @@ from mirrorfs.mirror.replica import JournalFound, Replica, initial_replica, on_t
 
 from mounting import mirrorfs_cli, process_alive, wait_for
 from nbdservers import Server
-from test_replication_support import assert_identical, make_blank, qmp, wait_job, wait_ready
+from test_replication_support import make_blank, qmp, wait_job, wait_ready
 
 MiB = 1 << 20
 BLOCK = 4096

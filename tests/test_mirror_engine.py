@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import os
 import random
-import subprocess
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -18,6 +17,7 @@ from typing import Any, AsyncIterator
 import pytest
 import trio
 
+from compare import assert_identical
 from mirrorfs import fileio
 from mirrorfs.errors import ImageNotFoundError, StateError, TargetError
 from mirrorfs.fs.node import ImageNode, OpenHandle
@@ -110,11 +110,6 @@ def random_content(size: int, seed: int = 1, holes: bool = True) -> bytes:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    result = subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def test_full_sync_reaches_ready_and_complete_no_pivot_leaves_exact_copy(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 Every test mounts mirrorfs (``mounted`` / ``mount_factory``), starts jobs with ``mirrorfs
 mirror``, watches them with ``mirrorfs status --json`` and ends them with ``mirrorfs
 complete|cancel``; the writers are real processes (``qemu-io``, ``dd``, Python writer
-subprocesses writing through the mount). Results are checked with ``qemu-img compare`` and by
+subprocesses writing through the mount). Results are checked by comparing the files' bytes and by
 reading bytes back from the source and target files directly (not through the mount).
 
 "Done when" map: 1 ``test_sync_mode_*``; 2 ``test_stress_*`` and
@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from compare import assert_differ, assert_identical
 from mounting import Mount, process_alive, wait_for
 
 KiB = 1 << 10
@@ -98,19 +99,6 @@ def wait_ready(mount: Mount, device: str, timeout: float = 60.0, *, writes_idle:
     entry = wait_job(mount, device, done, "ready" + (" and clean" if writes_idle else ""), timeout)
     assert entry["status"] == "ready", entry
     return entry
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    # -U: a running job holds a lock on its target, as QEMU's own mirror target is locked
-    proc = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(a), str(b)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"qemu-img compare {a} {b}: {proc.stdout}{proc.stderr}"
-
-
-def assert_differ(a: Path, b: Path) -> None:
-    proc = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(a), str(b)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, f"expected {a} and {b} to differ: {proc.stdout}{proc.stderr}"
 
 
 def read_at(path: Path, offset: int, length: int) -> bytes:

@@ -27,7 +27,8 @@ from mounting import Mount
 
 sys.path.insert(0, str(SCRIPTS))
 from benchlib.images import drop_cache, resident  # noqa: E402  (fsync + fadvise; fincore)
-from test_mirror_mount import assert_identical, job, make_image, wait_ready  # noqa: E402
+from compare import assert_identical  # noqa: E402
+from test_mirror_mount import job, make_image, wait_ready  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 64 * MiB

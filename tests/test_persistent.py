@@ -26,14 +26,14 @@ from typing import Any, Callable
 
 import pytest
 
+from compare import assert_identical
 from mirrorfs.errors import SourceError, StateDirError
 from mirrorfs.mirror.job import MirrorJob
 from mirrorfs.state.directory import StateDir
 from mounting import Mount, is_mounted, mirrorfs_argv, process_alive, wait_for
 from nbdservers import qemu_nbd
-from test_mirror_engine import assert_identical as assert_engine_identical
 from test_mirror_engine import engine, random_content
-from test_mirror_mount import assert_identical, job, jobs, qemu_io, read_at, wait_job, wait_ready
+from test_mirror_mount import job, jobs, qemu_io, read_at, wait_job, wait_ready
 from test_replication_support import NBD_TIMEOUT, make_blank, make_image
 
 MiB = 1 << 20
@@ -340,7 +340,7 @@ async def test_a_record_that_cannot_be_saved_undoes_the_start(tmp_path: Path,
             await env.wait_event("BLOCK_JOB_READY")
             await env.manager.complete(["img"], pivot=False)
             assert state.load_all() == ([], [])
-            assert_engine_identical(env.source, target)
+            assert_identical(env.source, target)
 
 
 async def test_a_failed_start_removes_the_record_it_saved(tmp_path: Path,

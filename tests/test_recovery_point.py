@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
+from compare import assert_identical
 from mirrorfs.errors import QMPCommandError
 from nbdservers import qemu_nbd
-from test_replication_support import (NBD_TIMEOUT, assert_identical, make_blank, make_image, qmp,
-                                      wait_job, wait_ready)
+from test_replication_support import (NBD_TIMEOUT, make_blank, make_image, qmp, wait_job,
+                                      wait_ready)
 
 KiB = 1 << 10
 MiB = 1 << 20

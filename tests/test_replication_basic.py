@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from compare import assert_identical
 from nbdservers import make_tls_certs, nbdkit, qemu_nbd
-from test_replication_support import assert_identical, make_blank, make_image, qmp, wait_ready
+from test_replication_support import make_blank, make_image, qmp, wait_ready
 
 SIZE = 8 << 20
 

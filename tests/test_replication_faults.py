@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
+from compare import assert_identical
 from nbdservers import nbdkit
-from test_replication_support import (Writer, assert_identical, outage_mount, qmp, wait_job,
-                                      wait_ready)
+from test_replication_support import Writer, outage_mount, qmp, wait_job, wait_ready
 
 SIZE = 8 << 20
 

@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 
+from compare import assert_identical
 from mounting import mirrorfs_cli, process_alive, wait_for
 from nbdservers import qemu_nbd
-from test_replication_support import (NBD_TIMEOUT, Writer, assert_identical, make_blank, make_image,
-                                      outage_mount, qmp, wait_job, wait_ready)
+from test_replication_support import (NBD_TIMEOUT, Writer, make_blank, make_image, outage_mount,
+                                      qmp, wait_job, wait_ready)
 
 MiB = 1 << 20
 

@@ -53,17 +53,6 @@ def outage_mount(mount_factory: Any, tmp_path: Path, size: int) -> tuple[Any, Pa
     return mount, source, served
 
 
-def qemu_img_compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
-    """``qemu-img compare`` of two raw images; ``-U``: a server may still hold one open."""
-    return subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(a), str(b)],
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    r = qemu_img_compare(a, b)
-    assert r.returncode == 0, f"qemu-img compare {a} {b}: {r.stdout.strip()} {r.stderr.strip()}"
-
-
 def qmp(mount: Any, *, timeout: float = 60.0) -> QMPClient:
     """A negotiated QMP session with the mount (close it, or use ``with``)."""
     return QMPClient.connect((mount.control / "socket").read_text().strip(), timeout=timeout)

@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 
+from compare import assert_identical
 from mirrorfs.bitmap import PersistentBitmap
 from mirrorfs.bitmap import format as fmt
 from mirrorfs.bitmap.memory import DirtyBitmap
 from mirrorfs.bitmap.persistent import read_bitmap_file
 from mirrorfs.mirror import resume
 from nbdservers import qemu_nbd
-from test_replication_support import assert_identical, make_blank, make_image, qmp, wait_ready
+from test_replication_support import make_blank, make_image, qmp, wait_ready
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -255,7 +256,6 @@ async def test_a_check_still_pending_runs_at_the_first_connect(tmp_path: Path, p
     still pending) checks when the target comes, before the copy or a duplicate writes it; a
     refused mismatch fails the job with the message, ``full`` copies everything."""
     from mirrorfs.errors import TargetRetryableError
-    from test_mirror_engine import assert_identical as cmp_identical
     from test_mirror_engine import engine, random_content
 
     target, bitmap = tmp_path / "target.img", tmp_path / "img.bitmap"
@@ -279,4 +279,4 @@ async def test_a_check_still_pending_runs_at_the_first_connect(tmp_path: Path, p
             await env.wait_event("BLOCK_JOB_READY")
             assert job.stats["copied-bytes"] + job.stats["zeroed-bytes"] >= 4 * MiB
             await env.manager.complete([job.id], pivot=False)
-            cmp_identical(env.source, target)
+            assert_identical(env.source, target)

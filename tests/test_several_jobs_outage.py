@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 
+from compare import assert_identical
 from nbdservers import qemu_nbd
-from test_replication_support import (NBD_TIMEOUT, Writer, assert_identical, outage_mount, qmp,
-                                      wait_job, wait_ready)
+from test_replication_support import (NBD_TIMEOUT, Writer, outage_mount, qmp, wait_job,
+                                      wait_ready)
 
 MiB = 1 << 20
 

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import pytest
 import trio
 
+from compare import assert_identical
 from mirrorfs import fileio
 from mirrorfs.control.cli_verify import render_outcome
 from mirrorfs.errors import VerifyNotFinishedError
@@ -34,7 +35,7 @@ from mirrorfs.mirror.inflight import InflightOps
 from mounting import Mount, mirrorfs_argv, wait_for
 from nbdservers import qemu_nbd
 from test_mirror_engine import SlowTarget, engine, random_content
-from test_replication_support import Writer, assert_identical, make_blank, make_image, qmp, wait_job, wait_ready
+from test_replication_support import Writer, make_blank, make_image, qmp, wait_job, wait_ready
 
 KiB, MiB = 1 << 10, 1 << 20
 G = 64 * KiB
