@@ -25,7 +25,7 @@ from mirrorfs.errors import BitmapFormatError, SourceError, StateError, UsageErr
 from mirrorfs.mirror.copy import CopyTask
 from mirrorfs.mirror.job import MirrorJob
 from mirrorfs.mirror.params import MirrorParams
-from test_mirror_engine import MiB, Env, engine, random_content
+from test_mirror_engine import MiB, Env, engine, hold_converge, random_content
 
 
 async def wait_for(predicate: Any, what: str, timeout: float = 10) -> None:
@@ -201,15 +201,7 @@ async def test_a_failure_during_a_transaction_waits_for_it(tmp_path: Path) -> No
     async with engine(tmp_path, random_content(4 * MiB)) as env:
         job = await env.mirror(tmp_path / "target.img")
         await env.wait_event("BLOCK_JOB_READY")
-        entered, release = trio.Event(), trio.Event()
-        real_converge = job.converge
-
-        async def converge_slowly() -> None:
-            entered.set()
-            await release.wait()
-            await real_converge()
-
-        job.converge = converge_slowly  # type: ignore[method-assign]
+        entered, release = hold_converge(job)
         outcome: list[Any] = []
         written: list[int] = []
 

@@ -19,7 +19,7 @@ import trio
 
 from compare import assert_identical
 from mirrorfs import fileio
-from mirrorfs.errors import ImageNotFoundError, StateError, TargetError
+from mirrorfs.errors import ImageNotFoundError, StateError
 from mirrorfs.fs.node import ImageNode, OpenHandle
 from mirrorfs.mirror import inflight
 from mirrorfs.mirror.manager import JobManager
@@ -96,6 +96,22 @@ async def engine(tmp_path: Path, content: bytes | None = None, *, size: int = 4 
                 await manager.shutdown()
     finally:
         os.close(handle.fd)
+
+
+def hold_converge(job: Any) -> tuple[trio.Event, trio.Event]:
+    """Make ``job``'s converges wait: returns ``(entered, release)``; ``entered`` is set when a
+    converge (inside a transaction, the gate closed) has begun, and it goes on once ``release``
+    is set."""
+    entered, release = trio.Event(), trio.Event()
+    real_converge = job.converge
+
+    async def held_converge() -> None:
+        entered.set()
+        await release.wait()
+        await real_converge()
+
+    job.converge = held_converge
+    return entered, release
 
 
 def random_content(size: int, seed: int = 1, holes: bool = True) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from mirrorfs.errors import StateError
-from test_mirror_engine import engine, random_content, sha
+from test_mirror_engine import engine, hold_converge, random_content, sha
 
 MiB = 1024 * 1024
 
@@ -32,15 +32,7 @@ async def test_a_second_pivot_of_an_image_in_the_middle_of_one_is_refused(tmp_pa
         a, b, c = jobs
         await _all_ready(jobs)
 
-        in_converge, let_go = trio.Event(), trio.Event()
-        converge = a.converge
-
-        async def held_converge() -> None:
-            in_converge.set()
-            await let_go.wait()
-            await converge()
-
-        a.converge = held_converge  # type: ignore[method-assign]
+        in_converge, let_go = hold_converge(a)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(env.manager.complete, ["a"])
             await in_converge.wait()
