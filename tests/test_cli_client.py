@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import trio
 
 from qmp_thread import QMPServerThread
 from mirrorfs.cli import main

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from mounting import Mount, mirrorfs_argv, mirrorfs_cli, random_image, wait_for
 

@@ -188,8 +188,6 @@ class MountService:
             pyfuse3.terminate()
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
-        import pyfuse3
-
         with trio.CancelScope() as scope:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 task_status.started(scope)

@@ -88,8 +88,6 @@ class Target(abc.ABC):
     def identity(self) -> str:
         """The canonical name a persistent bitmap records: another spelling of the same target
         matches and nothing else does. Blocking (it may resolve paths)."""
-        import os
-
         return os.path.realpath(self.description)
 
     @abc.abstractmethod
