@@ -47,6 +47,11 @@ def test_dry_run_quick_plans_every_workload_and_both_places_and_starts_nothing(t
     (["--disk-configs", "mirrorfs,bogus"], "unknown configuration 'bogus'"),
     (["--disk-dir", "/dev/shm"], "--disk-dir /dev/shm is on tmpfs, not a disk"),
     (["--disk-dir", "/nonexistent/bench"], "--disk-dir /nonexistent/bench: not a directory"),
+    (["--runtime", "1e999"], "--runtime inf must be seconds from 0.001 to 3600"),
+    (["--runtime", "nan"], "--runtime nan must be seconds from 0.001 to 3600"),
+    (["--runtime", "-1"], "--runtime -1.0 must be seconds from 0.001 to 3600"),
+    (["--runtime", "0"], "--runtime 0.0 must be seconds from 0.001 to 3600"),
+    (["--reps", "0"], "--reps must be at least 1"),
 ])
 def test_bad_input_is_one_line_usage_error(tmp_path: Path, args: list[str], message: str) -> None:
     proc = bench(*args, "--dir", str(tmp_path))
