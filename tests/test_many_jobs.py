@@ -14,7 +14,9 @@ import pytest
 import trio
 
 from mirrorfs.errors import StateError
+from mirrorfs.mirror import manager as manager_module
 from mirrorfs.mirror.manager import MAX_JOBS_PER_IMAGE
+from mirrorfs.state.directory import StateDir
 from test_mirror_engine import engine, random_content, sha
 
 MiB = 1024 * 1024
@@ -55,3 +57,27 @@ async def test_an_image_has_at_most_max_jobs_and_one_more_changes_nothing(tmp_pa
         await env.manager.cancel(["j0"], force=True)
         await env.mirror(tmp_path / "one-more.img", job_id="one-more")
         assert "one-more" in env.manager.jobs and "j0" not in env.manager.jobs
+
+
+async def test_a_remount_reattaches_every_persistent_job_even_past_the_cap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs saved under a higher cap (an older version) all come back: a mount is never refused
+    for the cap. A new job is still refused while they run."""
+    content = random_content(1 * MiB)
+    state = StateDir.open(tmp_path / "state")
+    try:
+        async with engine(tmp_path, content, state=state) as env:
+            for i in range(3):
+                await env.mirror(tmp_path / f"t{i}.img", job_id=f"j{i}", persistent=True)
+        monkeypatch.setattr(manager_module, "MAX_JOBS_PER_IMAGE", 2)
+        async with engine(tmp_path, state=state, reuse=True) as env:
+            records, bad = state.load_all()
+            assert bad == [] and len(records) == 3
+            for record in records:
+                await env.manager.reattach(record)
+            assert sorted(env.manager.jobs) == ["j0", "j1", "j2"]
+            with pytest.raises(StateError, match="has 3 mirror jobs, the most one image may have"):
+                await env.mirror(tmp_path / "one-more.img", job_id="one-more")
+            assert not (tmp_path / "one-more.img").exists()
+    finally:
+        state.close()

@@ -69,12 +69,15 @@ class Env:
 
 @asynccontextmanager
 async def engine(tmp_path: Path, content: bytes | None = None, *, size: int = 4 * MiB,
-                 state: StateDir | None = None) -> AsyncIterator[Env]:
+                 state: StateDir | None = None, reuse: bool = False) -> AsyncIterator[Env]:
+    """The engine on ``tmp_path/source.img`` (written from ``content``, or ``size`` zeroes;
+    ``reuse``: left as an earlier engine left it, as a remount finds it)."""
     source = tmp_path / "source.img"
-    with open(source, "wb") as f:
-        if content is not None:
-            f.write(content)
-        f.truncate(size if content is None else len(content))
+    if not reuse:
+        with open(source, "wb") as f:
+            if content is not None:
+                f.write(content)
+            f.truncate(size if content is None else len(content))
     node = ImageNode(inode=1024, relpath="img", backing_path=str(source))
     handle = OpenHandle(fh=1, node=node, flags=os.O_RDWR, fd=os.open(source, os.O_RDWR))
     node.handles[1] = handle
