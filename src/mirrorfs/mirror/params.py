@@ -23,7 +23,7 @@ from ..bitmap.memory import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARIT
 from ..errors import UsageError
 from ..journal.file import DEFAULT_SIZE as DEFAULT_JOURNAL_SIZE, parse_journal_size
 from ..nbd.uri import is_nbd_uri, parse_nbd_uri
-from ..state.record import JOB_ID_RE
+from ..state.record import JOB_ID_RE, check_job_id
 from ..units import parse_size
 
 __all__ = ["Param", "MIRROR_PARAMS", "JOB_COMMANDS", "VERIFY_COMMAND", "MirrorParams", "job_arguments", "params_of",
@@ -379,15 +379,6 @@ def check_target(target: Any) -> str:
     return target
 
 
-def _check_given_id(job_id: str) -> None:
-    """A job id someone chose: it is typed on command lines, in control-file lines and in
-    Prometheus labels, so it holds no whitespace, quote or control character (QEMU's ids are
-    as strict)."""
-    if not JOB_ID_RE.match(job_id):
-        raise UsageError(f"job id {job_id!r} may hold only letters, digits and _.+- "
-                         f"(not first: . + -), up to 128")
-
-
 def _check_persistent_default_id(image: str) -> None:
     """A persistent job's id names its record file: refuse a default id (the image's name) that
     could not."""
@@ -459,7 +450,7 @@ class MirrorParams:
                              f"'full', not {sync!r}")
         job_id = v["job-id"] or image
         if "job-id" in args:
-            _check_given_id(job_id)
+            check_job_id(job_id)
         elif v["persistent"]:
             _check_persistent_default_id(image)
         if v["on-mismatch"] == "full" and sync != "dirty":

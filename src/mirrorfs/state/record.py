@@ -23,22 +23,23 @@ from typing import Any
 from ..errors import StateDirError, UsageError
 
 VERSION = 1
-#: what a job id may look like: it names the record's file, so nothing that could be a path.
+#: what a job id someone gives may look like: it names a persistent job's record file, and it
+#: is typed in command lines, control-file lines and Prometheus labels (as strict as QEMU's ids).
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 #: URI query keys that would carry a secret itself (``tls-certificates=DIR`` names files: fine).
 _SECRET_KEYS = re.compile(r"password|passwd|secret|token|^psk$|^key$", re.IGNORECASE)
 
 
 def check_job_id(job_id: str) -> str:
-    """Refuse a job id that cannot name a record file.
+    """Refuse a job id that is not ``JOB_ID_RE`` (a given one, or one read from a record).
 
     Raises:
         UsageError: the id is empty, too long, or has a character other than letters, digits
             and ``_.+-`` (or starts with one of ``.+-``).
     """
     if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
-        raise UsageError(f"job id {job_id!r} cannot be kept in a state directory: use letters, "
-                         f"digits and _.+- (up to 128, not starting with . + -)")
+        raise UsageError(f"job id {job_id!r} may hold only letters, digits and _.+- "
+                         f"(not first: . + -), up to 128")
     return job_id
 
 
