@@ -160,8 +160,10 @@ def test_live_migration_of_a_running_guest(tmp_path: Path, mount_factory: Any, g
         vm.wait_for_records(200, timeout=60)
 
         if kind == "nbd":
-            # Slow copy, so that the server can be killed while the copy is under way.
-            mount.cli("mirror", mount.mountpoint, image, target_arg, "--speed", "8M")
+            # Slow copy, so that the server can be killed while the copy is under way: the image
+            # holds 3-4 MiB of data (its zeroes go as zero writes), so 1M gives a window of
+            # seconds; at 8M it was under half a second, shorter than a poll could be.
+            mount.cli("mirror", mount.mountpoint, image, target_arg, "--speed", "1M")
             wait_job(mount, image, lambda j: 0 < j["offset"] < j["len"] and not j["ready"],
                      "copy under way", timeout=30)
             server.kill()
